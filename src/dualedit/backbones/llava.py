@@ -1,0 +1,55 @@
+"""LLaVA (`LlavaForConditionalGeneration`, model_type "llava") in transformers 5.x.
+
+Layout: model.model.vision_tower (CLIP) -> model.model.multi_modal_projector -> image embeddings
+scattered into the positions of `config.image_token_id` in `input_ids`; language model at
+model.model.language_model (Llama: layers, norm), head at model.lm_head. The processor expands one
+"<image>" into one token per patch (the model checks the count). BOS comes before the image tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dualedit.backbones.base import Backbone, config_of
+
+
+class LlavaBackbone(Backbone):
+    """LLaVA-1.5 style: CLIP vision tower, MLP projector, Llama decoder."""
+
+    model_type = "llava"
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        """`layer.mlp` (LlamaMLP: gate_proj, up_proj, down_proj)."""
+        return self.layer(model, layer).mlp
+
+    def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
+        return self.layer(model, layer).mlp.down_proj
+
+    def language_model_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model.norm
+
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """[vision tower, multi-modal projector]."""
+        return [model.model.vision_tower, model.model.multi_modal_projector]
+
+    def image_token_id(self, model_or_config: Any) -> int:
+        return int(config_of(model_or_config).image_token_id)
+
+    def num_image_tokens(self, model_or_config: Any) -> int:
+        """Patches per image; "full" feature selection keeps the CLS position as well."""
+        config = config_of(model_or_config)
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    def prompt_text(self, prompt: str, has_image: bool) -> str:
+        """"<image>\\n" + prompt with an image (no chat template), the prompt alone without."""
+        return f"{self.image_token}\n{prompt}" if has_image else prompt
