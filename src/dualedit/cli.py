@@ -1,0 +1,171 @@
+"""The `dualedit` command: parse arguments, call the library, print.
+
+Every subcommand imports what it needs lazily so that `dualedit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from dualedit.world import build_world
+
+    out = build_world(
+        args.out,
+        seed=args.seed,
+        image_size=args.image_size,
+        n_train_vqa=args.train_vqa,
+        n_eval_vqa=args.eval_vqa,
+        n_train_caption=args.train_caption,
+        n_eval_caption=args.eval_caption,
+        renderings_per_entity=args.renderings,
+        progress=not args.quiet,
+    )
+    print(f"world written to {out}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from dualedit.small_vlm.pretrain import pretrain
+
+    metrics = pretrain(
+        args.world, args.arch, args.out, seed=args.seed, progress=not args.quiet, force=args.force
+    )
+    acc = metrics.get("heldout_accuracy", {})
+    print(f"model written to {args.out}")
+    for task, value in sorted(acc.items()):
+        if isinstance(value, (int, float)):
+            print(f"  held-out answer-token accuracy {task}: {100 * value:.2f}%")
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from dualedit.data.stats import dataset_stats, format_stats
+
+    rows = dataset_stats(args.root, require_images=args.require_images)
+    print(format_stats(rows))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dualedit.evaluate import run_eval
+
+    results = run_eval(
+        model_path=args.model,
+        data_root=args.data,
+        task=args.task,
+        split=args.split,
+        method=args.method,
+        protocol=args.protocol,
+        n_values=tuple(args.n),
+        scorer=args.scorer,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        generation=not args.no_generation,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    from dualedit.eval.report import markdown_table
+
+    print(markdown_table(results))
+    if args.out:
+        print(f"results written to {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dualedit.demo import run_demo
+
+    table = run_demo(
+        out_dir=args.out,
+        cache_dir=args.cache,
+        seed=args.seed,
+        limit=args.limit,
+        methods=args.methods,
+        archs=args.archs,
+        progress=not args.quiet,
+    )
+    print(table)
+    print(f"results written to {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dualedit", description="Edit the knowledge of vision-language models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("world", help="draw the built-in world in the MMEdit file layout")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--train-vqa", type=int, default=1000)
+    p.add_argument("--eval-vqa", type=int, default=200)
+    p.add_argument("--train-caption", type=int, default=500)
+    p.add_argument("--eval-caption", type=int, default=100)
+    p.add_argument("--renderings", type=int, default=None, help="corpus renderings per entity")
+    p.set_defaults(func=_cmd_world)
+
+    p = sub.add_parser("pretrain", help="pretrain a small VLM on a world")
+    p.add_argument("--world", required=True, type=Path)
+    p.add_argument("--arch", required=True, choices=["llava", "blip2"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("stats", help="count and check every record of an MMEdit folder")
+    s.add_argument("root", type=Path, help="folder holding vqa/ and caption/")
+    s.add_argument("--require-images", action="store_true", help="a missing image is an error")
+    s.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("eval", help="evaluate an editing method on E-VQA or E-IC")
+    p.add_argument("--method", required=True, help="editing method, e.g. none, ft-l")
+    p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
+    p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
+    p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
+    p.add_argument("--split", choices=["train", "eval"], default="eval")
+    p.add_argument("--protocol", choices=["single", "sequential"], default="single")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 10, 100], help="sequential N values")
+    p.add_argument("--scorer", choices=["paper", "easyedit"], default="paper")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-generation", action="store_true", help="skip generation exact match")
+    p.add_argument("--out", type=Path, default=None, help="folder for results.json and table.md")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="world -> small VLMs -> evaluation of the methods -> table")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cache", type=Path, default=None, help="default: ~/.cache/dualedit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every available method")
+    p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dualedit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
