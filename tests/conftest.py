@@ -60,7 +60,12 @@ DEPTH = 6
 IMAGE_SIZE = 32
 LLAVA_PATCH = 8  # (32 / 8)^2 = 16 image tokens
 BLIP2_QUERIES = 4
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 220, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (240, 220, 20),
+}
 
 
 class TinyVLM(NamedTuple):
@@ -130,7 +135,8 @@ def build_tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, Llav
         model = LlavaForConditionalGeneration(config).eval()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         ),
         tokenizer=build_tiny_tokenizer(image_token_attribute=True),
         patch_size=LLAVA_PATCH,

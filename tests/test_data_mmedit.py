@@ -11,8 +11,15 @@ from dualedit.data.mmedit import ImageStore, MMEditDataset, load_split, split_pa
 from dualedit.data.prompts import prompt_protocol
 from dualedit.data.records import MMEDIT_FIELDS
 
-COUNTS = {("vqa", "train"): 6345, ("vqa", "eval"): 2093, ("caption", "train"): 2849, ("caption", "eval"): 1000}
-T_LOC_0 = "nq question: mexican leader who was supported by the united states during mexican civil war?"
+COUNTS = {
+    ("vqa", "train"): 6345,
+    ("vqa", "eval"): 2093,
+    ("caption", "train"): 2849,
+    ("caption", "eval"): 1000,
+}
+T_LOC_0 = (
+    "nq question: mexican leader who was supported by the united states during mexican civil war?"
+)
 
 
 @pytest.mark.parametrize("task, split", sorted(COUNTS))
@@ -24,26 +31,47 @@ def test_real_counts(mmedit_root, task, split):
 
 
 def test_real_first_records_follow_the_protocol(mmedit_root):
-    vqa = load_split(mmedit_root, "vqa", "train").samples(load_split(mmedit_root, "vqa", "train")[0])
-    assert (vqa["rel"].prompt, vqa["rel"].target) == ("How many skyscrapers are there? The answer is:", " 2")
+    vqa = load_split(mmedit_root, "vqa", "train").samples(
+        load_split(mmedit_root, "vqa", "train")[0]
+    )
+    assert (vqa["rel"].prompt, vqa["rel"].target) == (
+        "How many skyscrapers are there? The answer is:",
+        " 2",
+    )
     assert vqa["rel"].image == "val2014/COCO_val2014_000000262197.jpg"
-    assert vqa["t_gen"].prompt == "What is the number of high-rise buildings in the city? The answer is:"
+    assert (
+        vqa["t_gen"].prompt
+        == "What is the number of high-rise buildings in the city? The answer is:"
+    )
     assert vqa["v_gen"].image == "val2014_image_rephrase/262197000_COCO_val2014_000000262197.png"
     assert vqa["v_gen"].prompt == vqa["rel"].prompt
-    assert (vqa["t_loc"].image, vqa["t_loc"].prompt, vqa["t_loc"].target) == (None, T_LOC_0, " Benito Juárez")
+    assert (vqa["t_loc"].image, vqa["t_loc"].prompt, vqa["t_loc"].target) == (
+        None,
+        T_LOC_0,
+        " Benito Juárez",
+    )
     assert vqa["m_loc"].prompt == "What sport can you use this for? The answer is:"
-    assert (vqa["m_loc"].image, vqa["m_loc"].target) == ("val2014/COCO_val2014_000000297147.jpg", " motocross")
+    assert (vqa["m_loc"].image, vqa["m_loc"].target) == (
+        "val2014/COCO_val2014_000000297147.jpg",
+        " motocross",
+    )
     assert set(vqa) == {"rel", "t_gen", "v_gen", "t_loc", "m_loc"}
 
     caption_ds = load_split(mmedit_root, "caption", "train")
     cap = caption_ds.samples(caption_ds[0])
-    assert (cap["rel"].prompt, cap["rel"].target) == ("a photo of", " A selection of wooden kitchen tools on a counter.")
+    assert (cap["rel"].prompt, cap["rel"].target) == (
+        "a photo of",
+        " A selection of wooden kitchen tools on a counter.",
+    )
     assert cap["t_gen"].prompt == "provide a brief overview of the image content,"
     assert cap["t_loc"].prompt == T_LOC_0
     assert cap["m_loc"].prompt == "What sport can you use this for? The answer is:"
 
     eval_ds = load_split(mmedit_root, "vqa", "eval")
-    assert eval_ds.samples(eval_ds[0])["rel"].prompt == "How many tennis balls are in the picture? The answer is:"
+    assert (
+        eval_ds.samples(eval_ds[0])["rel"].prompt
+        == "How many tennis balls are in the picture? The answer is:"
+    )
     cap_eval = load_split(mmedit_root, "caption", "eval")
     assert cap_eval.samples(cap_eval[0])["t_gen"].prompt == "a photograph of"
 
@@ -132,7 +160,9 @@ def test_image_store_lru_cache(tmp_path):
 
 
 def test_split_path_and_unknown_split(tmp_path):
-    assert split_path(tmp_path, "caption", "eval") == tmp_path / "caption" / "caption_eval_edit.json"
+    assert (
+        split_path(tmp_path, "caption", "eval") == tmp_path / "caption" / "caption_eval_edit.json"
+    )
     with pytest.raises(ValueError, match="unknown task/split"):
         split_path(tmp_path, "vqa", "test")
     with pytest.raises(FileNotFoundError):

@@ -94,7 +94,10 @@ def test_bad_files(tmp_path):
         MMEditDataset(tmp_path / "vqa" / "vqa_eval.json")
     with pytest.raises(ValueError, match="cannot infer the task"):
         MMEditDataset(write(tmp_path, [good_record()], name="edits.json"))
-    assert MMEditDataset(write(tmp_path, [good_record()], name="edits.json"), task="caption").task == "caption"
+    assert (
+        MMEditDataset(write(tmp_path, [good_record()], name="edits.json"), task="caption").task
+        == "caption"
+    )
 
 
 def test_alt_policy():

@@ -19,7 +19,9 @@ def make_world(tmp_path, with_missing=True):
         records = []
         for i in range(n + 1):
             record = {name: f"{name} {i}" for name in MMEDIT_FIELDS}
-            record.update(image="a.png", image_rephrase="a.png", m_loc="b.png" if with_missing else "a.png")
+            record.update(
+                image="a.png", image_rephrase="a.png", m_loc="b.png" if with_missing else "a.png"
+            )
             records.append(record)
         path = tmp_path / relpath
         path.parent.mkdir(exist_ok=True)
@@ -32,7 +34,9 @@ def test_stats_counts_records_and_images(tmp_path):
     assert [row["records"] for row in rows] == [1, 2, 3, 4]
     assert [row["checked"] for row in rows] == [1, 2, 3, 4]
     assert [(row["task"], row["split"]) for row in rows] == list(SPLIT_FILES)
-    assert all((row["images"], row["images_found"], row["images_missing"]) == (2, 1, 1) for row in rows)
+    assert all(
+        (row["images"], row["images_found"], row["images_missing"]) == (2, 1, 1) for row in rows
+    )
     table = format_stats(rows)
     lines = table.splitlines()
     assert len(lines) == 6 and lines[0].split()[:3] == ["file", "task", "split"]

@@ -1,4 +1,4 @@
-"""BLIP-2 with an OPT decoder (`Blip2ForConditionalGeneration`, model_type "blip-2"), transformers 5.x.
+"""BLIP-2 with an OPT decoder (`Blip2ForConditionalGeneration`, model_type "blip-2"), 5.x.
 
 Layout: model.vision_model -> model.qformer (with the learned model.query_tokens) ->
 model.language_projection -> embeddings scattered into the positions of
@@ -57,7 +57,7 @@ class Blip2Backbone(Backbone):
         return decoder.final_layer_norm if decoder.final_layer_norm is not None else nn.Identity()
 
     def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        """[vision model, Q-Former, language projection]; see `vision_parameters` for query_tokens."""
+        """[vision model, Q-Former, language projection]; query_tokens: `vision_parameters`."""
         return [model.vision_model, model.qformer, model.language_projection]
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -76,7 +76,7 @@ class Blip2Backbone(Backbone):
         return int(config_of(model_or_config).num_query_tokens)
 
     def prompt_text(self, prompt: str, has_image: bool) -> str:
-        """The prompt as is; the processor prepends the query placeholders when there is an image."""
+        """The prompt as is; with an image the processor prepends the query placeholders."""
         return prompt
 
     def forward_logits(

@@ -51,5 +51,5 @@ class LlavaBackbone(Backbone):
         return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
 
     def prompt_text(self, prompt: str, has_image: bool) -> str:
-        """"<image>\\n" + prompt with an image (no chat template), the prompt alone without."""
+        """ "<image>\\n" + prompt with an image (no chat template), the prompt alone without."""
         return f"{self.image_token}\n{prompt}" if has_image else prompt

@@ -29,7 +29,5 @@ def get_backbone(model_or_config: Any) -> Backbone:
     model_type = getattr(config, "model_type", None)
     cls = BACKBONES.get(model_type)
     if cls is None:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {sorted(BACKBONES)}"
-        )
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(BACKBONES)}")
     return cls(config)

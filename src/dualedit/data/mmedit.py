@@ -91,12 +91,14 @@ class ImageStore:
 
 
 def infer_task(path: str | Path) -> str:
-    """"vqa" or "caption" from a file name (vqa_train.json, caption_eval_edit.json)."""
+    """ "vqa" or "caption" from a file name (vqa_train.json, caption_eval_edit.json)."""
     name = Path(path).name.lower()
     for task in ("vqa", "caption"):
         if name.startswith(task):
             return task
-    raise ValueError(f"{path}: cannot infer the task from the file name; pass task='vqa' or 'caption'")
+    raise ValueError(
+        f"{path}: cannot infer the task from the file name; pass task='vqa' or 'caption'"
+    )
 
 
 def default_image_root(path: str | Path) -> Path:
@@ -140,7 +142,9 @@ class MMEditDataset(Sequence[EditRecord]):
         self.path = Path(path)
         self.task = infer_task(self.path) if task is None else task
         if self.task not in ("vqa", "caption"):
-            raise ValueError(f"{self.path}: unknown task {self.task!r}; expected 'vqa' or 'caption'")
+            raise ValueError(
+                f"{self.path}: unknown task {self.task!r}; expected 'vqa' or 'caption'"
+            )
         self.alt_policy = alt_policy
         root = default_image_root(self.path) if image_root is None else Path(image_root)
         self.images = ImageStore(root, cache_size=cache_size)
@@ -195,7 +199,9 @@ class MMEditDataset(Sequence[EditRecord]):
         relpath = getattr(record, field)
         if relpath is None:
             raise ValueError(f"{self.path}: record {record.index} has no field {field!r}")
-        return self.images.load(relpath, where=f"{self.path}: record {record.index}, field {field!r}")
+        return self.images.load(
+            relpath, where=f"{self.path}: record {record.index}, field {field!r}"
+        )
 
     def image_refs(self) -> Iterator[tuple[int, str, str]]:
         """Every image reference as (record index, field, relative path)."""

@@ -4,7 +4,7 @@ Prompts follow the paper's released code (docs/SPEC section 2): E-VQA "{src} The
 M-Loc "{m_loc_q} The answer is:", T-Loc "{loc}?" without an image, E-IC the prompt as written
 ("a photo of") with the caption as target. Every target is scored as " " + answer. How a sample
 becomes model text is the backbone's `prompt_text` (LLaVA puts "<image>\\n" first, BLIP-2 lets its
-processor put the query placeholders first). `encode` turns samples into teacher-forced model inputs.
+processor put the query placeholders first). `encode` makes teacher-forced model inputs.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def prompt_protocol(alt_policy: str = "strip") -> dict[str, Any]:
 
 
 def vqa_prompt(question: str) -> str:
-    """E-VQA and M-Loc prompt. Example: vqa_prompt("What is it?") -> "What is it? The answer is:"."""
+    """E-VQA and M-Loc prompt: vqa_prompt("What is it?") -> "What is it? The answer is:"."""
     return question + ANSWER_SUFFIX
 
 
@@ -271,7 +271,7 @@ def encode(
     input_ids, attention_mask, offsets = _pad(rows, _pad_id(processor), "right")
     target_mask = torch.zeros_like(input_ids, dtype=torch.bool)  # [batch, seq]
     target_ids = torch.full_like(input_ids, -100)  # [batch, seq]
-    for i, (row, n_prompt) in enumerate(zip(rows, prompt_lens)):
+    for i, (row, n_prompt) in enumerate(zip(rows, prompt_lens, strict=True)):
         # logits at p predict p + 1: positions n_prompt-1 .. len-2 predict the target tokens.
         target_mask[i, n_prompt - 1 : len(row) - 1] = True
         target_ids[i, n_prompt - 1 : len(row) - 1] = torch.tensor(row[n_prompt:])
@@ -308,7 +308,9 @@ def encode_prompts(
     pixels: list[torch.Tensor] = []
     for i, sample in enumerate(samples):
         image = _load(load_image, sample, i) if has_image else None
-        ids, pixel_values = _tokenize(processor, backbone.prompt_text(sample.prompt, has_image), image)
+        ids, pixel_values = _tokenize(
+            processor, backbone.prompt_text(sample.prompt, has_image), image
+        )
         _check_image_tokens(ids, backbone, has_image, i)
         rows.append(ids)
         if pixel_values is not None:
@@ -352,7 +354,9 @@ def _tokenize(
     return out["input_ids"][0].tolist(), out["pixel_values"]  # pixel_values [1, 3, H, W]
 
 
-def _check_split(prompt_ids: list[int], full_ids: list[int], sample: Sample, i: int, processor: Any):
+def _check_split(
+    prompt_ids: list[int], full_ids: list[int], sample: Sample, i: int, processor: Any
+):
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -372,8 +376,8 @@ def _check_image_tokens(ids: list[int], backbone: Backbone, has_image: bool, i: 
     expected = backbone.num_image_tokens(backbone.config) if has_image else 0
     if found != expected:
         raise ValueError(
-            f"sample {i}: {found} image placeholder tokens, the {backbone.model_type} model expects "
-            f"{expected}; is the processor the model's own (patch size, num_query_tokens, "
+            f"sample {i}: {found} image placeholder tokens, the {backbone.model_type} model "
+            f"expects {expected}; is the processor the model's own (patch size, num_query_tokens, "
             "image token id)?"
         )
 

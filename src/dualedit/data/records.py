@@ -90,9 +90,9 @@ class EditRecord:
 def apply_alt_policy(alt: str, policy: str) -> str:
     """The target text for a raw `alt` value under a whitespace policy.
 
-    About one in seven real E-IC `alt` values ends in spaces or a newline (two start with a space);
-    "strip" removes leading and trailing whitespace (the target is then scored as " " + alt.strip()),
-    "keep" leaves the value as written in the file.
+    About one in seven real E-IC `alt` values ends in spaces or a newline (two start with a
+    space); "strip" removes leading and trailing whitespace (the target is then scored as
+    " " + alt.strip()), "keep" leaves the value as written in the file.
 
     Example:
         >>> apply_alt_policy("A dog on a sofa. \\n", "strip")

@@ -59,7 +59,16 @@ def dataset_stats(
     return rows
 
 
-_COLUMNS = ("file", "task", "split", "records", "checked", "images", "images_found", "images_missing")
+_COLUMNS = (
+    "file",
+    "task",
+    "split",
+    "records",
+    "checked",
+    "images",
+    "images_found",
+    "images_missing",
+)
 
 
 def format_stats(rows: list[dict[str, Any]]) -> str:
@@ -70,7 +79,7 @@ def format_stats(rows: list[dict[str, Any]]) -> str:
     for n, line in enumerate(table):
         cells = [
             cell.ljust(width) if i < 3 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths))
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
