@@ -42,8 +42,12 @@ def test_mean_metrics_and_avg():
     assert means == {
         "rel": 75.0, "t_gen": 50.0, "v_gen": 50.0, "t_loc": 75.0, "m_loc": 50.0, "avg": 60.0,
     }
-    with pytest.raises(ValueError, match="'m_loc_hard' is missing for records \\[1\\]"):
-        mean_metrics([{"index": 0, "m_loc_hard": 1.0}, {"index": 1}])
+    five = {"rel": 1.0, "t_gen": 1.0, "v_gen": 1.0, "t_loc": 1.0, "m_loc": 1.0}
+    with pytest.raises(ValueError, match="'m_loc' is missing for records \\[1\\]"):
+        mean_metrics([{"index": 0, **five}, {"index": 1, **{k: v for k, v in five.items() if k != "m_loc"}}])
+    # optional metrics average over the records that have them.
+    mixed = mean_metrics([{"index": 0, **five, "m_loc_hard": 0.5}, {"index": 1, **five}])
+    assert mixed["m_loc_hard"] == 50.0 and mixed["avg"] == 100.0
     with pytest.raises(ValueError):
         mean_metrics([])
 
@@ -82,6 +86,7 @@ def test_read_results_rejects_other_json(tmp_path):
 
 
 def test_markdown_table_shape():
+    assert markdown_table(make_results()) == markdown_table([make_results()])
     table = markdown_table([make_results(method="none"), make_results(n_edits=10)])
     lines = table.strip().split("\n")
     assert lines[0] == (

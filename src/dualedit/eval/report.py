@@ -85,14 +85,16 @@ def _row_labels(results: Results, run: RunResult) -> tuple[str, str, str]:
     return method, backbone, dataset
 
 
-def markdown_table(results_list: Sequence[Results]) -> str:
+def markdown_table(results_list: Results | Sequence[Results]) -> str:
     """A markdown table shaped like the paper's Table 2, one row per run.
 
     Columns: method | backbone | dataset | Rel | T-Gen | V-Gen | T-Loc | M-Loc | Avg, then
     Hard M-Loc and Gen-EM when some row has them ("-" where a row lacks them). Numbers are
     percentages with 2 decimals. A sequential run's method reads "ft-l (seq N=10)"; a scorer
-    other than "paper" is named in brackets.
+    other than "paper" is named in brackets. A single `Results` is one table too.
     """
+    if isinstance(results_list, Results):
+        results_list = [results_list]
     runs = [(results, run) for results in results_list for run in results.runs]
     columns = list(TABLE_COLUMNS)
     columns += [col for col in OPTIONAL_COLUMNS if any(col[0] in run.means for _, run in runs)]

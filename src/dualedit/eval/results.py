@@ -16,12 +16,13 @@ METRIC_KEYS = ("rel", "t_gen", "v_gen", "t_loc", "m_loc", "m_loc_hard", "gen_em"
 class RunResult:
     """One scored set of records: all records (single-edit) or the first N (sequential).
 
-    `records` holds one dict per record: {"index": int, <metric>: fraction in [0, 1], ...}.
+    `records` holds one dict per record: {"index": int, <metric>: fraction in [0, 1], ...} and,
+    with generation, "gen_text" (the decoded answer).
     `means` holds the means over records x100 and "avg" (mean of the five paper metrics).
     """
 
     n_edits: int | None
-    records: list[dict[str, float]]
+    records: list[dict[str, Any]]
     means: dict[str, float]
     wall_s: float
     records_per_s: float
@@ -46,21 +47,25 @@ class Results:
     records_per_s: float = 0.0
 
 
-def mean_metrics(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Means x100 of every metric that all records have, plus "avg" when the five are there.
+def mean_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Means x100 of the metrics, plus "avg" (mean of the five paper metrics).
+
+    The five paper metrics must be in every record. The optional ones (hard M-Loc, generation
+    exact match) are averaged over the records that have them.
 
     Raises:
-        ValueError: when no records are given, or a record lacks a metric another one has.
+        ValueError: when no records are given, or a record lacks one of the five.
     """
     if not records:
         raise ValueError("cannot average metrics of zero records")
-    keys = [key for key in METRIC_KEYS if any(key in record for record in records)]
     means = {}
-    for key in keys:
-        lacking = [record.get("index") for record in records if key not in record]
-        if lacking:
+    for key in METRIC_KEYS:
+        values = [record[key] for record in records if key in record]
+        if key in AVG_KEYS and len(values) < len(records):
+            lacking = [record.get("index") for record in records if key not in record]
             raise ValueError(f"metric {key!r} is missing for records {lacking[:5]}")
-        means[key] = 100.0 * math.fsum(record[key] for record in records) / len(records)
+        if values:
+            means[key] = 100.0 * math.fsum(values) / len(values)
     if all(key in means for key in AVG_KEYS):
         means["avg"] = math.fsum(means[key] for key in AVG_KEYS) / len(AVG_KEYS)
     return means

@@ -1,0 +1,131 @@
+"""Editor contract: registry, `none`, and `ft-l` (only its MLP trains; exact restore)."""
+
+import pytest
+import torch
+
+from dualedit.backbones import get_backbone
+from dualedit.data.prompts import encode, record_samples
+from dualedit.data.records import EditRecord
+from dualedit.editors import EDITORS, FineTuneLayer, NoEditor, editor_class, make_editor
+from dualedit.eval.scorers import token_accuracy
+
+ARCHES = ["llava", "blip2"]
+
+
+def record(index, image, alt, src="what color is the ball"):
+    return EditRecord(
+        index=index,
+        src=src,
+        pred="red",
+        rephrase="which colour is the ball",
+        alt=alt,
+        image=image,
+        image_rephrase="green.png",
+        loc="nq question: what is the capital of the united states",
+        loc_ans="the city",
+        m_loc="yellow.png",
+        m_loc_q="what shape is this",
+        m_loc_a="square",
+    )
+
+
+RECORDS = [
+    record(0, "red.png", "blue"),
+    record(1, "blue.png", "star", src="what shape is the kite"),
+]
+
+
+def snapshot(model):
+    """Byte copies of every state_dict tensor."""
+    return {
+        name: (t.dtype, tuple(t.shape), t.detach().cpu().contiguous().view(-1).view(torch.uint8).clone())
+        for name, t in model.state_dict().items()
+    }
+
+
+def assert_byte_identical(model, before):
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (dtype, shape, data) in before.items():
+        assert after[name][0] == dtype and after[name][1] == shape, name
+        assert torch.equal(after[name][2], data), f"{name} changed"
+
+
+def rel_accuracy(model, processor, records, images):
+    backbone = get_backbone(model)
+    batch = encode([record_samples(r, "vqa")["rel"] for r in records], processor, backbone, images)
+    with torch.no_grad():
+        logits = backbone.forward_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    return token_accuracy(logits, batch.target_ids, batch.target_mask).tolist()
+
+
+def test_registry():
+    assert EDITORS["none"] is NoEditor and EDITORS["ft-l"] is FineTuneLayer
+    assert editor_class("ft-l") is FineTuneLayer
+    with pytest.raises(ValueError, match="unknown editor 'rome'"):
+        editor_class("rome")
+
+
+def test_options_are_validated(tiny_llava):
+    model, processor = tiny_llava
+    with pytest.raises(TypeError, match="unknown option\\(s\\) \\['step'\\]"):
+        make_editor("ft-l", model, processor, step=3)
+    with pytest.raises(ValueError, match="steps"):
+        make_editor("ft-l", model, processor, steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        make_editor("ft-l", model, processor, lr=-1.0)
+    with pytest.raises(ValueError, match="layer 6 out of range"):
+        make_editor("ft-l", model, processor, layer=6)
+    with pytest.raises(TypeError):
+        make_editor("none", model, processor, steps=3)
+
+
+def test_none_changes_nothing(tiny_vlm, tiny_images):
+    editor = make_editor("none", tiny_vlm.model, tiny_vlm.processor)
+    before = snapshot(tiny_vlm.model)
+    editor.apply(RECORDS, "vqa", tiny_images)
+    assert_byte_identical(tiny_vlm.model, before)
+    editor.restore()
+    assert editor.batched and editor.option_dict() == {}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_images):
+    model, processor = tiny_factory(arch)
+    model.train()  # mode must come back as it was
+    editor = make_editor("ft-l", model, processor, steps=15, lr=1e-2)
+    assert editor.layer == 4  # last-but-one of 6 decoder layers
+    mlp_names = {
+        name for name, p in model.named_parameters()
+        if any(p is q for q in editor.module.parameters())
+    }
+    assert mlp_names and all(".4." in name for name in mlp_names)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = snapshot(model)
+    acc_before = rel_accuracy(model, processor, RECORDS[:1], tiny_images)
+
+    editor.apply(RECORDS[:1], "vqa", tiny_images)
+    changed = {name for name, t in model.state_dict().items() if not torch.equal(
+        t.detach().contiguous().view(-1).view(torch.uint8), before[name][2])}
+    assert changed and changed <= mlp_names
+    assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == [1.0] > acc_before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+    editor.apply(RECORDS[1:], "vqa", tiny_images)  # edits accumulate
+    editor.restore()
+    assert_byte_identical(model, before)
+    assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == acc_before
+    editor.restore()  # a second restore is a no-op
+    assert_byte_identical(model, before)
+
+
+def test_ft_l_fits_several_records_together(tiny_factory, tiny_images):
+    model, processor = tiny_factory("blip2")
+    editor = make_editor("ft-l", model, processor, layer=5, steps=25, lr=1e-2, batch_size=1)
+    assert editor.option_dict()["resolved_layer"] == 5
+    assert rel_accuracy(model, processor, RECORDS, tiny_images) != [1.0, 1.0]
+    with editor.applied(RECORDS, "vqa", tiny_images):
+        assert rel_accuracy(model, processor, RECORDS, tiny_images) == [1.0, 1.0]
+    assert rel_accuracy(model, processor, RECORDS, tiny_images) != [1.0, 1.0]
