@@ -74,6 +74,13 @@ class EditRecord:
     hard_m_loc_q: str | None = None
     hard_m_loc_a: str | None = None
 
+    def __post_init__(self) -> None:
+        present = [getattr(self, name) is not None for name in HARD_FIELDS]
+        if any(present) and not all(present):
+            raise ValueError(
+                f"record {self.index}: hard-locality fields must come together: {list(HARD_FIELDS)}"
+            )
+
     @property
     def has_hard(self) -> bool:
         """Whether the record carries the hard-locality fields."""
