@@ -1,0 +1,86 @@
+"""One evaluation as a user runs it: load a VLM folder and a dataset, edit, score, write.
+
+The CLI's `eval` and the demo both call `run_eval`; the pieces are in `eval/` and `editors/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dualedit.data.mmedit import load_split
+from dualedit.editors.registry import make_editor
+from dualedit.eval.harness import evaluate
+from dualedit.eval.report import markdown_table, write_results
+from dualedit.eval.results import Results
+
+
+def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load a VLM folder the transformers way (`AutoModelForImageTextToText` + `AutoProcessor`).
+
+    Returns:
+        (model in eval mode on `device`, processor)
+
+    Raises:
+        FileNotFoundError: `path` has no config.json.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def run_eval(
+    *,
+    model_path: str | os.PathLike | None = None,
+    model_and_processor: tuple[Any, Any] | None = None,
+    data_root: str | os.PathLike,
+    task: str,
+    split: str = "eval",
+    method: str = "none",
+    editor_options: dict[str, Any] | None = None,
+    protocol: str = "single",
+    n_values: Sequence[int] = (1, 10, 100),
+    scorer: str = "paper",
+    limit: int | None = None,
+    batch_size: int = 16,
+    generation: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Results:
+    """Evaluate `method` on one dataset split and write `results.json` + `table.md` to `out_dir`.
+
+    Give either `model_path` (a save_pretrained folder) or an already loaded
+    `model_and_processor` (the demo loads each model once for several runs).
+    """
+    if (model_path is None) == (model_and_processor is None):
+        raise ValueError("give exactly one of model_path and model_and_processor")
+    model, processor = model_and_processor or load_vlm(model_path)
+    dataset = load_split(data_root, task, split)
+    editor = make_editor(method, model, processor, **(editor_options or {}))
+    results = evaluate(
+        model,
+        processor,
+        dataset,
+        editor,
+        protocol=protocol,
+        scorer=scorer,
+        n_values=n_values,
+        limit=limit,
+        batch_size=batch_size,
+        generation=generation,
+        progress=progress,
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_results(results, out / "results.json")
+        (out / "table.md").write_text(markdown_table(results) + "\n")
+    return results
