@@ -15,6 +15,7 @@ from dualedit.data.mmedit import load_split
 from dualedit.editors.registry import make_editor
 from dualedit.eval.harness import evaluate
 from dualedit.eval.report import markdown_table, write_results
+from dualedit.io import atomic_write_text
 from dualedit.eval.results import Results
 
 
@@ -82,5 +83,5 @@ def run_eval(
     if out_dir is not None:
         out = Path(out_dir)
         write_results(results, out / "results.json")
-        (out / "table.md").write_text(markdown_table(results) + "\n")
+        atomic_write_text(out / "table.md", markdown_table(results) + "\n")
     return results
