@@ -35,11 +35,14 @@ RECORDS = [
 ]
 
 
+def as_bytes(t):
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).clone()
+
+
 def snapshot(model):
     """Byte copies of every state_dict tensor."""
     return {
-        name: (t.dtype, tuple(t.shape), t.detach().cpu().contiguous().view(-1).view(torch.uint8).clone())
-        for name, t in model.state_dict().items()
+        name: (t.dtype, tuple(t.shape), as_bytes(t)) for name, t in model.state_dict().items()
     }
 
 
@@ -55,7 +58,9 @@ def rel_accuracy(model, processor, records, images):
     backbone = get_backbone(model)
     batch = encode([record_samples(r, "vqa")["rel"] for r in records], processor, backbone, images)
     with torch.no_grad():
-        logits = backbone.forward_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        logits = backbone.forward_logits(
+            model, batch.input_ids, batch.attention_mask, batch.pixel_values
+        )
     return token_accuracy(logits, batch.target_ids, batch.target_mask).tolist()
 
 
@@ -105,8 +110,8 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
     acc_before = rel_accuracy(model, processor, RECORDS[:1], tiny_images)
 
     editor.apply(RECORDS[:1], "vqa", tiny_images)
-    changed = {name for name, t in model.state_dict().items() if not torch.equal(
-        t.detach().contiguous().view(-1).view(torch.uint8), before[name][2])}
+    state = model.state_dict()
+    changed = {name for name, t in state.items() if not torch.equal(as_bytes(t), before[name][2])}
     assert changed and changed <= mlp_names
     assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == [1.0] > acc_before
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

@@ -44,7 +44,8 @@ def test_mean_metrics_and_avg():
     }
     five = {"rel": 1.0, "t_gen": 1.0, "v_gen": 1.0, "t_loc": 1.0, "m_loc": 1.0}
     with pytest.raises(ValueError, match="'m_loc' is missing for records \\[1\\]"):
-        mean_metrics([{"index": 0, **five}, {"index": 1, **{k: v for k, v in five.items() if k != "m_loc"}}])
+        four = {k: v for k, v in five.items() if k != "m_loc"}
+        mean_metrics([{"index": 0, **five}, {"index": 1, **four}])
     # optional metrics average over the records that have them.
     mixed = mean_metrics([{"index": 0, **five, "m_loc_hard": 0.5}, {"index": 1, **five}])
     assert mixed["m_loc_hard"] == 50.0 and mixed["avg"] == 100.0
@@ -93,7 +94,9 @@ def test_markdown_table_shape():
         "| method | backbone | dataset | Rel | T-Gen | V-Gen | T-Loc | M-Loc | Avg |"
     )
     assert len(lines) == 4
-    assert lines[2] == "| none | tiny-llava | E-VQA eval | 75.00 | 50.00 | 50.00 | 75.00 | 50.00 | 60.00 |"
+    assert lines[2] == (
+        "| none | tiny-llava | E-VQA eval | 75.00 | 50.00 | 50.00 | 75.00 | 50.00 | 60.00 |"
+    )
     assert lines[3].startswith("| ft-l (seq N=10) | tiny-llava | E-VQA eval | 75.00 |")
     assert all(line.count("|") == 10 for line in lines)
 

@@ -59,7 +59,7 @@ class Editor(ABC):
         return dataclasses.asdict(self.options)
 
     def fit(self, train_records: Sequence[EditRecord], task: str, images: ImageLoader) -> None:
-        """Train the method's own parameters (hypernetworks, adapters). Default: nothing to train."""
+        """Train the method's own parameters (hypernetworks, adapters). Default: nothing."""
 
     @abstractmethod
     def apply(self, records: Sequence[EditRecord], task: str, images: ImageLoader) -> None:

@@ -43,7 +43,8 @@ class FineTuneLayer(Editor):
         batch_size: int = 8
 
         def __post_init__(self) -> None:
-            if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            layer = self.layer
+            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
                 raise ValueError(f"ft-l option layer: expected an int or None, got {self.layer!r}")
             for name in ("steps", "batch_size"):
                 value = getattr(self, name)
