@@ -8,7 +8,7 @@ import torch
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.data.prompts import encode
-from dualedit.editors import make_editor
+from dualedit.editors import Editor, make_editor
 from dualedit.eval import evaluate, markdown_table, write_results
 from dualedit.eval.protocols import checkpoints
 from dualedit.eval.scorers import token_accuracy
@@ -18,18 +18,26 @@ QUESTIONS = [
     ("what shape is the kite", "which shape is the kite", "blue.png", "yellow.png", "star"),
     ("how many dogs are there", "what number of dogs are there", "green.png", "red.png", "3"),
 ]
+# (loc, loc_ans, m_loc_q, m_loc_a): different per record, so that batches of them differ.
+LOCALITY = [
+    ("nq question: what is the capital of the united states", "the city", "what shape is this",
+     "square"),
+    ("nq question: who was the leader during the mexican civil war", "a man", "what is this",
+     "a ball"),
+    ("nq question: what sport was supported", "the kite", "how many are in this picture", "2"),
+]
 
 
 def write_dataset(tmp_path, image_dir, hard=True):
     """vqa/vqa_eval.json with three records; images from the conftest's tiny image folder."""
     records = []
-    for src, rephrase, image, image_rephrase, alt in QUESTIONS:
+    for (src, rephrase, image, image_rephrase, alt), (loc, loc_ans, m_loc_q, m_loc_a) in zip(
+        QUESTIONS, LOCALITY
+    ):
         raw = {
             "src": src, "pred": "red", "rephrase": rephrase, "alt": alt, "image": image,
-            "image_rephrase": image_rephrase,
-            "loc": "nq question: what is the capital of the united states",
-            "loc_ans": "the city", "m_loc": "yellow.png", "m_loc_q": "what shape is this",
-            "m_loc_a": "square",
+            "image_rephrase": image_rephrase, "loc": loc, "loc_ans": loc_ans,
+            "m_loc": "yellow.png", "m_loc_q": m_loc_q, "m_loc_a": m_loc_a,
         }
         if hard:
             raw.update(
@@ -126,6 +134,77 @@ def test_sequential_reports_per_n(tiny_factory, dataset, tmp_path):
     assert [row.split(" | ")[0] for row in rows] == [
         f"| ft-l (seq N={n}) [easyedit]" for n in (1, 2, 3)
     ]
+
+
+class Recorder(Editor):
+    """An identity editor that is not `batched`: records its calls and whether every decoder
+    forward runs inside its context."""
+
+    name = "recorder"
+
+    def __init__(self, model, processor, backbone):
+        super().__init__(model, processor, backbone)
+        self.applied_indices, self.restores, self.inside, self.outside = [], 0, False, 0
+        self.batches = []
+
+    def apply(self, records, task, images):
+        self.applied_indices.append([r.index for r in records])
+
+    def restore(self):
+        self.restores += 1
+
+    def context(self, batch):
+        editor = self
+
+        class Inside:
+            def __enter__(self):
+                editor.inside = True
+                phase = "edited" if editor.applied_indices else "unedited"
+                editor.batches.append((phase, type(batch).__name__, batch.input_ids.clone()))
+
+            def __exit__(self, *exc):
+                editor.inside = False
+
+        return Inside()
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_identity_editor_scores_exactly_100_and_forwards_run_in_its_context(
+    tiny_blip2, dataset, protocol
+):
+    # BLIP-2's logits change by ~1e-7 with the padding length: unedited references must come
+    # from the same batches as the scoring, or ordered top-10 agreement would flip on noise.
+    model, processor = tiny_blip2
+    backbone = get_backbone(model)
+    editor = Recorder(model, processor, backbone)
+
+    def check(module, args):
+        if not editor.inside:
+            editor.outside += 1
+
+    handle = backbone.decoder_layers(model)[0].register_forward_pre_hook(check)
+    try:
+        results = evaluate(model, processor, dataset, editor, protocol=protocol, n_values=(1, 3),
+                           scorer="easyedit", batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    for run in results.runs:
+        for key in ("t_loc", "m_loc", "m_loc_hard"):
+            assert run.means[key] == 100.0, (run.n_edits, key)
+    assert editor.outside == 0
+    assert {kind for _, kind, _ in editor.batches} == {"EncodedBatch", "PromptBatch"}
+    # every scored batch holding a locality sample was run, identical, before any edit.
+    loc_tokens = torch.tensor([processor.tokenizer.convert_tokens_to_ids(w) for w in ("nq", "this")])
+    references = [ids for phase, _, ids in editor.batches if phase == "unedited"]
+    scored = [
+        ids for phase, kind, ids in editor.batches
+        if phase == "edited" and kind == "EncodedBatch" and torch.isin(ids, loc_tokens).any()
+    ]
+    assert references and len(scored) >= len(references)
+    for ids in scored:
+        assert any(ref.shape == ids.shape and torch.equal(ref, ids) for ref in references)
+    assert editor.applied_indices == [[0], [1], [2]]
+    assert editor.restores >= (4 if protocol == "single" else 2)
 
 
 def test_limit_and_no_hard_fields(tiny_llava, tmp_path, tiny_image_dir):

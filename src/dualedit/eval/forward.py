@@ -86,8 +86,8 @@ def predict(
         for chunk in tqdm(chunks, desc=desc, disable=not show, leave=False, unit="batch"):
             samples = [item.sample for item in chunk]
             batch = encode(samples, ctx.processor, ctx.backbone, ctx.load_image)
-            with ctx.editor.context(batch):
-                device_batch = batch.to(ctx.device)
+            device_batch = batch.to(ctx.device)
+            with ctx.editor.context(device_batch):
                 logits = ctx.backbone.forward_logits(
                     ctx.model,
                     device_batch.input_ids,

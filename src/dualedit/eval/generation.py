@@ -43,8 +43,8 @@ def generate_answers(
             samples = [item.sample for item in chunk]
             lengths = [target_length(ctx, sample) for sample in samples]
             batch = encode_prompts(samples, ctx.processor, ctx.backbone, ctx.load_image)
-            with ctx.editor.context(batch):
-                device_batch = batch.to(ctx.device)
+            device_batch = batch.to(ctx.device)
+            with ctx.editor.context(device_batch):
                 new = ctx.backbone.generate(
                     ctx.model,
                     device_batch.input_ids,

@@ -16,10 +16,10 @@ from torch import nn
 
 from dualedit.data.prompts import PROMPT_PROTOCOL, record_samples
 from dualedit.editors.base import Editor
-from dualedit.eval.forward import EvalContext, predict, record_items
+from dualedit.eval.forward import EvalContext
 from dualedit.eval.protocols import PROTOCOLS
 from dualedit.eval.results import Results
-from dualedit.eval.scorers import LOCALITY_KEYS, get_scorer
+from dualedit.eval.scorers import get_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def evaluate(
     """Score an editing method on a dataset.
 
     The unedited predictions for T-Loc / M-Loc (and hard M-Loc where records have it) are
-    computed once, in batches, before any edit. Then the protocol runs: "single" applies each
+    computed before any edit, in the same batches as the edited scoring (see `eval.protocols`).
+    Then the protocol runs: "single" applies each
     record's edit, scores its samples and restores; "sequential" applies the first N edits
     without restoring and scores all N records, for each N in `n_values`. The model is left as it
     was (eval/train mode and weights; the editor is restored).
@@ -121,13 +122,8 @@ def evaluate(
     started = time.perf_counter()
     try:
         editor.restore()  # start from the unedited model whatever happened before
-        unedited = predict(
-            ctx,
-            record_items(samples, range(len(records)), keys=LOCALITY_KEYS),
-            desc="unedited locality",
-        )
         runs = PROTOCOLS[protocol](
-            ctx, records, samples, unedited, generation=generation, n_values=tuple(n_values)
+            ctx, records, samples, generation=generation, n_values=tuple(n_values)
         )
     finally:
         model.train(was_training)

@@ -1,7 +1,10 @@
 """The two editing protocols: single edit (apply, score, restore) and sequential (N edits, score).
 
-Both return `RunResult`s. Locality is always compared with the unedited predictions computed once
-before any edit (`unedited`, keyed by (record position, sample key)).
+Both return `RunResult`s. Locality compares the edited model with the unedited one. The unedited
+predictions are computed once per scoring group, before any edit, in exactly the batches the
+edited scoring uses (locality samples are run apart from the Rel/Gen samples): with the same batch
+composition an editor that leaves a sample alone reproduces the unedited logits bit for bit and
+scores exactly 100, instead of flipping near-tied ranks on float noise from padding.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from tqdm.auto import tqdm
 
 from dualedit.data.prompts import Sample
 from dualedit.data.records import EditRecord
-from dualedit.eval.forward import EvalContext, Item, predict, record_items
+from dualedit.eval.forward import EvalContext, predict, record_items
 from dualedit.eval.generation import generation_metrics
 from dualedit.eval.results import RunResult, mean_metrics
-from dualedit.eval.scorers import LOCALITY_KEYS, SamplePrediction
+from dualedit.eval.scorers import ACCURACY_KEYS, LOCALITY_KEYS, SamplePrediction
 
 logger = logging.getLogger(__name__)
 
 Predictions = dict[tuple[int, str], SamplePrediction]
+Samples = Sequence[dict[str, Sample]]
 
 
 def checkpoints(n_values: Sequence[int], n_records: int) -> list[int]:
@@ -47,16 +51,50 @@ def checkpoints(n_values: Sequence[int], n_records: int) -> list[int]:
     return kept
 
 
-def score_records(
+def locality(
+    ctx: EvalContext, positions: Sequence[int], samples: Samples, *, desc: str = "",
+    progress: bool | None = None,
+) -> Predictions:
+    """Predictions for the locality samples of the records at `positions`, batched together."""
+    items = record_items(samples, positions, keys=LOCALITY_KEYS)
+    return predict(ctx, items, desc=desc, progress=progress)
+
+
+def unedited_locality(
+    ctx: EvalContext, groups: Sequence[Sequence[int]], samples: Samples, desc: str
+) -> list[Predictions]:
+    """The unedited model's locality predictions, one scoring group at a time (no edit applied)."""
+    show = ctx.progress and len(groups) > 1
+    return [
+        locality(ctx, group, samples, desc=desc, progress=ctx.progress and not show)
+        for group in tqdm(groups, desc=desc, disable=not show, leave=False)
+    ]
+
+
+def score_group(
     ctx: EvalContext,
     positions: Sequence[int],
     records: Sequence[EditRecord],
-    edited: Predictions,
+    samples: Samples,
     unedited: Predictions,
-    samples: Sequence[dict[str, Sample]],
-    generated: dict[int, dict[str, object]] | None,
+    *,
+    generation: bool,
+    desc: str = "",
+    progress: bool | None = None,
 ) -> list[dict[str, object]]:
-    """Per-record metric dicts {"index", rel, t_gen, v_gen, t_loc, m_loc[, m_loc_hard, gen_em]}."""
+    """Score the records at `positions` on the model as edited now.
+
+    Returns:
+        Per-record dicts {"index", rel, t_gen, v_gen, t_loc, m_loc[, m_loc_hard, gen_em, gen_text]}.
+    """
+    edited = predict(
+        ctx, record_items(samples, positions, keys=ACCURACY_KEYS), desc=desc, progress=progress
+    )
+    edited.update(locality(ctx, positions, samples, desc=desc, progress=progress))
+    generated = None
+    if generation:
+        rel = record_items(samples, positions, keys=("rel",))
+        generated = generation_metrics(ctx, rel, desc=f"{desc} generate", progress=progress)
     rows = []
     for position in positions:
         keys = samples[position]
@@ -82,57 +120,44 @@ def _run(n_edits: int | None, rows: list[dict[str, object]], started: float) -> 
     )
 
 
-def _score_all(
-    ctx: EvalContext,
-    positions: Sequence[int],
-    samples: Sequence[dict[str, Sample]],
-    generation: bool,
-    desc: str,
-    progress: bool | None = None,
-) -> tuple[Predictions, dict[int, dict[str, object]] | None]:
-    edited = predict(ctx, record_items(samples, positions), desc=desc, progress=progress)
-    generated = None
-    if generation:
-        rel = record_items(samples, positions, keys=("rel",))
-        generated = generation_metrics(ctx, rel, desc=f"{desc} generate", progress=progress)
-    return edited, generated
-
-
 def run_single(
     ctx: EvalContext,
     records: Sequence[EditRecord],
-    samples: Sequence[dict[str, Sample]],
-    unedited: Predictions,
+    samples: Samples,
     *,
     generation: bool,
     n_values: Sequence[int] = (),
 ) -> list[RunResult]:
     """Single-edit protocol: for each record apply its edit, score its samples, restore.
 
-    An editor whose `apply` is a no-op (`batched`) is scored in big batches instead.
+    An editor whose `apply` is a no-op (`batched`) is scored in big batches instead, without
+    calling `apply`. `n_values` is ignored.
     """
     started = time.perf_counter()
-    positions = range(len(records))
+    positions = list(range(len(records)))
     if ctx.editor.batched:
-        edited, generated = _score_all(ctx, positions, samples, generation, "score")
-    else:
-        edited: Predictions = {}
-        generated = {} if generation else None
-        for position in tqdm(positions, desc=f"{ctx.editor.name} single", disable=not ctx.progress):
-            with ctx.editor.applied([records[position]], ctx.task, ctx.load_image):
-                one, gen = _score_all(ctx, [position], samples, generation, "", progress=False)
-            edited.update(one)
-            if gen is not None:
-                generated.update(gen)
-    rows = score_records(ctx, positions, records, edited, unedited, samples, generated)
+        (unedited,) = unedited_locality(ctx, [positions], samples, "unedited locality")
+        rows = score_group(
+            ctx, positions, records, samples, unedited, generation=generation, desc="score"
+        )
+        return [_run(None, rows, started)]
+    groups = [[position] for position in positions]
+    references = unedited_locality(ctx, groups, samples, "unedited locality")
+    rows = []
+    for group, unedited in tqdm(
+        list(zip(groups, references)), desc=f"{ctx.editor.name} single", disable=not ctx.progress
+    ):
+        with ctx.editor.applied([records[p] for p in group], ctx.task, ctx.load_image):
+            rows += score_group(
+                ctx, group, records, samples, unedited, generation=generation, progress=False
+            )
     return [_run(None, rows, started)]
 
 
 def run_sequential(
     ctx: EvalContext,
     records: Sequence[EditRecord],
-    samples: Sequence[dict[str, Sample]],
-    unedited: Predictions,
+    samples: Samples,
     *,
     generation: bool,
     n_values: Sequence[int] = (1, 10, 100),
@@ -140,24 +165,32 @@ def run_sequential(
     """Sequential (lifelong) protocol: apply edits one by one without restoring; after the first
     N (for each N in `n_values`) score all N records; restore at the end.
 
-    Scoring does not change the edited model, so one pass over max(N) edits serves every N; a
-    run's wall time counts the edits added since the previous N and the scoring.
+    Scoring does not change the edited model, so one pass over max(N) edits serves every N. The
+    first run's wall time includes the unedited predictions; each run counts the edits added
+    since the previous N and its scoring.
     """
+    started = time.perf_counter()
+    ns = checkpoints(n_values, len(records))
+    references = unedited_locality(
+        ctx, [list(range(n)) for n in ns], samples, "unedited locality"
+    )
     runs = []
     applied = 0
     try:
-        for n in checkpoints(n_values, len(records)):
-            started = time.perf_counter()
+        for n, unedited in zip(ns, references):
             for position in tqdm(
                 range(applied, n), desc=f"{ctx.editor.name} edits {applied + 1}-{n}",
                 disable=not ctx.progress, leave=False,
             ):
                 ctx.editor.apply([records[position]], ctx.task, ctx.load_image)
             applied = n
-            edited, generated = _score_all(ctx, range(n), samples, generation, f"score N={n}")
-            rows = score_records(ctx, range(n), records, edited, unedited, samples, generated)
+            rows = score_group(
+                ctx, list(range(n)), records, samples, unedited, generation=generation,
+                desc=f"score N={n}",
+            )
             runs.append(_run(n, rows, started))
             logger.info("%s sequential N=%d: %s", ctx.editor.name, n, runs[-1].means)
+            started = time.perf_counter()
     finally:
         ctx.editor.restore()
     return runs
