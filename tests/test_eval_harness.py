@@ -194,7 +194,7 @@ def test_identity_editor_scores_exactly_100_and_forwards_run_in_its_context(
     assert editor.outside == 0
     assert {kind for _, kind, _ in editor.batches} == {"EncodedBatch", "PromptBatch"}
     # every scored batch holding a locality sample was run, identical, before any edit.
-    loc_tokens = torch.tensor([processor.tokenizer.convert_tokens_to_ids(w) for w in ("nq", "this")])
+    loc_tokens = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["nq", "this"]))
     references = [ids for phase, _, ids in editor.batches if phase == "unedited"]
     scored = [
         ids for phase, kind, ids in editor.batches

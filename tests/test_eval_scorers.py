@@ -136,3 +136,29 @@ def test_exact_match_strips_and_is_case_sensitive_by_default():
     assert not exact_match("Red square", "red square")
     assert exact_match("Red square", "red square", case_sensitive=False)
     assert not exact_match("red", "red square")
+
+
+@pytest.mark.parametrize("scorer_name", ["paper", "easyedit"])
+def test_scorer_predictions_agree_with_the_pure_functions(scorer_name):
+    # Stored per-sample predictions (padding dropped) must give what the logit functions give.
+    gen = torch.Generator().manual_seed(0)
+    unedited = torch.randn(3, 6, 20, generator=gen)  # [b, s, V]
+    edited = unedited + 0.7 * torch.randn(3, 6, 20, generator=gen)
+    attention_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    target_mask = torch.zeros(3, 6, dtype=torch.bool)
+    target_mask[0, 3:5] = target_mask[1, 1:3] = target_mask[2, 2:4] = True
+    target_ids = torch.where(target_mask, unedited.argmax(-1), torch.full((3, 6), -100))
+    scorer = get_scorer(scorer_name)
+    for key, k in (("t_loc", 1), ("m_loc", 10)):
+        ref = scorer.predictions(key, unedited, target_ids, target_mask, attention_mask)
+        new = scorer.predictions(key, edited, target_ids, target_mask, attention_mask)
+        got = [scorer.locality(key, n, r) for n, r in zip(new, ref)]
+        if scorer_name == "paper":
+            expected = answer_agreement(edited, unedited, target_mask)
+        else:
+            expected = topk_agreement(edited, unedited, attention_mask.bool(), k=k)
+        assert got == pytest.approx(expected.tolist())
+        assert [p.accuracy for p in new] == pytest.approx(
+            token_accuracy(edited, target_ids, target_mask).tolist()
+        )
+    assert [p.accuracy for p in ref] == [1.0, 1.0, 1.0]
