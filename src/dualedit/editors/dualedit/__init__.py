@@ -1,0 +1,40 @@
+"""DualEdit: text and visual cross-attention adapters on a frozen VLM, a similarity gate, and a
+memory of many edits (see docs/SPEC section 1).
+
+config.py   DualEditConfig (layers, width, heads, tau, gate options, ablations, dtype)
+adapter.py  CrossAttentionAdapter (identity at initialisation)
+memory.py   EditMemory (states and gate keys of many edits, nearest-edit lookup, files)
+hooks.py    DualEditHooks (forward hooks, per-call context, gate), LayerCapture
+editor.py   DualEditor (the harness's Editor and the user API)
+"""
+
+from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
+from dualedit.editors.dualedit.editor import DualEditor, read_adapter_config, states_of
+from dualedit.editors.dualedit.hooks import (
+    CallContext,
+    DualEditHooks,
+    LayerCapture,
+    apply_adapter,
+    text_positions,
+)
+from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates
+
+__all__ = [
+    "DEFAULT_TAU",
+    "CallContext",
+    "CrossAttentionAdapter",
+    "DualEditConfig",
+    "DualEditHooks",
+    "DualEditor",
+    "EditId",
+    "EditInfo",
+    "EditMemory",
+    "EditStates",
+    "LayerCapture",
+    "apply_adapter",
+    "default_layers",
+    "read_adapter_config",
+    "states_of",
+    "text_positions",
+]

@@ -1,0 +1,415 @@
+"""Forward hooks that run the DualEdit adapters on two decoder layers, and a layer capture.
+
+`DualEditHooks` owns exactly its own hook handles (on the text layer t and the visual layer v) and
+removes exactly those. What one forward or generate() call needs (image positions, each input's
+prompt end, the gate decision, the chosen edit) lives in a `CallContext` opened by `call(...)`
+and dropped in `finally`; nothing is kept on modules or in module globals.
+
+Per input, on the first pass of a call (the prompt pass in generate()):
+- the gate key is the text layer's output at the input's last prompt token ("prompt_end") or at
+  its last non-pad position ("last_position");
+- the nearest stored edit is chosen by cosine similarity (or the edits are given by the caller);
+- with the gate on, an input whose similarity is below tau is left unedited.
+The decision holds for the rest of the call. Text adapter positions: after the image (or from
+the first token when there is none) up to but not including the last prompt token; visual adapter
+positions: the image positions. Single-position passes after the first (KV-cache decode steps)
+are never edited: their effect comes through the edited cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualedit.backbones import Backbone, layer_output_tensor, replace_layer_output
+from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.config import DualEditConfig
+from dualedit.editors.dualedit.memory import EditMemory, EditStates
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CallContext:
+    """Per-call state of one forward or generate() call (see module docstring).
+
+    Attributes:
+        image_mask: [batch, seq] bool, image positions of the call's input.
+        attention_mask: [batch, seq] bool, False on padding.
+        prompt_end: [batch] long, index of each input's last prompt token.
+        edits: one edit per input given by the caller (training), or None to look up the memory.
+        gate: whether the gate applies in this call.
+        decided: the gate decision has been taken (on the first pass).
+        active: some input is edited in this call.
+        open: [batch] bool, the gate decision per input.
+        similarity: [batch] float32, cosine similarity to the chosen edit (NaN without edits).
+        chosen: [batch] long, memory position of each input's edit (-1: edits given / none).
+        states: the chosen edits' states, one per input.
+    """
+
+    image_mask: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_end: torch.Tensor
+    edits: EditStates | None
+    gate: bool
+    decided: bool = False
+    active: bool = False
+    open: torch.Tensor | None = None
+    similarity: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
+    states: EditStates | None = None
+
+
+def text_positions(
+    image_mask: torch.Tensor, attention_mask: torch.Tensor, prompt_end: torch.Tensor
+) -> torch.Tensor:
+    """Where the text adapter acts: after the last image position (or from the first non-pad
+    token when there is no image) up to but not including the last prompt token, no padding.
+
+    image_mask, attention_mask [batch, seq], prompt_end [batch] -> [batch, seq] bool.
+    """
+    seq = image_mask.shape[1]
+    pos = torch.arange(seq, device=image_mask.device)  # [seq]
+    attended = attention_mask.bool()
+    first = attended.int().argmax(dim=1)  # [batch], first non-pad position
+    last_image = torch.where(image_mask, pos, -1).max(dim=1).values  # [batch], -1 without image
+    start = torch.where(image_mask.any(dim=1), last_image + 1, first)  # [batch]
+    window = (pos >= start[:, None]) & (pos < prompt_end.to(pos.device)[:, None])  # [batch, seq]
+    return window & attended & ~image_mask
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-pad position: [batch, seq] -> [batch] long."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), pos, -1).max(dim=1).values
+
+
+def apply_adapter(
+    adapter: CrossAttentionAdapter,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    h_edit: torch.Tensor,
+    edit_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`h` with the adapter applied at the positions of `mask` only (a new tensor).
+
+    Only the selected positions are gathered (padded per input to the largest count), so a text
+    adapter on a few prompt tokens does not pay for the image positions.
+
+    Args:
+        h: [batch, seq, hidden] layer output.
+        mask: [batch, seq] bool, positions to edit.
+        h_edit: [batch, m, hidden] each input's edit states; edit_mask [batch, m] bool.
+
+    Returns:
+        [batch, seq, hidden], equal to `h` bit for bit outside `mask`.
+    """
+    rows = mask.any(dim=1).nonzero().squeeze(1)  # [r] inputs with something to edit
+    if rows.numel() == 0:
+        return h
+    sub_mask = mask.index_select(0, rows)  # [r, seq]
+    counts = sub_mask.sum(dim=1)  # [r]
+    n = int(counts.max())
+    # Selected positions first (stable, so in order), then the rest; keep the first n.
+    order = torch.argsort((~sub_mask).to(torch.int8), dim=1, stable=True)[:, :n]  # [r, n]
+    valid = torch.arange(n, device=h.device)[None, :] < counts[:, None]  # [r, n]
+    hidden = h.shape[-1]
+    queries = h.index_select(0, rows).gather(
+        1, order[:, :, None].expand(-1, -1, hidden)
+    )  # [r, n, hidden]
+    delta = adapter.delta(
+        queries, h_edit.index_select(0, rows), edit_mask.index_select(0, rows)
+    )  # [r, n, hidden]
+    row_index = rows[:, None].expand(-1, n)[valid]  # [k]
+    pos_index = order[valid]  # [k]
+    update = torch.index_put(torch.zeros_like(h), (row_index, pos_index), delta[valid])
+    return torch.where(mask[:, :, None], h + update, h)  # [batch, seq, hidden]
+
+
+class DualEditHooks:
+    """The forward hooks of the two adapters: attach, detach, per-call contexts.
+
+    Args:
+        model: the VLM (never copied, never modified: the hooks return new tensors).
+        backbone: its backbone (where the decoder layers are).
+        config: a resolved `DualEditConfig`.
+        text_adapter, visual_adapter: the adapters.
+        memory: the edit memory looked up when a call gives no edits itself.
+
+    Example:
+        >>> with hooks:  # attach ... detach
+        ...     with hooks.call(image_mask, attention_mask, prompt_end):
+        ...         logits = model(**inputs).logits
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backbone: Backbone,
+        config: DualEditConfig,
+        text_adapter: CrossAttentionAdapter,
+        visual_adapter: CrossAttentionAdapter,
+        memory: EditMemory,
+    ):
+        if not config.resolved:
+            raise ValueError("DualEditHooks needs a resolved DualEditConfig (config.resolve)")
+        self.model = model
+        self.backbone = backbone
+        self.config = config
+        self.text_adapter = text_adapter
+        self.visual_adapter = visual_adapter
+        self.memory = memory
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._call: CallContext | None = None
+        self._disabled = False
+
+    # -- attaching ----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[int]:
+        """The hooked decoder layers: the text layer always (gate key), the visual layer too."""
+        return sorted({self.config.text_layer, self.config.visual_layer})
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        """Register the forward hooks (a no-op when already attached)."""
+        if self._handles:
+            return
+        for index in self.layers:
+            layer = self.backbone.layer(self.model, index)
+            self._handles.append(layer.register_forward_hook(self._hook(index)))
+
+    def detach(self) -> None:
+        """Remove exactly the hooks this object registered."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> DualEditHooks:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the hooks leave every layer output as it is."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # -- per-call context ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def call(
+        self,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_end: torch.Tensor,
+        *,
+        edits: EditStates | None = None,
+        gate: bool | None = None,
+    ) -> Iterator[CallContext]:
+        """Open the per-call context for one forward or generate() call.
+
+        Args:
+            image_mask: [batch, seq] bool image positions of the input.
+            attention_mask: [batch, seq], 0 on padding.
+            prompt_end: [batch] index of each input's last prompt token.
+            edits: one edit per input (e.g. from `DualEditor.encode_edits` for training); None
+                looks up the nearest stored edit.
+            gate: override the config's gate for this call (e.g. False for training).
+
+        Yields:
+            The context; after the call it holds the gate decision (`open`, `similarity`,
+            `chosen`) for inspection.
+        """
+        if self._call is not None:
+            raise RuntimeError("a DualEdit call context is already open (calls do not nest)")
+        batch = image_mask.shape[0]
+        if attention_mask.shape != image_mask.shape or tuple(prompt_end.shape) != (batch,):
+            raise ValueError(
+                f"call context: image_mask {tuple(image_mask.shape)}, attention_mask "
+                f"{tuple(attention_mask.shape)} and prompt_end {tuple(prompt_end.shape)} disagree"
+            )
+        if edits is not None and len(edits) != batch:
+            raise ValueError(f"call context: {len(edits)} edits given for {batch} inputs")
+        ctx = CallContext(
+            image_mask=image_mask.bool(),
+            attention_mask=attention_mask.bool(),
+            prompt_end=prompt_end.long(),
+            edits=edits,
+            gate=self.config.gate if gate is None else bool(gate),
+        )
+        self._call = ctx
+        try:
+            yield ctx
+        finally:
+            self._call = None
+
+    # -- the hook -----------------------------------------------------------------------------
+
+    def _hook(self, index: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return self._on_layer(index, output)
+
+        return hook
+
+    def _on_layer(self, index: int, output: Any) -> Any:
+        if self._disabled:
+            return None
+        ctx = self._call
+        if ctx is None:
+            if len(self.memory) == 0:
+                return None
+            raise RuntimeError(
+                "DualEdit hooks ran without a call context while edits are stored: run the model "
+                "inside `editor.context(batch)` / `editor.session(...)`, or use "
+                "`editor.forward_logits` / `editor.generate` (BLIP-2's generate() never calls the "
+                "model's forward, so image positions and prompt ends must be given before it)"
+            )
+        h = layer_output_tensor(output)  # [batch, seq, hidden]
+        seq = h.shape[1]
+        if ctx.decided and seq == 1:
+            return None  # KV-cache decode step: nothing is edited, the cache carries the edit
+        if not ctx.decided:
+            if index != self.config.text_layer:
+                raise RuntimeError(f"layer {index} ran before the text layer in a DualEdit call")
+            self._decide(ctx, h)
+        if not ctx.active:
+            return None
+        image_mask, attention_mask = _fit(ctx.image_mask, seq), _fit(ctx.attention_mask, seq)
+        states = ctx.states
+        edited = h
+        if index == self.config.text_layer and self.config.use_text:
+            mask = text_positions(image_mask, attention_mask, ctx.prompt_end) & ctx.open[:, None]
+            edited = apply_adapter(
+                self.text_adapter, edited, mask, states.text.to(h.device), states.text_mask
+            )
+        if index == self.config.visual_layer and self.config.use_visual:
+            mask = image_mask & attention_mask
+            if self.config.gate_scope == "both":
+                mask = mask & ctx.open[:, None]
+            edited = apply_adapter(
+                self.visual_adapter, edited, mask, states.visual.to(h.device), states.visual_mask
+            )
+        return None if edited is h else replace_layer_output(output, edited)
+
+    def _decide(self, ctx: CallContext, h: torch.Tensor) -> None:
+        """Gate keys, nearest edits and the gate decision, from the text layer's output."""
+        ctx.decided = True
+        batch, seq, _ = h.shape
+        if ctx.image_mask.shape[1] != seq:
+            raise ValueError(
+                f"call context was opened for {ctx.image_mask.shape[1]} positions, the first "
+                f"pass has {seq}"
+            )
+        if ctx.edits is None and len(self.memory) == 0:
+            return
+        key_kind = self.config.gate_key
+        if key_kind == "prompt_end":
+            key_positions = ctx.prompt_end.to(h.device)
+        else:
+            key_positions = last_positions(ctx.attention_mask).to(h.device)
+        rows = torch.arange(batch, device=h.device)
+        keys = h[rows, key_positions].detach()  # [batch, hidden]
+        if ctx.edits is None:
+            chosen, similarity = self.memory.lookup(keys, key_kind)  # [batch], [batch]
+            ctx.chosen = chosen
+            ctx.states = self.memory.states(chosen, device=h.device)
+        else:
+            ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
+            ctx.states = ctx.edits
+            similarity = F.cosine_similarity(
+                keys.float(), ctx.edits.keys[key_kind].to(h.device).float(), dim=-1
+            )  # [batch]
+        ctx.similarity = similarity
+        if ctx.gate:
+            ctx.open = similarity >= self.config.tau  # [batch]
+        else:
+            ctx.open = torch.ones(batch, dtype=torch.bool, device=h.device)
+        ctx.active = bool(ctx.open.any()) or (
+            self.config.use_visual and self.config.gate_scope == "text"
+        )
+        logger.debug("DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist())
+
+
+def _fit(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """A [batch, seq0] mask for a pass of `seq` positions: later positions (generated tokens
+    re-run without a cache) are never edited."""
+    width = mask.shape[1]
+    if seq == width:
+        return mask
+    if seq < width:
+        raise RuntimeError(f"a pass of {seq} positions inside a call opened for {width}")
+    return F.pad(mask, (0, seq - width), value=False)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass after the last layer it needs."""
+
+
+class LayerCapture:
+    """Keep the outputs of some decoder layers during one forward, and stop after the last.
+
+    Its own hooks, registered on enter and removed on exit; layers after the last captured one
+    never run.
+
+    Example:
+        >>> with LayerCapture(model, backbone, [16, 19]) as capture:
+        ...     capture.run(lambda: model(**inputs))
+        >>> capture.outputs[16].shape  # [batch, seq, hidden]
+    """
+
+    def __init__(self, model: nn.Module, backbone: Backbone, layers: Sequence[int]):
+        self.model = model
+        self.backbone = backbone
+        self.layers = sorted(set(layers))
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LayerCapture:
+        for index in self.layers:
+            layer = self.backbone.layer(self.model, index)
+            self._handles.append(layer.register_forward_hook(self._hook(index)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _hook(self, index: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.outputs[index] = layer_output_tensor(output).detach()
+            if index == self.layers[-1]:
+                raise _StopForward
+
+        return hook
+
+    def run(self, forward: Callable[[], Any]) -> dict[int, torch.Tensor]:
+        """Call `forward()` (a model forward) until the last captured layer; returns `outputs`.
+
+        Raises:
+            RuntimeError: the forward ended without reaching the last captured layer.
+        """
+        self.outputs.clear()
+        try:
+            forward()
+        except _StopForward:
+            return self.outputs
+        raise RuntimeError(
+            f"the forward finished without running decoder layer {self.layers[-1]}"
+        )

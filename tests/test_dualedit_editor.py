@@ -1,0 +1,296 @@
+"""DualEditor on the tiny LLaVA and BLIP-2: identity, frozen base, gate per input, generation,
+truncated edit pass, many edits, bfloat16, and the harness driving it."""
+
+import pytest
+import torch
+
+from dualedit.data.prompts import Sample, encode, encode_prompts
+from dualedit.editors.dualedit import DualEditor
+
+# The edit, a query that is the edit itself (same image, prompt and target), and an unrelated
+# query that is longer, so that the edit's query is the padded row in a batch of the two.
+EDIT = ("red.png", "what color is the ball? the answer is:", "blue")
+RELATED = Sample("red.png", "what color is the ball? the answer is:", " blue")
+UNRELATED = Sample("blue.png", "how many dogs are there in the picture? the answer is:", " two")
+OTHER = ("green.png", "what shape is the kite? the answer is:", "star")
+
+
+@pytest.fixture
+def make(tiny_vlm):
+    """make(**options) -> a DualEditor on the shared tiny model, detached after the test."""
+    made = []
+
+    def build(**options):
+        editor = DualEditor(tiny_vlm.model, tiny_vlm.processor, **options)
+        made.append(editor)
+        return editor
+
+    yield build
+    for editor in made:
+        editor.detach()
+
+
+def randomise_outputs(editor, seed=0, std=1.0):
+    """Non-zero output projections, so that an applied edit changes the layer outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in (editor.text_adapter, editor.visual_adapter):
+            for p in adapter.out.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def add_edit(editor, images, spec=EDIT, **kwargs):
+    image, prompt, target = spec
+    return editor.edit(images(image), prompt, target, **kwargs)
+
+
+def logits_of(vlm, editor, batch, **session):
+    """Edited logits and the call context (`editor.session` with the batch's prompt ends)."""
+    inputs = (vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    with torch.no_grad():
+        with editor.session(
+            batch.input_ids, batch.attention_mask, batch.prompt_end, **session
+        ) as ctx:
+            logits = vlm.backbone.forward_logits(*inputs)
+    return logits, ctx
+
+
+def base_logits(vlm, editor, batch):
+    """The unedited model's logits (the editor stays attached, disabled)."""
+    inputs = (vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    with torch.no_grad(), editor.disabled():
+        return vlm.backbone.forward_logits(*inputs)
+
+
+def as_bytes(t):
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).clone()
+
+
+def snapshot(model):
+    return {name: as_bytes(t) for name, t in model.state_dict().items()}
+
+
+def test_identity_at_initialisation(tiny_vlm, tiny_images, make):
+    editor = make(gate=False)  # every input edited: the adapters really run
+    add_edit(editor, tiny_images)
+    batch = encode([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    base = base_logits(tiny_vlm, editor, batch)
+    edited, ctx = logits_of(tiny_vlm, editor, batch)
+    assert ctx.active and ctx.open.all()
+    assert torch.equal(edited, base)
+
+
+def test_only_adapter_parameters_train(tiny_vlm, tiny_images, make):
+    model = tiny_vlm.model
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    editor = make()
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in editor.parameters())
+    # A trainer's step: edits given per input, gate off, gradient from the target tokens.
+    batch = encode([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    edits = editor.encode_edits([tiny_images("red.png")] * 2, [EDIT[1]] * 2, [EDIT[2]] * 2)
+    with editor.session(batch.input_ids, batch.attention_mask, batch.prompt_end, edits=edits,
+                        gate=False):
+        logits = tiny_vlm.backbone.forward_logits(
+            model, batch.input_ids, batch.attention_mask, batch.pixel_values
+        )
+    logits[batch.target_mask].logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    for adapter in (editor.text_adapter, editor.visual_adapter):
+        assert adapter.out.weight.grad is not None and adapter.out.weight.grad.abs().sum() > 0
+    editor.detach()
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+def test_base_weights_and_hooks_are_left_exactly(tiny_vlm, tiny_images, make):
+    model, backbone = tiny_vlm.model, tiny_vlm.backbone
+    before = snapshot(model)
+    layers = backbone.decoder_layers(model)
+    foreign = layers[3].register_forward_hook(lambda module, args, output: None)
+    counts = [len(layer._forward_hooks) for layer in layers]
+    attributes = [set(vars(layer)) for layer in layers]
+    try:
+        editor = make(tau=0.5)
+        randomise_outputs(editor)
+        eid = add_edit(editor, tiny_images)
+        batch = encode([RELATED, UNRELATED], tiny_vlm.processor, backbone, tiny_images)
+        logits_of(tiny_vlm, editor, batch)
+        editor.remove(eid)
+        editor.detach()
+        assert [len(layer._forward_hooks) for layer in layers] == counts
+        assert [set(vars(layer)) for layer in layers] == attributes
+        assert foreign.id in layers[3]._forward_hooks  # someone else's hook is still there
+    finally:
+        foreign.remove()
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order):
+    editor = make(tau=0.999)
+    randomise_outputs(editor)
+    add_edit(editor, tiny_images)
+    samples = [(RELATED, UNRELATED)[i] for i in order]
+    batch = encode(samples, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    related = order.index(0)
+    assert batch.attention_mask[related].sum() < batch.attention_mask.shape[1]  # padded row
+    base = base_logits(tiny_vlm, editor, batch)
+    edited, ctx = logits_of(tiny_vlm, editor, batch)
+    assert ctx.similarity[related] == pytest.approx(1.0, abs=1e-5)
+    assert ctx.open.tolist() == [i == related for i in range(2)]
+    assert torch.equal(edited[1 - related], base[1 - related])  # bit for bit
+    assert not torch.allclose(edited[related], base[related])
+    # Gate off: the unrelated input is edited too.
+    edited_all, ctx_all = logits_of(tiny_vlm, editor, batch, gate=False)
+    assert ctx_all.open.all() and not torch.allclose(edited_all[1 - related], base[1 - related])
+
+
+def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(
+    tiny_vlm, tiny_images, make
+):
+    other_answer = Sample(RELATED.image, RELATED.prompt, " red")
+    batch = encode([RELATED, other_answer], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    honest = make(tau=0.999)
+    add_edit(honest, tiny_images)
+    _, ctx = logits_of(tiny_vlm, honest, batch)
+    honest.detach()
+    torch.testing.assert_close(ctx.similarity, torch.ones(2), atol=1e-5, rtol=0)
+    released = make(tau=0.999, gate_key="last_position")
+    add_edit(released, tiny_images)
+    _, ctx = logits_of(tiny_vlm, released, batch)
+    # The released key compares the last target token: it sees the answer.
+    assert ctx.similarity[0] == pytest.approx(1.0, abs=1e-5) and ctx.similarity[1] < 0.999
+    assert ctx.open.tolist() == [True, False]
+
+
+def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make):
+    backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
+    editor = make(tau=0.999)
+    randomise_outputs(editor, seed=1)  # a seed whose edit flips the first answer on both models
+    add_edit(editor, tiny_images)
+    prompts = encode_prompts([RELATED, UNRELATED], processor, backbone, tiny_images)
+    assert prompts.attention_mask[0, 0] == 0  # the related prompt is left padded
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "num_beams": 1}
+    inputs = (prompts.input_ids, prompts.attention_mask, prompts.pixel_values)
+    with torch.no_grad():
+        with editor.disabled():
+            base = backbone.generate(tiny_vlm.model, *inputs, **kwargs)
+        with editor.session(prompts.input_ids, prompts.attention_mask) as ctx:
+            cached = backbone.generate(tiny_vlm.model, *inputs, **kwargs)
+        uncached = editor.generate(*inputs, use_cache=False, **kwargs)
+    assert ctx.open.tolist() == [True, False]
+    assert torch.equal(cached[1], base[1])  # unrelated: unedited
+    assert not torch.equal(cached[0], base[0])  # related: the edit changes the answer
+    assert torch.equal(uncached, cached)  # full re-runs keep the same decision and positions
+    # Greedy generation agrees with a teacher-forced pass over prompt + generated tokens.
+    sample = Sample(RELATED.image, RELATED.prompt, "")
+    single = encode_prompts([sample], processor, backbone, tiny_images)
+    with torch.no_grad():
+        new = editor.generate(single.input_ids, single.attention_mask, single.pixel_values,
+                              **kwargs)
+        full_ids = torch.cat([single.input_ids, new], dim=1)
+        logits = editor.forward_logits(
+            full_ids, torch.ones_like(full_ids), single.pixel_values, prompt_end=single.prompt_end
+        )
+    end = int(single.prompt_end[0])
+    assert torch.equal(logits[0, end : end + new.shape[1]].argmax(-1), new[0])
+    assert torch.equal(new[0], cached[0])
+
+
+def test_applying_an_edit_stops_after_the_last_adapter_layer(tiny_vlm, tiny_images, make):
+    editor = make(text_layer=1, visual_layer=2)
+    layers = tiny_vlm.backbone.decoder_layers(tiny_vlm.model)
+    calls = [0] * len(layers)
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        editor.edit_many(
+            [tiny_images("red.png"), tiny_images("green.png")], [EDIT[1], OTHER[1]],
+            [EDIT[2], OTHER[2]],
+        )
+        assert calls == [1, 1, 1, 0, 0, 0]  # one batched pass, nothing after layer 2
+        assert len(editor.edits()) == 2
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_many_edits_route_each_input_to_its_own(tiny_vlm, tiny_images, make):
+    editor = make(tau=0.999)
+    first = add_edit(editor, tiny_images)
+    second = add_edit(editor, tiny_images, OTHER, edit_id="kite")
+    queries = [Sample(OTHER[0], OTHER[1], " " + OTHER[2]), RELATED, UNRELATED]
+    batch = encode(queries, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    _, ctx = logits_of(tiny_vlm, editor, batch)
+    assert [editor.memory.ids[p] for p in ctx.chosen.tolist()[:2]] == [second, first]
+    assert ctx.open.tolist() == [True, True, False]
+    assert [e.id for e in editor.edits()] == [first, "kite"]
+    editor.remove("kite")
+    _, ctx = logits_of(tiny_vlm, editor, batch)
+    assert ctx.open.tolist() == [False, True, False]
+    editor.restore()
+    assert editor.edits() == []
+
+
+def test_calls_need_a_context_and_leave_no_state(tiny_vlm, tiny_images, make):
+    model, backbone = tiny_vlm.model, tiny_vlm.backbone
+    editor = make()
+    batch = encode([RELATED], tiny_vlm.processor, backbone, tiny_images)
+    inputs = (model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    with torch.no_grad():
+        backbone.forward_logits(*inputs)  # no edits stored: nothing to do, no context needed
+        add_edit(editor, tiny_images)
+        with pytest.raises(RuntimeError, match="without a call context"):
+            backbone.forward_logits(*inputs)
+        with pytest.raises(ZeroDivisionError):
+            with editor.context(batch):
+                1 / 0
+        assert editor.hooks._call is None
+        with editor.context(batch):
+            with pytest.raises(RuntimeError, match="already open"):
+                with editor.context(batch):
+                    pass
+        with editor.disabled():
+            backbone.forward_logits(*inputs)
+
+
+@pytest.mark.parametrize("arch", ["llava", "blip2"])
+def test_bfloat16(arch, tiny_factory, tiny_images):
+    model, processor = tiny_factory(arch)
+    model.to(torch.bfloat16)
+    editor = DualEditor(model, processor, tau=0.999)
+    assert editor.config.dtype == "bfloat16" and editor.text_adapter.dtype == torch.bfloat16
+    editor.edit(tiny_images("red.png"), EDIT[1], EDIT[2])
+    assert editor.memory.states([0]).text.dtype == torch.bfloat16
+    batch = encode([RELATED, UNRELATED], processor, editor.backbone, tiny_images)
+    inputs = (model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    with torch.no_grad():
+        with editor.disabled():
+            base = editor.backbone.forward_logits(*inputs)
+        with editor.context(batch):
+            identity = editor.backbone.forward_logits(*inputs)
+        randomise_outputs(editor, std=3.0)
+        with editor.context(batch) as ctx:
+            edited = editor.backbone.forward_logits(*inputs)
+    assert base.dtype == torch.bfloat16 and torch.equal(identity, base)
+    assert ctx.open.tolist() == [True, False] and torch.isfinite(edited).all()
+    assert torch.equal(edited[1], base[1]) and not torch.equal(edited[0], base[0])
+    editor.detach()
+
+
+def test_options_are_validated(tiny_llava):
+    model, processor = tiny_llava
+    with pytest.raises(TypeError, match="unknown option\\(s\\) \\['tua'\\]"):
+        DualEditor(model, processor, tua=0.5)
+    with pytest.raises(ValueError, match="gate_scope"):
+        DualEditor(model, processor, gate_scope="none")
+    with pytest.raises(ValueError, match="text_layer 9 out of range"):
+        DualEditor(model, processor, text_layer=9, visual_layer=9)
+    with pytest.raises(ValueError, match="batch_size"):
+        DualEditor(model, processor, batch_size=0)
+    assert not any(hooks for layer in model.model.language_model.layers
+                   for hooks in [layer._forward_hooks])

@@ -1,0 +1,168 @@
+"""EditMemory: many edits, ids, lookup, bytes, files."""
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualedit.editors.dualedit import EditMemory
+
+HIDDEN = 8
+
+
+def memory(**kwargs):
+    return EditMemory(HIDDEN, text_layer=3, visual_layer=4, model_type="llava", **kwargs)
+
+
+def edit(seed, n=5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n, HIDDEN, generator=g).to(dtype)
+    visual = torch.randn(n, HIDDEN, generator=g).to(dtype)
+    keys = {"prompt_end": torch.randn(HIDDEN, generator=g), "last_position": text[-1].float()}
+    return text, visual, keys
+
+
+def test_add_list_remove_clear_and_stable_ids():
+    m = memory()
+    a = m.add(*edit(0), prompt="what is it?", target=" blue", image="red.png")
+    b = m.add(*edit(1, n=3))
+    c = m.add(*edit(2), edit_id="fact-17")
+    assert (a, b, c) == (0, 1, "fact-17") and m.ids == [0, 1, "fact-17"] and len(m) == 3
+    info = m.entries()
+    assert [e.id for e in info] == [0, 1, "fact-17"]
+    assert (info[0].prompt, info[0].target, info[0].image) == ("what is it?", " blue", "red.png")
+    assert (info[1].text_positions, info[1].visual_positions) == (3, 3)
+    # 3 positions x 8 x 4 bytes, twice (two layers), plus two float32 keys of 8.
+    assert info[1].nbytes == 2 * 3 * HIDDEN * 4 + 2 * HIDDEN * 4 == m.nbytes(1)
+    assert m.total_bytes() == sum(e.nbytes for e in info)
+    m.remove(0)
+    assert m.ids == [1, "fact-17"] and 0 not in m and "fact-17" in m
+    with pytest.raises(KeyError, match="no edit with id 0"):
+        m.remove(0)
+    m.clear()
+    assert len(m) == 0
+    assert m.add(*edit(3)) == 2  # ids are never reused
+
+
+def test_shared_states_are_counted_once():
+    m = memory()
+    text, _, keys = edit(0)
+    eid = m.add(text, text, keys)
+    assert m.nbytes(eid) == 5 * HIDDEN * 4 + 2 * HIDDEN * 4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, v, k: (t[:, :4], v, k), "text states have shape \\(5, 4\\)"),
+        (lambda t, v, k: (t, v[:0], k), "visual states have shape \\(0, 8\\)"),
+        (lambda t, v, k: (t, v, {"prompt_end": k["prompt_end"]}), "missing gate key"),
+        (lambda t, v, k: (t, v, {**k, "last_position": k["prompt_end"][:3]}), "gate key"),
+    ],
+)
+def test_bad_edits_are_rejected(change, message):
+    with pytest.raises(ValueError, match=message):
+        memory().add(*change(*edit(0)))
+
+
+def test_bad_ids_are_rejected():
+    m = memory()
+    m.add(*edit(0), edit_id="x")
+    for bad, message in (("x", "already"), ("", "1..64"), ("y" * 65, "1..64"), (1.5, "int or")):
+        with pytest.raises(ValueError, match=message):
+            m.add(*edit(1), edit_id=bad)
+
+
+def test_lookup_is_the_nearest_edit_by_cosine():
+    m = memory()
+    for seed in range(6):
+        m.add(*edit(seed))
+    m.remove(2)
+    queries = torch.stack([edit(4)[2]["prompt_end"] * 3.0, edit(0)[2]["prompt_end"] + 0.01])
+    positions, similarity = m.lookup(queries, "prompt_end")
+    assert [m.ids[p] for p in positions.tolist()] == [4, 0]
+    assert similarity[0] == pytest.approx(1.0, abs=1e-6) and similarity[1] < 1.0
+    # Brute force over the stored keys agrees, for both key kinds.
+    for kind in ("prompt_end", "last_position"):
+        query = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(9))
+        stored = torch.stack([edit(seed)[2][kind] for seed in (0, 1, 3, 4, 5)])
+        brute = F.cosine_similarity(query[:, None], stored[None], dim=-1)
+        positions, similarity = m.lookup(query, kind)
+        assert positions.tolist() == brute.argmax(dim=1).tolist()
+        torch.testing.assert_close(similarity, brute.max(dim=1).values)
+    with pytest.raises(ValueError, match="empty"):
+        memory().lookup(queries, "prompt_end")
+
+
+def test_ten_thousand_edits_stay_cheap():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(10_000, 64, generator=g)
+    m = EditMemory(64, text_layer=1, visual_layer=2, model_type="blip-2")
+    state = torch.zeros(1, 64)
+    for k in keys:
+        m.add(state, state, {"prompt_end": k, "last_position": k})
+    wanted = torch.tensor([17, 9_999, 4_242, 0])
+    queries = keys[wanted] + 0.01 * torch.randn(4, 64, generator=g)
+    m.lookup(queries, "prompt_end")  # builds the stacked key matrix once
+    started = time.perf_counter()
+    for _ in range(10):
+        positions, similarity = m.lookup(queries, "prompt_end")
+    per_lookup = (time.perf_counter() - started) / 10
+    assert positions.tolist() == wanted.tolist() and (similarity > 0.99).all()
+    assert per_lookup < 0.05, f"{per_lookup * 1e3:.1f} ms per lookup"
+
+
+def test_states_are_padded_per_input():
+    m = memory()
+    m.add(*edit(0, n=5))
+    m.add(*edit(1, n=2))
+    states = m.states(torch.tensor([1, 0, 1]))
+    assert states.text.shape == (3, 5, HIDDEN) and states.visual.shape == (3, 5, HIDDEN)
+    assert states.text_mask.sum(dim=1).tolist() == [2, 5, 2]
+    assert torch.equal(states.text[0, :2], edit(1, n=2)[0])
+    assert torch.count_nonzero(states.text[0, 2:]) == 0
+    assert torch.equal(states.keys["prompt_end"][1], edit(0)[2]["prompt_end"])
+    assert len(states.select(torch.tensor([2]))) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_and_load_round_trip(tmp_path, dtype):
+    m = memory()
+    m.add(*edit(0, dtype=dtype), prompt="q", target=" a", image="red.png")
+    m.add(*edit(1, n=2, dtype=dtype), edit_id="named")
+    m.add(*edit(2, dtype=dtype))
+    m.remove(0)
+    m.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.json", "memory.safetensors"]
+    index = json.loads((tmp_path / "memory.json").read_text())
+    assert list(index) == sorted(index) and index["ids"] == ["named", 1]
+    loaded = EditMemory.load(tmp_path)
+    assert loaded.ids == m.ids and loaded.entries() == m.entries()
+    for i in range(2):
+        a, b = m.states([i]), loaded.states([i])
+        assert b.text.dtype == dtype
+        assert torch.equal(a.text, b.text) and torch.equal(a.visual, b.visual)
+        assert all(torch.equal(a.keys[k], b.keys[k]) for k in a.keys)
+    assert loaded.add(*edit(5)) == 2  # the id counter survives the file
+
+
+def test_empty_memory_round_trips_and_read_checks_the_model(tmp_path):
+    memory().save(tmp_path / "empty")
+    assert len(EditMemory.load(tmp_path / "empty")) == 0
+    m = memory()
+    m.add(*edit(0))
+    m.save(tmp_path / "one")
+    other = EditMemory(HIDDEN, text_layer=2, visual_layer=4, model_type="llava")
+    other.add(*edit(1))
+    with pytest.raises(ValueError, match="text_layer is 3, this memory needs 2"):
+        other.read(tmp_path / "one")
+    assert len(other) == 1  # a refused file leaves the memory as it was
+    with pytest.raises(FileNotFoundError, match="memory.json"):
+        EditMemory.load(tmp_path / "missing")
+    index = json.loads((tmp_path / "one" / "memory.json").read_text())
+    index["text_lengths"] = [4]
+    (tmp_path / "one" / "memory.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="text has 5 positions"):
+        EditMemory.load(tmp_path / "one")
