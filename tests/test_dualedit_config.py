@@ -33,7 +33,10 @@ def test_explicit_values_win_and_are_checked_against_the_depth():
     config = DualEditConfig(text_layer=5, visual_layer=5, width=16, heads=2, tau=0.3)
     resolved = config.resolve(depth=6, hidden_size=32, model_type="llava")
     assert (resolved.text_layer, resolved.visual_layer, resolved.width, resolved.tau) == (
-        5, 5, 16, 0.3
+        5,
+        5,
+        16,
+        0.3,
     )
     with pytest.raises(ValueError, match="visual_layer 6 out of range .* 6 decoder layers"):
         DualEditConfig(visual_layer=6).resolve(depth=6, hidden_size=32, model_type="llava")

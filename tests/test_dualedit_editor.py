@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dualedit.data.prompts import Sample, encode, encode_prompts
-from dualedit.editors.dualedit import DualEditor
+from dualedit.editors.dualedit import DualEditor, LayerCapture, text_positions
 
 # The edit, a query that is the edit itself (same image, prompt and target), and an unrelated
 # query that is longer, so that the edit's query is the padded row in a batch of the two.
@@ -47,11 +47,11 @@ def add_edit(editor, images, spec=EDIT, **kwargs):
 def logits_of(vlm, editor, batch, **session):
     """Edited logits and the call context (`editor.session` with the batch's prompt ends)."""
     inputs = (vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
-    with torch.no_grad():
-        with editor.session(
-            batch.input_ids, batch.attention_mask, batch.prompt_end, **session
-        ) as ctx:
-            logits = vlm.backbone.forward_logits(*inputs)
+    with (
+        torch.no_grad(),
+        editor.session(batch.input_ids, batch.attention_mask, batch.prompt_end, **session) as ctx,
+    ):
+        logits = vlm.backbone.forward_logits(*inputs)
     return logits, ctx
 
 
@@ -89,8 +89,9 @@ def test_only_adapter_parameters_train(tiny_vlm, tiny_images, make):
     # A trainer's step: edits given per input, gate off, gradient from the target tokens.
     batch = encode([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
     edits = editor.encode_edits([tiny_images("red.png")] * 2, [EDIT[1]] * 2, [EDIT[2]] * 2)
-    with editor.session(batch.input_ids, batch.attention_mask, batch.prompt_end, edits=edits,
-                        gate=False):
+    with editor.session(
+        batch.input_ids, batch.attention_mask, batch.prompt_end, edits=edits, gate=False
+    ):
         logits = tiny_vlm.backbone.forward_logits(
             model, batch.input_ids, batch.attention_mask, batch.pixel_values
         )
@@ -147,9 +148,47 @@ def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order):
     assert ctx_all.open.all() and not torch.allclose(edited_all[1 - related], base[1 - related])
 
 
-def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(
-    tiny_vlm, tiny_images, make
+@pytest.mark.parametrize(
+    "options, text_rows, image_rows",
+    [
+        ({}, [True, False], [True, False]),
+        ({"use_text": False}, [False, False], [True, False]),
+        ({"use_visual": False}, [True, False], [False, False]),
+        ({"gate_scope": "text"}, [True, False], [True, True]),
+    ],
+)
+def test_adapters_edit_exactly_their_positions(
+    tiny_vlm, tiny_images, make, options, text_rows, image_rows
 ):
+    editor = make(text_layer=2, visual_layer=4, tau=0.999, **options)
+    randomise_outputs(editor)
+    add_edit(editor, tiny_images)
+    batch = encode([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+
+    def layer_outputs():
+        # Registered after the editor's hooks, so it sees the edited outputs.
+        with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2, 4]) as capture:
+            return capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))
+
+    with torch.no_grad():
+        with editor.disabled():
+            base = layer_outputs()
+        with editor.context(batch):
+            edited = layer_outputs()
+    changed = {k: (edited[k] - base[k]).abs().amax(dim=-1) > 0 for k in (2, 4)}  # [b, s]
+    text = text_positions(batch.image_mask, batch.attention_mask, batch.prompt_end)
+    expected_text = text & torch.tensor(text_rows)[:, None]
+    assert text[0].any() and torch.equal(changed[2], expected_text)
+    # Image positions come before any text in both layouts, so only the visual adapter
+    # changes them at layer 4.
+    image = batch.image_mask
+    assert torch.equal(changed[4] & image, image & torch.tensor(image_rows)[:, None])
+    # Answer tokens are never edited at the text layer.
+    assert not (changed[2] & batch.target_mask).any()
+
+
+def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm, tiny_images, make):
     other_answer = Sample(RELATED.image, RELATED.prompt, " red")
     batch = encode([RELATED, other_answer], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
     honest = make(tau=0.999)
@@ -188,8 +227,9 @@ def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make):
     sample = Sample(RELATED.image, RELATED.prompt, "")
     single = encode_prompts([sample], processor, backbone, tiny_images)
     with torch.no_grad():
-        new = editor.generate(single.input_ids, single.attention_mask, single.pixel_values,
-                              **kwargs)
+        new = editor.generate(
+            single.input_ids, single.attention_mask, single.pixel_values, **kwargs
+        )
         full_ids = torch.cat([single.input_ids, new], dim=1)
         logits = editor.forward_logits(
             full_ids, torch.ones_like(full_ids), single.pixel_values, prompt_end=single.prompt_end
@@ -204,12 +244,15 @@ def test_applying_an_edit_stops_after_the_last_adapter_layer(tiny_vlm, tiny_imag
     layers = tiny_vlm.backbone.decoder_layers(tiny_vlm.model)
     calls = [0] * len(layers)
     handles = [
-        layer.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        layer.register_forward_pre_hook(
+            lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1)
+        )
         for i, layer in enumerate(layers)
     ]
     try:
         editor.edit_many(
-            [tiny_images("red.png"), tiny_images("green.png")], [EDIT[1], OTHER[1]],
+            [tiny_images("red.png"), tiny_images("green.png")],
+            [EDIT[1], OTHER[1]],
             [EDIT[2], OTHER[2]],
         )
         assert calls == [1, 1, 1, 0, 0, 0]  # one batched pass, nothing after layer 2
@@ -246,14 +289,12 @@ def test_calls_need_a_context_and_leave_no_state(tiny_vlm, tiny_images, make):
         add_edit(editor, tiny_images)
         with pytest.raises(RuntimeError, match="without a call context"):
             backbone.forward_logits(*inputs)
-        with pytest.raises(ZeroDivisionError):
-            with editor.context(batch):
-                1 / 0
+        with pytest.raises(ZeroDivisionError), editor.context(batch):
+            raise ZeroDivisionError
         assert editor.hooks._call is None
-        with editor.context(batch):
-            with pytest.raises(RuntimeError, match="already open"):
-                with editor.context(batch):
-                    pass
+        with editor.context(batch), pytest.raises(RuntimeError, match="already open"):
+            with editor.context(batch):
+                pass
         with editor.disabled():
             backbone.forward_logits(*inputs)
 
@@ -292,5 +333,6 @@ def test_options_are_validated(tiny_llava):
         DualEditor(model, processor, text_layer=9, visual_layer=9)
     with pytest.raises(ValueError, match="batch_size"):
         DualEditor(model, processor, batch_size=0)
-    assert not any(hooks for layer in model.model.language_model.layers
-                   for hooks in [layer._forward_hooks])
+    assert not any(
+        hooks for layer in model.model.language_model.layers for hooks in [layer._forward_hooks]
+    )

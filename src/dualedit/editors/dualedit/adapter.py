@@ -59,9 +59,7 @@ class CrossAttentionAdapter(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out.weight.dtype
 
-    def delta(
-        self, h: torch.Tensor, h_edit: torch.Tensor, edit_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def delta(self, h: torch.Tensor, h_edit: torch.Tensor, edit_mask: torch.Tensor) -> torch.Tensor:
         """The update the adapter adds to `h`, in `h`'s dtype.
 
         Args:

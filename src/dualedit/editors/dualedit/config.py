@@ -88,7 +88,9 @@ class DualEditConfig:
             raise ValueError(f"DualEditConfig: tau must be a number in [-1, 1], got {self.tau!r}")
         for name in ("gate", "use_text", "use_visual"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"DualEditConfig: {name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"DualEditConfig: {name} must be a bool, got {getattr(self, name)!r}"
+                )
         if self.gate_scope not in GATE_SCOPES:
             raise ValueError(
                 f"DualEditConfig: gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}"
@@ -98,7 +100,9 @@ class DualEditConfig:
                 f"DualEditConfig: gate_key must be one of {GATE_KEYS}, got {self.gate_key!r}"
             )
         if not (self.use_text or self.use_visual):
-            raise ValueError("DualEditConfig: use_text and use_visual are both False: nothing to edit")
+            raise ValueError(
+                "DualEditConfig: use_text and use_visual are both False: nothing to edit"
+            )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(
                 f"DualEditConfig: dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -375,16 +376,19 @@ class DualEditor(Editor):
                     batch = encode(
                         [samples[i] for i in chunk], self.processor, self.backbone, load_image
                     ).to(_layer_device(self.backbone.layer(self.model, 0)))
-                    with torch.no_grad(), self.hooks.disabled():
-                        with LayerCapture(self.model, self.backbone, [t, v]) as capture:
-                            outputs = capture.run(
-                                lambda: self.backbone.forward_logits(
-                                    self.model,
-                                    batch.input_ids,
-                                    batch.attention_mask,
-                                    batch.pixel_values,
-                                )
-                            )
+                    forward = functools.partial(
+                        self.backbone.forward_logits,
+                        self.model,
+                        batch.input_ids,
+                        batch.attention_mask,
+                        batch.pixel_values,
+                    )
+                    with (
+                        torch.no_grad(),
+                        self.hooks.disabled(),
+                        LayerCapture(self.model, self.backbone, [t, v]) as capture,
+                    ):
+                        outputs = capture.run(forward)
                     for row, i in enumerate(chunk):
                         out[i] = _edit_states(outputs, t, v, batch, row)
         finally:
@@ -406,7 +410,10 @@ class DualEditor(Editor):
             "model_type": config.model_type,
             "hidden_size": self.backbone.hidden_size(self.model),
             "depth": self.backbone.depth(self.model),
-            "versions": {"dualedit": dualedit.__version__, "transformers": transformers.__version__},
+            "versions": {
+                "dualedit": dualedit.__version__,
+                "transformers": transformers.__version__,
+            },
         }
         tensors = {k: t.detach().cpu().contiguous() for k, t in self.adapters.state_dict().items()}
         atomic_save_safetensors(tensors, directory / WEIGHTS_FILE)

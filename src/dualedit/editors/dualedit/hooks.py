@@ -198,7 +198,7 @@ class DualEditHooks:
         self.attach()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     @contextlib.contextmanager
@@ -387,7 +387,7 @@ class LayerCapture:
             self._handles.append(layer.register_forward_hook(self._hook(index)))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         while self._handles:
             self._handles.pop().remove()
 
@@ -410,6 +410,4 @@ class LayerCapture:
             forward()
         except _StopForward:
             return self.outputs
-        raise RuntimeError(
-            f"the forward finished without running decoder layer {self.layers[-1]}"
-        )
+        raise RuntimeError(f"the forward finished without running decoder layer {self.layers[-1]}")

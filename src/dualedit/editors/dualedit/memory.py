@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from dualedit.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-EditId = Union[int, str]
+EditId = int | str
 MEMORY_FORMAT = 1
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
@@ -472,8 +472,15 @@ def _read_index(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != MEMORY_FORMAT:
         raise ValueError(f"{path}: not an edit memory index of format {MEMORY_FORMAT}")
     required = (
-        "hidden_size", "text_layer", "visual_layer", "model_type", "next_id", "ids",
-        "text_lengths", "visual_lengths", "info",
+        "hidden_size",
+        "text_layer",
+        "visual_layer",
+        "model_type",
+        "next_id",
+        "ids",
+        "text_lengths",
+        "visual_lengths",
+        "info",
     )
     missing = [name for name in required if name not in index]
     if missing:

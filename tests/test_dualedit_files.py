@@ -1,0 +1,180 @@
+"""DualEditor files: adapters (save_pretrained / from_pretrained) and the edit memory; and the
+evaluation harness driving the editor."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dualedit.data.prompts import Sample, encode
+from dualedit.editors.dualedit import DualEditor
+
+EDIT = ("red.png", "what color is the ball? the answer is:", "blue")
+QUERIES = [
+    Sample("red.png", "what color is the ball? the answer is:", " blue"),
+    Sample("blue.png", "how many dogs are there in the picture? the answer is:", " two"),
+]
+
+
+def randomise(editor, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in editor.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+
+def edited_logits(editor, batch):
+    with torch.no_grad(), editor.context(batch) as ctx:
+        logits = editor.backbone.forward_logits(
+            editor.model, batch.input_ids, batch.attention_mask, batch.pixel_values
+        )
+    return logits, ctx
+
+
+def test_round_trip_gives_identical_outputs(tiny_vlm, tiny_images, tmp_path):
+    model, processor = tiny_vlm.model, tiny_vlm.processor
+    batch = encode(QUERIES, processor, tiny_vlm.backbone, tiny_images)
+    first = DualEditor(model, processor, tau=0.95, heads=4)
+    try:
+        randomise(first)
+        first.save_pretrained(tmp_path / "adapters")
+        first.edit(tiny_images(EDIT[0]), EDIT[1], EDIT[2], edit_id="ball")
+        first.save_memory(tmp_path / "memory")
+        expected, ctx = edited_logits(first, batch)
+        assert ctx.open.tolist() == [True, False]
+    finally:
+        first.detach()
+    meta = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert list(meta) == sorted(meta)
+    assert meta["model_type"] == model.config.model_type and meta["hidden_size"] == 32
+    assert meta["depth"] == 6 and meta["config"]["text_layer"] == 3
+    assert set(meta["versions"]) == {"dualedit", "transformers"}
+    assert "base_model" in meta
+
+    second = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    try:
+        assert second.config == first.config
+        second.load_memory(tmp_path / "memory")
+        assert [e.id for e in second.edits()] == ["ball"]
+        got, _ = edited_logits(second, batch)
+        assert torch.equal(got, expected)
+    finally:
+        second.detach()
+    # Run-time fields may change on loading; the architecture may not.
+    looser = DualEditor.from_pretrained(model, processor, tmp_path / "adapters", tau=0.5)
+    looser.detach()
+    assert looser.config.tau == 0.5 and looser.config.width == first.config.width
+    with pytest.raises(ValueError, match="\\['width'\\] differ from the saved adapters"):
+        DualEditor.from_pretrained(model, processor, tmp_path / "adapters", width=16)
+
+
+def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_images, tmp_path):
+    llava, llava_processor = tiny_llava
+    editor = DualEditor(llava, llava_processor)
+    try:
+        editor.save_pretrained(tmp_path / "llava")
+        editor.edit(tiny_images(EDIT[0]), EDIT[1], EDIT[2])
+        editor.save_memory(tmp_path / "llava-memory")
+    finally:
+        editor.detach()
+    blip2, blip2_processor = tiny_blip2
+    with pytest.raises(ValueError, match="model_type 'llava'.*this model is 'blip-2'"):
+        DualEditor.from_pretrained(blip2, blip2_processor, tmp_path / "llava")
+    other = DualEditor(blip2, blip2_processor)
+    try:
+        with pytest.raises(ValueError, match="model_type is 'llava', this memory needs 'blip-2'"):
+            other.load_memory(tmp_path / "llava-memory")
+    finally:
+        other.detach()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        DualEditor.from_pretrained(llava, llava_processor, tmp_path / "nowhere")
+
+    config_path = tmp_path / "llava" / "adapter_config.json"
+    meta = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**meta, "hidden_size": 64}))
+    with pytest.raises(ValueError, match="hidden size 64, this model has 32"):
+        DualEditor.from_pretrained(llava, llava_processor, tmp_path / "llava")
+    config_path.write_text(json.dumps(meta))
+
+    weights_path = tmp_path / "llava" / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    weights.pop("visual.out.bias")
+    weights["text.extra"] = torch.zeros(1)
+    save_file(weights, str(weights_path))
+    with pytest.raises(
+        ValueError, match="missing keys \\['visual.out.bias'\\], unexpected keys \\['text.extra'\\]"
+    ):
+        DualEditor.from_pretrained(llava, llava_processor, tmp_path / "llava")
+    assert not any(layer._forward_hooks for layer in llava.model.language_model.layers)
+
+
+def test_the_harness_drives_the_editor(tiny_vlm, tiny_image_dir, tmp_path):
+    from dualedit.data.mmedit import MMEditDataset
+    from dualedit.eval import evaluate
+
+    records = [
+        {
+            "src": "what color is the ball",
+            "rephrase": "which colour is the ball",
+            "alt": "blue",
+            "image": "red.png",
+            "image_rephrase": "green.png",
+            "loc": "nq question: what is the capital of the united states",
+            "loc_ans": "the city",
+            "m_loc": "yellow.png",
+            "m_loc_q": "what shape is this",
+            "m_loc_a": "square",
+        },
+        {
+            "src": "how many dogs are there",
+            "rephrase": "what number of dogs are there",
+            "alt": "3",
+            "image": "green.png",
+            "image_rephrase": "red.png",
+            "loc": "nq question: what sport was supported",
+            "loc_ans": "the kite",
+            "m_loc": "blue.png",
+            "m_loc_q": "how many are in this picture",
+            "m_loc_a": "2",
+        },
+    ]
+    path = tmp_path / "vqa" / "vqa_eval.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps([{**r, "pred": "red"} for r in records]))
+    dataset = MMEditDataset(path, image_root=tiny_image_dir)
+    model, processor = tiny_vlm.model, tiny_vlm.processor
+    editor = DualEditor(model, processor, tau=0.999)
+    opened = []  # per harness call: how many inputs passed the gate
+    context = editor.context
+
+    @contextlib.contextmanager
+    def recording(batch):
+        with context(batch) as ctx:
+            yield ctx
+        opened.append(0 if ctx.open is None else int(ctx.open.sum()))
+
+    editor.context = recording
+    try:
+        randomise(editor)
+        for protocol in ("single", "sequential"):
+            results = evaluate(
+                model,
+                processor,
+                dataset,
+                editor,
+                protocol=protocol,
+                n_values=(1, 2),
+                batch_size=4,
+                progress=False,
+            )
+            for run in results.runs:
+                # Locality inputs are far from every edit: the gate leaves them bit-exact.
+                assert run.means["t_loc"] == 100.0 and run.means["m_loc"] == 100.0
+            assert len(editor.memory) == 0  # restored
+        assert results.method == "dualedit" and results.editor_options["tau"] == 0.999
+        # Edited inputs were seen: each Rel sample is its edit's own sample (similarity 1).
+        assert sum(opened) >= 2 * 2 and 0 in opened
+    finally:
+        editor.detach()
