@@ -223,6 +223,12 @@ def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make):
     assert torch.equal(cached[1], base[1])  # unrelated: unedited
     assert not torch.equal(cached[0], base[0])  # related: the edit changes the answer
     assert torch.equal(uncached, cached)  # full re-runs keep the same decision and positions
+    beam = {**kwargs, "num_beams": 2}
+    with torch.no_grad():
+        with editor.disabled():
+            base_beams = backbone.generate(tiny_vlm.model, *inputs, **beam)
+        beams = editor.generate(*inputs, **beam)  # rows repeated per beam inside generate()
+    assert torch.equal(beams[1], base_beams[1]) and not torch.equal(beams[0], base_beams[0])
     # Greedy generation agrees with a teacher-forced pass over prompt + generated tokens.
     sample = Sample(RELATED.image, RELATED.prompt, "")
     single = encode_prompts([sample], processor, backbone, tiny_images)

@@ -6,11 +6,13 @@ adapter.py  CrossAttentionAdapter (identity at initialisation)
 memory.py   EditMemory (states and gate keys of many edits, nearest-edit lookup, files)
 hooks.py    DualEditHooks (forward hooks, per-call context, gate), LayerCapture
 editor.py   DualEditor (the harness's Editor and the user API)
+files.py    adapter files (config JSON + safetensors weights), atomic safetensors writes
 """
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
-from dualedit.editors.dualedit.editor import DualEditor, read_adapter_config, states_of
+from dualedit.editors.dualedit.editor import DualEditor, states_of
+from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config, save_adapters
 from dualedit.editors.dualedit.hooks import (
     CallContext,
     DualEditHooks,
@@ -34,7 +36,9 @@ __all__ = [
     "LayerCapture",
     "apply_adapter",
     "default_layers",
+    "load_adapter_weights",
     "read_adapter_config",
+    "save_adapters",
     "states_of",
     "text_positions",
 ]

@@ -55,7 +55,7 @@ class DualEditConfig:
             None: the language model's dtype.
 
     Example:
-        >>> DualEditConfig(width=64, heads=4).resolve(depth=32, hidden_size=4096, model_type="llava")
+        >>> DualEditConfig(width=64, heads=4).resolve(32, hidden_size=4096, model_type="llava")
         DualEditConfig(text_layer=16, visual_layer=19, width=64, heads=4, tau=0.6, ...)
     """
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -25,34 +24,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-import dualedit
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.data.prompts import Sample, encode, group_by_image, record_samples, target_text
 from dualedit.data.records import EditRecord
 from dualedit.editors.base import Editor, ImageLoader
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
-from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks, LayerCapture
-from dualedit.editors.dualedit.memory import (
-    EditId,
-    EditInfo,
-    EditMemory,
-    EditStates,
-    atomic_save_safetensors,
-    pad_states,
+from dualedit.editors.dualedit.files import (
+    WEIGHTS_FILE,
+    load_adapter_weights,
+    read_adapter_config,
+    save_adapters,
 )
-from dualedit.io import atomic_write_text
+from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks, LayerCapture
+from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates, pad_states
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FORMAT = 1
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DualEditConfig))
 # Adapters are initialised from this seed (the global RNG is left alone), so two editors built
 # the same way start from the same weights.
@@ -267,7 +258,7 @@ class DualEditor(Editor):
         """Add the edits of `records` (image, src -> alt, the Rel sample) to the memory."""
         samples = [record_samples(record, task)["rel"] for record in records]
         states = self._capture(samples, images)
-        for record, sample, (text, visual, keys) in zip(records, samples, states, strict=True):
+        for sample, (text, visual, keys) in zip(samples, states, strict=True):
             self.memory.add(
                 text, visual, keys, prompt=sample.prompt, target=sample.target, image=sample.image
             )
@@ -330,7 +321,7 @@ class DualEditor(Editor):
         (a trainer's forward with the gate off). No gradient reaches the base model."""
         samples, loader = self._user_samples(images, prompts, targets)
         states = self._capture(samples, loader)
-        return states_of(states, device=_layer_device(self.backbone.layer(self.model, 0)))
+        return states_of(states, device=self._input_device)
 
     def remove(self, edit_id: EditId) -> None:
         """Forget one edit (KeyError for an unknown id)."""
@@ -339,6 +330,10 @@ class DualEditor(Editor):
     def edits(self) -> list[EditInfo]:
         """The stored edits, oldest first."""
         return self.memory.entries()
+
+    @property
+    def _input_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _user_samples(
         self, images: Sequence[ImageInput], prompts: Sequence[str], targets: Sequence[str]
@@ -375,7 +370,7 @@ class DualEditor(Editor):
                     chunk = rows[start : start + size]
                     batch = encode(
                         [samples[i] for i in chunk], self.processor, self.backbone, load_image
-                    ).to(_layer_device(self.backbone.layer(self.model, 0)))
+                    ).to(self._input_device)
                     forward = functools.partial(
                         self.backbone.forward_logits,
                         self.model,
@@ -400,25 +395,16 @@ class DualEditor(Editor):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `adapter_config.json` and `adapter_model.safetensors` (not the edit memory:
         see `save_memory`). Returns the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = self.model.config
-        meta = {
-            "format": ADAPTER_FORMAT,
-            "config": self.config.to_dict(),
-            "base_model": str(getattr(config, "name_or_path", "") or ""),
-            "model_type": config.model_type,
-            "hidden_size": self.backbone.hidden_size(self.model),
-            "depth": self.backbone.depth(self.model),
-            "versions": {
-                "dualedit": dualedit.__version__,
-                "transformers": transformers.__version__,
-            },
-        }
-        tensors = {k: t.detach().cpu().contiguous() for k, t in self.adapters.state_dict().items()}
-        atomic_save_safetensors(tensors, directory / WEIGHTS_FILE)
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True))
-        return directory
+        return save_adapters(
+            directory,
+            self.adapters,
+            self.config,
+            base_model=str(getattr(config, "name_or_path", "") or ""),
+            model_type=config.model_type,
+            hidden_size=self.backbone.hidden_size(self.model),
+            depth=self.backbone.depth(self.model),
+        )
 
     @classmethod
     def from_pretrained(
@@ -441,21 +427,7 @@ class DualEditor(Editor):
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Load adapter weights strictly (names missing and unexpected keys, wrong shapes)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter weights {path} not found")
-        tensors = load_file(str(path))
-        own = self.adapters.state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-        for name, tensor in tensors.items():
-            if tensor.shape != own[name].shape:
-                raise ValueError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, the adapter needs "
-                    f"{tuple(own[name].shape)}"
-                )
-        self.adapters.load_state_dict(tensors, strict=True)  # casts to the adapters' dtype
+        load_adapter_weights(self.adapters, path)
 
     def save_memory(self, directory: str | os.PathLike) -> Path:
         """Write the edit memory (see `EditMemory.save`)."""
@@ -465,34 +437,6 @@ class DualEditor(Editor):
         """Replace the stored edits by those saved in `directory` (checked against the model's
         hidden size, the adapter layers and the model type)."""
         self.memory.read(directory)
-
-
-def read_adapter_config(
-    directory: str | os.PathLike, model_type: str, hidden_size: int
-) -> DualEditConfig:
-    """The `DualEditConfig` saved in `directory`, checked against the model it will sit on.
-
-    Raises:
-        FileNotFoundError: no adapter_config.json.
-        ValueError: another model type or hidden size, or an unknown format.
-    """
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter config {path} not found")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, this version reads 1")
-    if meta.get("model_type") != model_type:
-        raise ValueError(
-            f"{path}: adapters were trained for model_type {meta.get('model_type')!r} "
-            f"({meta.get('base_model') or 'unnamed base'}), this model is {model_type!r}"
-        )
-    if meta.get("hidden_size") != hidden_size:
-        raise ValueError(
-            f"{path}: adapters expect hidden size {meta.get('hidden_size')}, this model has "
-            f"{hidden_size}"
-        )
-    return DualEditConfig.from_dict(meta["config"], where=str(path))
 
 
 def states_of(

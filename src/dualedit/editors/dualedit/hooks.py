@@ -291,20 +291,32 @@ class DualEditHooks:
             self._decide(ctx, h)
         if not ctx.active:
             return None
-        image_mask, attention_mask = _fit(ctx.image_mask, seq), _fit(ctx.attention_mask, seq)
+        # Layers may sit on other devices than the inputs (sharded models): follow h.
+        device = h.device
+        image_mask = _fit(ctx.image_mask, seq).to(device)  # [batch, seq]
+        attention_mask = _fit(ctx.attention_mask, seq).to(device)  # [batch, seq]
+        gate_open = ctx.open.to(device)[:, None]  # [batch, 1]
         states = ctx.states
         edited = h
         if index == self.config.text_layer and self.config.use_text:
-            mask = text_positions(image_mask, attention_mask, ctx.prompt_end) & ctx.open[:, None]
+            mask = text_positions(image_mask, attention_mask, ctx.prompt_end) & gate_open
             edited = apply_adapter(
-                self.text_adapter, edited, mask, states.text.to(h.device), states.text_mask
+                self.text_adapter,
+                edited,
+                mask,
+                states.text.to(device),
+                states.text_mask.to(device),
             )
         if index == self.config.visual_layer and self.config.use_visual:
             mask = image_mask & attention_mask
             if self.config.gate_scope == "both":
-                mask = mask & ctx.open[:, None]
+                mask = mask & gate_open
             edited = apply_adapter(
-                self.visual_adapter, edited, mask, states.visual.to(h.device), states.visual_mask
+                self.visual_adapter,
+                edited,
+                mask,
+                states.visual.to(device),
+                states.visual_mask.to(device),
             )
         return None if edited is h else replace_layer_output(output, edited)
 
@@ -317,6 +329,20 @@ class DualEditHooks:
                 f"call context was opened for {ctx.image_mask.shape[1]} positions, the first "
                 f"pass has {seq}"
             )
+        given = ctx.image_mask.shape[0]
+        if batch != given:
+            # generate() with beams / several sequences per input repeats each row in place.
+            if batch % given:
+                raise ValueError(
+                    f"call context was opened for {given} inputs, the pass has {batch}"
+                )
+            repeat = batch // given
+            ctx.image_mask = ctx.image_mask.repeat_interleave(repeat, dim=0)
+            ctx.attention_mask = ctx.attention_mask.repeat_interleave(repeat, dim=0)
+            ctx.prompt_end = ctx.prompt_end.repeat_interleave(repeat, dim=0)
+            if ctx.edits is not None:
+                rows = torch.arange(given).repeat_interleave(repeat)
+                ctx.edits = ctx.edits.select(rows.to(ctx.edits.text.device))
         if ctx.edits is None and len(self.memory) == 0:
             return
         key_kind = self.config.gate_key

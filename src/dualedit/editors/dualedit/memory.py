@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dualedit.editors.dualedit.config import GATE_KEYS
+from dualedit.editors.dualedit.files import atomic_save_safetensors
 from dualedit.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -451,18 +451,6 @@ class EditMemory:
 
     def _store_device(self, tensor: torch.Tensor) -> torch.device:
         return self.device if self.device is not None else tensor.device
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors `save_file` through a temp file in the same folder and `os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_index(path: Path) -> dict[str, Any]:
