@@ -10,7 +10,7 @@ Fixtures:
     tiny_vlm -> TinyVLM(name, model, processor, backbone), parametrised over both backbones.
     tiny_image_dir -> a folder of four small coloured PNGs (red, green, blue, yellow .png).
     tiny_images -> an ImageStore over it.
-    mmedit_root -> /work/shared/data/mmedit (skips, with the reason, when absent).
+    mmedit_root -> ../shared/data/mmedit beside the repository (skips, with the reason, when absent).
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ from transformers import (
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.data.mmedit import ImageStore
 
-MMEDIT_ROOT = Path(os.environ.get("DUALEDIT_MMEDIT_ROOT", "/work/shared/data/mmedit"))
+#: The real benchmark files: `../shared/data/mmedit` beside the repository, unless overridden.
+MMEDIT_ROOT = Path(
+    os.environ.get(
+        "DUALEDIT_MMEDIT_ROOT",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "mmedit",
+    )
+)
+
+# Tiny models run fastest on one thread, and CI's two cores are then not oversubscribed.
+torch.set_num_threads(1)
 
 TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 TINY_WORDS = (
