@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dualedit.io import atomic_write_text
+
 from .catalogue import (
     CAPTION_KIND,
     CAPTION_PROMPTS,
@@ -86,20 +88,12 @@ def _line(task: str, image: str | None, question: str, answer: str, kind: str, e
             "entity": entity}
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data, sort_keys: bool = False) -> None:
-    _write_text(path, json.dumps(data, indent=4, sort_keys=sort_keys) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=4, sort_keys=sort_keys) + "\n")
 
 
 def _write_jsonl(path: Path, lines: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
 
 
 def _check_target(out_dir: Path) -> None:

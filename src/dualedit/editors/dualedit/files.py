@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import dualedit
 from dualedit.editors.dualedit.config import DualEditConfig
-from dualedit.io import atomic_write_text
+from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -106,14 +105,3 @@ def load_adapter_weights(adapters: nn.Module, path: str | os.PathLike) -> None:
             )
     adapters.load_state_dict(tensors, strict=True)
 
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors `save_file` through a temp file in the same folder and `os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dualedit.editors.dualedit.config import GATE_KEYS
-from dualedit.editors.dualedit.files import atomic_save_safetensors
-from dualedit.io import atomic_write_text
+from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
