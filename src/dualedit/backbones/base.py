@@ -185,6 +185,122 @@ class Backbone(ABC):
     def _vision_dtype(self, model: nn.Module) -> torch.dtype:
         return next(self.vision_modules(model)[0].parameters()).dtype
 
+    # -- running part of the decoder (training: a frozen prefix shared by several passes) -------
+
+    def layer_input(
+        self,
+        model: nn.Module,
+        layer_index: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The input of decoder layer `layer_index` in a teacher-forced forward: [batch, seq, hidden].
+
+        The forward stops there (a forward pre-hook), so the vision side and the layers before
+        `layer_index` run once and nothing after. Run it under `torch.no_grad()` for a frozen
+        prefix; hooks on later layers never fire.
+        """
+        layer = self.layer(model, layer_index)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(hidden)
+            raise _StopForward
+
+        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.forward_logits(model, input_ids, attention_mask, pixel_values)
+        except _StopForward:
+            return captured[0]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the forward finished without reaching decoder layer {layer_index}")
+
+    def run_layers(
+        self,
+        model: nn.Module,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        stop: int,
+        *,
+        keep: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run decoder layers [start, stop) on `hidden_states`, the input of layer `start`.
+
+        Forward hooks on those layers fire as in a full forward (the DualEdit adapters act).
+
+        Args:
+            hidden_states: [batch, seq, hidden], e.g. from `layer_input(model, start, ...)`.
+            attention_mask: [batch, seq], 0 on padding (the same as for the full forward).
+            keep: layer indices in [start, stop) whose outputs to return as well.
+
+        Returns:
+            (output of layer stop - 1 [batch, seq, hidden], {layer: its output}).
+        """
+        depth = self.depth(model)
+        if not 0 <= start <= stop <= depth:
+            raise ValueError(f"run_layers: need 0 <= start {start} <= stop {stop} <= depth {depth}")
+        layers = self.decoder_layers(model)
+        kwargs = self.layer_kwargs(model, hidden_states, attention_mask)
+        kept: dict[int, torch.Tensor] = {}
+        for index in range(start, stop):
+            hidden_states = layer_output_tensor(layers[index](hidden_states, **kwargs))
+            if index in keep:
+                kept[index] = hidden_states
+        return hidden_states, kept
+
+    def run_from(
+        self,
+        model: nn.Module,
+        layer_index: int,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits from the input of decoder layer `layer_index`: layers [layer_index, depth), the
+        final norm and the head, as the model's own forward computes them.
+
+        Args:
+            hidden_states: [batch, seq, hidden], the input of layer `layer_index`.
+            attention_mask: [batch, seq], 0 on padding.
+            logits_at: optional bool [batch, seq]: only these positions go through the final norm
+                and the head (both act per position), e.g. a batch's `target_mask`.
+
+        Returns:
+            [batch, seq, vocab], or [k, vocab] for the k positions of `logits_at` in row-major
+            order.
+
+        Example:
+            >>> with torch.no_grad():
+            ...     h = backbone.layer_input(model, 3, input_ids, attention_mask, pixel_values)
+            >>> logits = backbone.run_from(model, 3, h, attention_mask)  # == the full forward's
+        """
+        hidden, _ = self.run_layers(
+            model, hidden_states, attention_mask, layer_index, self.depth(model)
+        )
+        if logits_at is not None:
+            hidden = hidden[logits_at.to(hidden.device).bool()]  # [k, hidden]
+        return self.head_logits(model, hidden)
+
+    @abstractmethod
+    def layer_kwargs(
+        self, model: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """Keyword arguments every decoder layer takes in a cache-free forward (causal mask,
+        positions), built as the language model's own forward builds them."""
+
+    @abstractmethod
+    def head_logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final norm (and any output projection) and the head: [..., hidden] -> [..., vocab]."""
+
+
+class _StopForward(Exception):
+    """Raised by `layer_input`'s pre-hook to end a forward at the layer it captures."""
+
 
 def _new_tokens(out: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     # Decoder-only generate() returns prompt + new tokens; strip the prompt when it is there.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from dualedit.backbones.base import Backbone, _new_tokens, config_of
 
@@ -105,3 +106,28 @@ class Blip2Backbone(Backbone):
             )
             return _new_tokens(out, input_ids)
         return super().generate(model, input_ids, attention_mask, pixel_values, **generate_kwargs)
+
+    def layer_kwargs(
+        self, model: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """As OPTDecoder.forward without a cache: the causal mask and positions counted over the
+        attended tokens (OPT adds its position embeddings before layer 0; layers only pass them
+        on to the attention kernel)."""
+        decoder = model.language_model.model.decoder
+        attention_mask = attention_mask.to(hidden_states.device)
+        position_ids = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
+        causal_mask = create_causal_mask(
+            config=decoder.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=None,
+        )
+        return {"attention_mask": causal_mask, "position_ids": position_ids}
+
+    def head_logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        decoder = model.language_model.model.decoder
+        if decoder.final_layer_norm is not None:
+            hidden_states = decoder.final_layer_norm(hidden_states)
+        if decoder.project_out is not None:
+            hidden_states = decoder.project_out(hidden_states)
+        return model.language_model.lm_head(hidden_states)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from dualedit.backbones.base import Backbone, config_of
 
@@ -53,3 +55,27 @@ class LlavaBackbone(Backbone):
     def prompt_text(self, prompt: str, has_image: bool) -> str:
         """ "<image>\\n" + prompt with an image (no chat template), the prompt alone without."""
         return f"{self.image_token}\n{prompt}" if has_image else prompt
+
+    def layer_kwargs(
+        self, model: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """As LlamaModel.forward without a cache: positions 0..seq-1 (padding included, as there),
+        the causal mask and the rotary embeddings."""
+        language_model = model.model.language_model
+        seq = hidden_states.shape[1]
+        position_ids = torch.arange(seq, device=hidden_states.device)[None]  # [1, seq]
+        causal_mask = create_causal_mask(
+            config=language_model.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask.to(hidden_states.device),
+            cache=None,
+            position_ids=position_ids,
+        )
+        return {
+            "attention_mask": causal_mask,
+            "position_ids": position_ids,
+            "position_embeddings": language_model.rotary_emb(hidden_states, position_ids=position_ids),
+        }
+
+    def head_logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(model.model.language_model.norm(hidden_states))
