@@ -71,7 +71,9 @@ def test_layer_input_stops_and_leaves_no_hooks(tiny_vlm):
     later = backbone.layer(model, 3).register_forward_hook(lambda *a: ran.append(3))
     try:
         with torch.no_grad():
-            backbone.layer_input(model, 3, batch.input_ids, batch.attention_mask, batch.pixel_values)
+            backbone.layer_input(
+                model, 3, batch.input_ids, batch.attention_mask, batch.pixel_values
+            )
     finally:
         later.remove()
     assert ran == []  # layer 3 itself never ran

@@ -74,7 +74,9 @@ class LlavaBackbone(Backbone):
         return {
             "attention_mask": causal_mask,
             "position_ids": position_ids,
-            "position_embeddings": language_model.rotary_emb(hidden_states, position_ids=position_ids),
+            "position_embeddings": language_model.rotary_emb(
+                hidden_states, position_ids=position_ids
+            ),
         }
 
     def head_logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""The resumable training checkpoint: tensors in safetensors, everything else in JSON, no pickles.
+
+`out_dir/checkpoint/` holds `state-<step>.safetensors` (adapter weights, Adam state tensors, the
+torch / numpy / python RNG states) and `state.json` (step, counters, best score, settings, config,
+the log so far, Adam's hyper-parameters, the scalar parts of the RNG states, and the name of its
+tensor file). The tensor file is written first and `state.json` last, both atomically, so
+`state.json` always names a complete tensor file: a run killed at any point resumes from the last
+committed checkpoint. Older tensor files are removed after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import dualedit
+from dualedit.io import atomic_save_safetensors, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class LoopState:
+    """The training loop's counters, saved with every checkpoint.
+
+    Attributes:
+        step: optimisation steps done.
+        best_score, best_step: the best validation score so far and its step (None: none yet).
+        evals_since_best: validations since the best one (for patience).
+        stop_reason: "early_stopping" once patience ran out (a resumed run then stops at once).
+        log: the train_log entries so far.
+        pending: running sums of the training loss terms since the last log entry.
+    """
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stop_reason: str | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
+            "stop_reason": self.stop_reason,
+            "log": self.log,
+            "pending": self.pending,
+        }
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR
+
+
+def has_checkpoint(out_dir: str | Path) -> bool:
+    return (checkpoint_dir(out_dir) / STATE_FILE).is_file()
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state: LoopState,
+    adapters: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+) -> Path:
+    """Write the checkpoint of `state.step` (see the module docstring); returns its folder.
+
+    Args:
+        meta: what must match on resume (settings, config, model type, ...), saved as given.
+    """
+    folder = checkpoint_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in adapters.state_dict().items():
+        tensors[f"adapter/{name}"] = tensor
+    optim = optimizer.state_dict()
+    for index, per_param in optim["state"].items():
+        for name, value in per_param.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {index}.{name} is not a tensor: {type(value)}")
+            tensors[f"optim/{index}/{name}"] = value
+    rng, rng_json = _rng_state()
+    tensors.update(rng)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensor_file = f"state-{state.step:08d}.safetensors"
+    atomic_save_safetensors(tensors, folder / tensor_file)
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "tensors": tensor_file,
+        "state": state.to_dict(),
+        "optimizer": {
+            "param_groups": optim["param_groups"],
+            "params_with_state": sorted(int(i) for i in optim["state"]),
+        },
+        "rng": rng_json,
+        "meta": meta,
+        "versions": {"dualedit": dualedit.__version__, "torch": torch.__version__},
+    }
+    atomic_write_text(folder / STATE_FILE, json.dumps(record, indent=1, sort_keys=True))
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink(missing_ok=True)
+    logger.info("checkpoint at step %d written to %s", state.step, folder)
+    return folder
+
+
+def read_checkpoint_meta(out_dir: str | Path) -> dict[str, Any]:
+    """The `meta` saved with the checkpoint (to check it against this run before loading)."""
+    return _read_record(checkpoint_dir(out_dir) / STATE_FILE)["meta"]
+
+
+def load_checkpoint(
+    out_dir: str | Path, adapters: nn.Module, optimizer: torch.optim.Optimizer
+) -> LoopState:
+    """Restore adapters, optimizer and RNG states from the checkpoint; returns the loop state.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or its tensor file is missing.
+        ValueError: an unknown format, or adapter / optimizer tensors that do not fit (named).
+    """
+    folder = checkpoint_dir(out_dir)
+    path = folder / STATE_FILE
+    record = _read_record(path)
+    tensor_path = folder / record["tensors"]
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{path}: its tensor file {tensor_path} is missing")
+    tensors = load_file(str(tensor_path))
+    own = adapters.state_dict()
+    saved = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("adapter/")}
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{tensor_path}: adapter keys missing {missing}, unexpected {unexpected}")
+    for name, tensor in saved.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(
+                f"{tensor_path}: adapter {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(own[name].shape)}"
+            )
+    adapters.load_state_dict(saved, strict=True)
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            optim_state.setdefault(int(index), {})[name] = value
+    groups = record["optimizer"]["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{path}: optimizer state does not fit the adapters ({error})") from error
+    _set_rng_state(tensors, record["rng"])
+    state = LoopState(**record["state"])
+    logger.info("resumed from the checkpoint at step %d (%s)", state.step, folder)
+    return state
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} not found")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: not a DualEdit training checkpoint of format {CHECKPOINT_FORMAT}"
+        )
+    return record
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The torch, CUDA, numpy and python RNG states as tensors plus their JSON scalars."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = cuda_state
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
+    scalars = {
+        "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached": cached},
+        "python": {"version": version, "gauss_next": gauss_next},
+    }
+    return tensors, scalars
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    np_scalars = scalars["numpy"]
+    np.random.set_state(
+        (
+            np_scalars["name"],
+            tensors["rng/numpy"].numpy().astype(np.uint32),
+            np_scalars["pos"],
+            np_scalars["has_gauss"],
+            np_scalars["cached"],
+        )
+    )
+    py = scalars["python"]
+    internal = tuple(int(x) for x in tensors["rng/python"].tolist())
+    random.setstate((py["version"], internal, py["gauss_next"]))

@@ -1,0 +1,193 @@
+"""One edited pass over an `EditBatch`: the training loss and the validation metrics.
+
+Layers below m = min(t, v) are frozen and the adapters do not touch them, so the vision side and
+those layers run once, without gradient (`Backbone.layer_input`); their output at layer m serves
+1. the edit states: the unedited layers m..max(t, v) on the rel rows (the edit samples);
+2. the unedited reference for the locality KL (layers m..L on the locality rows, no gradient);
+3. the edited forward (layers m..L with each input's own edit, gate off), the only pass that
+   builds a graph, so backward runs through layers >= m only.
+Logits are computed only at the target positions (the head acts per position).
+
+Loss per edit (paper eq. 5): l_rel + l_gen + l_loc with
+l_rel = NLL(alt | image, src), l_gen = NLL(alt | image, rephrase) + NLL(alt | image_rephrase, src),
+l_loc = KL(unedited || edited) on the m_loc answer positions (+ the same on t_loc unless the
+released code's variant drops it). Each NLL/KL is the mean over the sample's target positions,
+then the mean over edits: every edit weighs the same, and the mean over processes of equal shares
+is the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dualedit.data.prompts import EncodedBatch
+from dualedit.editors.dualedit import DualEditor, EditStates
+from dualedit.train.data import EditBatch
+
+#: Validation metric names, as in the evaluation harness; the score is their mean.
+METRICS: tuple[str, ...] = ("rel", "t_gen", "v_gen", "t_loc", "m_loc")
+
+
+@dataclass
+class PassOutput:
+    """Per-edit values of one pass over n edits (each [n]).
+
+    Attributes:
+        nll: {"rel", "t_gen", "v_gen"}: mean NLL of the alt target tokens.
+        kl: {"m_loc"[, "t_loc"]}: mean KL(unedited || edited) over the answer positions.
+        accuracy: {"rel", "t_gen", "v_gen"}: fraction of target tokens predicted (argmax).
+        agreement: {"m_loc"[, "t_loc"]}: fraction of answer positions where the edited argmax
+            equals the unedited one.
+    """
+
+    nll: dict[str, torch.Tensor]
+    kl: dict[str, torch.Tensor]
+    accuracy: dict[str, torch.Tensor]
+    agreement: dict[str, torch.Tensor]
+
+    def loss(self, text_loc_kl: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(l_rel + l_gen + l_loc, {"l_rel", "l_gen", "l_loc"}) averaged over the edits."""
+        l_rel = self.nll["rel"].mean()
+        l_gen = self.nll["t_gen"].mean() + self.nll["v_gen"].mean()
+        l_loc = self.kl["m_loc"].mean()
+        if text_loc_kl:
+            l_loc = l_loc + self.kl["t_loc"].mean()
+        return l_rel + l_gen + l_loc, {"l_rel": l_rel, "l_gen": l_gen, "l_loc": l_loc}
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """{metric: [n] fraction} for `METRICS` (t_loc only when the pass ran it)."""
+        return {**self.accuracy, **self.agreement}
+
+
+def prefix_layer(editor: DualEditor) -> int:
+    """m = min(t, v): the first decoder layer the adapters can change."""
+    return min(editor.config.text_layer, editor.config.visual_layer)
+
+
+def edit_states_from_prefix(
+    editor: DualEditor, hidden: torch.Tensor, batch: EncodedBatch, rows: slice
+) -> EditStates:
+    """The edit states of the `rows` of `batch` (the edit samples) from their layer-m input.
+
+    The same states as `editor.encode_edits` computes from scratch (layers t and v of the frozen
+    model, adapters off, padding masked, gate keys at the text layer), without re-running the
+    vision side and the layers below m. Run it without gradient, with the editor disabled.
+
+    Args:
+        hidden: [batch, seq, hidden], the input of layer m for the whole batch.
+        batch: the encoded batch (right padding).
+        rows: the rows that are edit samples.
+    """
+    t, v = editor.config.text_layer, editor.config.visual_layer
+    attention_mask = batch.attention_mask[rows]  # [n, seq]
+    width = int(attention_mask.sum(dim=1).max())  # right padding: trim to the longest edit
+    attention_mask = attention_mask[:, :width]
+    _, kept = editor.backbone.run_layers(
+        editor.model,
+        hidden[rows, :width],
+        attention_mask,
+        prefix_layer(editor),
+        max(t, v) + 1,
+        keep=(t, v),
+    )
+    mask = attention_mask.bool()  # [n, width]
+    text = kept[t]  # [n, width, hidden]
+    index = torch.arange(text.shape[0], device=text.device)
+    last = attention_mask.sum(dim=1) - 1  # [n], last non-pad position
+    keys = {
+        "prompt_end": text[index, batch.prompt_end[rows].to(text.device)].float(),  # [n, hidden]
+        "last_position": text[index, last.to(text.device)].float(),  # [n, hidden]
+    }
+    return EditStates(text, mask, kept[v], mask, keys)
+
+
+def edit_pass(editor: DualEditor, batch: EditBatch, *, text_loc: bool = True) -> PassOutput:
+    """The edited pass of `batch` (gate off, input i with edit i), see the module docstring.
+
+    Gradient flows into the adapters when grad mode is on; wrap in `torch.no_grad()` to validate.
+
+    Args:
+        editor: an attached DualEditor on the model.
+        batch: the n edits' samples, on the model's input device.
+        text_loc: also run the text-only locality samples (needed for the text KL and T-Loc).
+    """
+    model, backbone = editor.model, editor.backbone
+    m = prefix_layer(editor)
+    n = batch.n
+    images = batch.images
+    loc_rows = batch.rows("m_loc")
+    with torch.no_grad(), editor.disabled():
+        hidden = backbone.layer_input(
+            model, m, images.input_ids, images.attention_mask, images.pixel_values
+        )  # [4n, seq, hidden]
+        edits = edit_states_from_prefix(editor, hidden, images, batch.rows("rel"))
+        reference = backbone.run_from(
+            model,
+            m,
+            hidden[loc_rows],
+            images.attention_mask[loc_rows],
+            logits_at=images.target_mask[loc_rows],
+        )  # [k_loc, vocab]
+    each = torch.arange(n, device=edits.text.device).repeat(len(images.input_ids) // n)
+    logits = _edited_logits(editor, m, hidden, images, edits.select(each))  # [k, vocab]
+    rows = images.target_mask.nonzero()[:, 0]  # [k] the row of each target position
+    targets = images.target_ids[images.target_mask]  # [k]
+    block = rows // n  # [k] which IMAGE_KEYS block
+    out = PassOutput(nll={}, kl={}, accuracy={}, agreement={})
+    token_nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [k]
+    hits = (logits.argmax(dim=-1) == targets).double()  # [k]
+    for i, key in enumerate(("rel", "t_gen", "v_gen")):
+        sel = block == i
+        out.nll[key] = _row_mean(token_nll[sel], rows[sel] - i * n, n)
+        out.accuracy[key] = _row_mean(hits[sel], rows[sel] - i * n, n)
+    sel = block == 3
+    out.kl["m_loc"], out.agreement["m_loc"] = _locality(
+        reference, logits[sel], rows[sel] - 3 * n, n
+    )
+    if text_loc:
+        text = batch.text
+        with torch.no_grad(), editor.disabled():
+            hidden = backbone.layer_input(model, m, text.input_ids, text.attention_mask)
+            reference = backbone.run_from(
+                model, m, hidden, text.attention_mask, logits_at=text.target_mask
+            )  # [k_text, vocab]
+        logits = _edited_logits(editor, m, hidden, text, edits)  # [k_text, vocab]
+        text_rows = text.target_mask.nonzero()[:, 0]
+        out.kl["t_loc"], out.agreement["t_loc"] = _locality(reference, logits, text_rows, n)
+    return out
+
+
+def _edited_logits(
+    editor: DualEditor, m: int, hidden: torch.Tensor, batch: EncodedBatch, edits: EditStates
+) -> torch.Tensor:
+    """Logits at `batch.target_mask` with input i edited by edit i, gate off: [k, vocab]."""
+    with editor.session(
+        batch.input_ids, batch.attention_mask, batch.prompt_end, edits=edits, gate=False
+    ):
+        return editor.backbone.run_from(
+            editor.model, m, hidden, batch.attention_mask, logits_at=batch.target_mask
+        )
+
+
+def _locality(
+    reference: torch.Tensor, edited: torch.Tensor, rows: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean KL(reference || edited) and argmax agreement over the answer positions.
+
+    reference, edited: [k, vocab] logits at the same positions; rows [k] -> ([n], [n]).
+    """
+    log_ref = F.log_softmax(reference.float(), dim=-1)  # [k, vocab]
+    log_edit = F.log_softmax(edited.float(), dim=-1)  # [k, vocab]
+    token_kl = (log_ref.exp() * (log_ref - log_edit)).sum(dim=-1)  # [k]
+    agree = (reference.argmax(dim=-1) == edited.argmax(dim=-1)).double()  # [k]
+    return _row_mean(token_kl, rows, n), _row_mean(agree, rows, n)
+
+
+def _row_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of `values` [k] per row id in `rows` [k] (0..n-1): [n]; every row has positions."""
+    total = values.new_zeros(n).index_add(0, rows, values)  # [n]
+    count = torch.bincount(rows, minlength=n).to(values.dtype)  # [n]
+    return total / count
