@@ -14,6 +14,7 @@ from test_backbones_run_from import image_batch
 from test_train_data import write_tiny_mmedit
 
 from dualedit.backbones import get_backbone
+from dualedit.data.mmedit import MMEditDataset
 from dualedit.editors.dualedit import DualEditor
 from dualedit.train import TrainSettings, train_dualedit
 from dualedit.train.checkpoint import STATE_FILE, checkpoint_dir
@@ -156,7 +157,7 @@ def test_early_stopping_with_patience(tiny_factory, tiny_train, tmp_path):
         config=CONFIG,
         settings=settings(max_steps=50, eval_every=2, patience=2, min_delta=1000.0),
         out_dir=tmp_path,
-        progress=False,
+        progress=True,
     )
     assert result.stop_reason == "early_stopping"
     assert result.steps == 6 and result.best_step == 2
@@ -249,6 +250,18 @@ def test_user_errors(tiny_factory, tiny_train, tmp_path):
             val_fraction=1.5,
             progress=False,
         )
+    eval_file = tiny_train.path.parent / "vqa_eval.json"
+    eval_file.write_text(tiny_train.path.read_text())
+    with pytest.raises(ValueError, match="vqa_eval.json: the eval split"):
+        train_dualedit(
+            model,
+            processor,
+            MMEditDataset(eval_file, tiny_train.images.root),
+            config=CONFIG,
+            settings=settings(),
+            out_dir=tmp_path,
+            progress=False,
+        )
     assert not any(p.requires_grad is False for p in model.parameters())  # nothing left frozen
 
 
@@ -278,3 +291,21 @@ def test_settings_validation_and_json(tmp_path):
         == {}
     )
     assert s.trajectory_changes(TrainSettings()).keys() >= {"lr", "batch_size"}
+
+
+def test_data_workers_give_the_same_run(tiny_factory, tiny_train, tmp_path):
+    """Batches encoded in a DataLoader worker process are those of the main process."""
+    results = {}
+    for workers in (0, 1):
+        model, processor = tiny_factory("llava")
+        train_dualedit(
+            model,
+            processor,
+            tiny_train,
+            config=CONFIG,
+            settings=settings(max_steps=3, num_workers=workers),
+            out_dir=tmp_path / str(workers),
+            progress=False,
+        )
+        results[workers] = weights(tmp_path / str(workers) / "last")
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dualedit.backbones import get_backbone
-from dualedit.data.mmedit import MMEditDataset
+from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
 from dualedit.io import atomic_write_text
 from dualedit.train.checkpoint import (
@@ -121,6 +121,11 @@ def train_dualedit(
     if settings.batch_size % world:
         raise ValueError(
             f"batch_size {settings.batch_size} is not divisible by the {world} processes"
+        )
+    if train_dataset.path.name == Path(SPLIT_FILES[(train_dataset.task, "eval")]).name:
+        raise ValueError(
+            f"{train_dataset.path}: the eval split; train on the train split (validation edits "
+            "are held out of it)"
         )
     n_val = _validation_size(len(train_dataset), settings, val_fraction)
     train_idx, val_idx = split_indices(len(train_dataset), n_val)
