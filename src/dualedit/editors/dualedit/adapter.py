@@ -48,7 +48,9 @@ class CrossAttentionAdapter(nn.Module):
         self.norm_query = nn.LayerNorm(hidden_size, **kwargs)
         self.norm_edit = nn.LayerNorm(hidden_size, **kwargs)
         self.query = nn.Linear(hidden_size, width, **kwargs)
-        self.key = nn.Linear(hidden_size, width, **kwargs)
+        # No key bias: it shifts all of a query's scores equally, which softmax ignores, so it
+        # would only drift on rounding noise.
+        self.key = nn.Linear(hidden_size, width, bias=False, **kwargs)
         self.value = nn.Linear(hidden_size, width, **kwargs)
         self.out = nn.Linear(width, hidden_size, **kwargs)
         # Zero output projection: the adapter adds exactly 0 until it is trained.

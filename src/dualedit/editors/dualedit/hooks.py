@@ -174,8 +174,11 @@ class DualEditHooks:
 
     @property
     def layers(self) -> list[int]:
-        """The hooked decoder layers: the text layer always (gate key), the visual layer too."""
-        return sorted({self.config.text_layer, self.config.visual_layer})
+        """The hooked decoder layers: the text layer always (gate key), the visual layer when used."""
+        used = {self.config.text_layer}
+        if self.config.use_visual:
+            used.add(self.config.visual_layer)
+        return sorted(used)
 
     @property
     def attached(self) -> bool:
