@@ -60,6 +60,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         task=args.task,
         split=args.split,
         method=args.method,
+        editor_options={"pretrained": str(args.editor)} if args.editor else None,
         protocol=args.protocol,
         n_values=tuple(args.n),
         scorer=args.scorer,
@@ -74,6 +75,78 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     if args.out:
         print(f"results written to {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _train_settings(args: argparse.Namespace):
+    from dualedit.train import TrainSettings
+
+    given = {
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "max_steps": args.steps,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "seed": args.seed,
+        "text_loc_kl": not args.no_text_loc_kl,
+    }
+    return TrainSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _adapter_config(args: argparse.Namespace) -> dict:
+    given = {
+        "text_layer": args.text_layer,
+        "visual_layer": args.visual_layer,
+        "width": args.width,
+        "heads": args.heads,
+        "use_text": False if args.visual_only else None,
+        "use_visual": False if args.text_only else None,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dualedit.data.mmedit import load_split
+    from dualedit.evaluate import load_vlm
+    from dualedit.train import train_dualedit
+
+    model, processor = load_vlm(args.model)
+    result = train_dualedit(
+        model,
+        processor,
+        load_split(args.data, args.task, "train"),
+        config=_adapter_config(args),
+        settings=_train_settings(args),
+        out_dir=args.out,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+    )
+    print(
+        f"trained {result.steps} steps ({result.stop_reason}); best validation score "
+        f"{result.best_score:.2f} at step {result.best_step}; adapters in {result.best_dir}"
+    )
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from dualedit.editing import edit_and_ask
+
+    report = edit_and_ask(
+        model_path=args.model,
+        editor_path=args.editor,
+        image=args.image,
+        prompt=args.prompt,
+        target=args.target,
+        questions=args.ask,
+        ask_images=args.ask_image,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(f"edit: {args.prompt!r} -> {args.target!r}")
+    for row in report:
+        print(f"ask:    {row['question']!r} (image: {row['image']})")
+        print(f"  before: {row['before']!r}")
+        print(f"  after:  {row['after']!r}  (gate similarity {row['similarity']:.3f}, "
+              f"{'edited' if row['edited'] else 'not edited'})")
     return 0
 
 
@@ -129,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_data_stats)
 
     p = sub.add_parser("eval", help="evaluate an editing method on E-VQA or E-IC")
-    p.add_argument("--method", required=True, help="editing method, e.g. none, ft-l")
+    p.add_argument("--method", required=True, help="editing method: none, ft-l, dualedit")
+    p.add_argument("--editor", type=Path, default=None,
+                   help="trained adapters for --method dualedit (a `dualedit train` best/ folder)")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
@@ -142,6 +217,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generation", action="store_true", help="skip generation exact match")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and table.md")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="train DualEdit adapters on a dataset's train split")
+    p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
+    p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
+    p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
+    p.add_argument("--out", required=True, type=Path, help="run folder (best/, last/, checkpoint/)")
+    p.add_argument("--steps", type=int, default=None, help="step budget")
+    p.add_argument("--batch-size", type=int, default=None, help="edits per step, all processes")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--patience", type=int, default=None, help="validations without improvement")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-text-loc-kl", action="store_true",
+                   help="drop the text-only KL term, as the released code does")
+    p.add_argument("--text-layer", type=int, default=None)
+    p.add_argument("--visual-layer", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--text-only", action="store_true", help="ablation: text adapter only")
+    only.add_argument("--visual-only", action="store_true", help="ablation: visual adapter only")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("edit", help="apply one edit and print answers before and after")
+    p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
+    p.add_argument("--editor", required=True, type=Path, help="trained adapters (save_pretrained)")
+    p.add_argument("--image", type=Path, default=None, help="the edit's image")
+    p.add_argument("--prompt", required=True, help="the edit's prompt, as the model is asked")
+    p.add_argument("--target", required=True, help="the new answer")
+    p.add_argument("--ask", nargs="+", default=None, help="questions to ask (default: --prompt)")
+    p.add_argument("--ask-image", nargs="+", type=Path, default=None,
+                   help="image per question (default: --image)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("demo", help="world -> small VLMs -> evaluation of the methods -> table")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

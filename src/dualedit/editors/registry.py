@@ -8,12 +8,14 @@ from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.editors.base import Editor
+from dualedit.editors.dualedit import DualEditor
 from dualedit.editors.finetune import FineTuneLayer
 from dualedit.editors.none import NoEditor
 
 EDITORS: dict[str, type[Editor]] = {
     NoEditor.name: NoEditor,
     FineTuneLayer.name: FineTuneLayer,
+    DualEditor.name: DualEditor,
 }
 
 
