@@ -6,6 +6,7 @@ arch and seed), so a second run only evaluates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from dualedit.eval.report import markdown_table, results_dict
 from dualedit.evaluate import load_vlm, run_eval
 from dualedit.io import atomic_write_text
 from dualedit.small_vlm.pretrain import pretrain
+from dualedit.train import TrainSettings, train_dualedit
 from dualedit.world import WORLD_FILE, build_world
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,38 @@ def cached_world(cache_dir: Path, seed: int, progress: bool = True) -> Path:
         return world_dir
     logger.info("drawing the world into %s", world_dir)
     return build_world(world_dir, seed=seed, progress=progress)
+
+
+#: DualEdit training in the demo: a CPU-sized budget (the paper trains up to 50k steps on GPUs).
+DEMO_TRAIN_SETTINGS = TrainSettings(lr=1e-3, batch_size=8, max_steps=1500, eval_every=250)
+
+
+def cached_adapters(
+    cache_dir: Path,
+    arch: str,
+    task: str,
+    seed: int,
+    world_dir: Path,
+    model_and_processor: tuple,
+    progress: bool = True,
+) -> Path:
+    """DualEdit adapters for (arch, task), trained once on the world's train split.
+
+    A finished or killed run in the cache resumes from its checkpoint (a finished one returns at
+    once). Returns the folder of the best adapters by validation.
+    """
+    from dualedit.data.mmedit import load_split
+
+    model, processor = model_and_processor
+    result = train_dualedit(
+        model,
+        processor,
+        load_split(world_dir, task, "train"),
+        settings=dataclasses.replace(DEMO_TRAIN_SETTINGS, seed=seed),
+        out_dir=cache_dir / "adapters" / f"{arch}-{task}-seed{seed}",
+        progress=progress,
+    )
+    return result.best_dir
 
 
 def run_demo(
@@ -69,6 +103,12 @@ def run_demo(
         model_and_processor = load_vlm(model_dir)
         for task in TASKS:
             for method in methods:
+                options = None
+                if method == "dualedit":
+                    best = cached_adapters(
+                        cache, arch, task, seed, world_dir, model_and_processor, progress
+                    )
+                    options = {"pretrained": str(best)}
                 logger.info("evaluating %s on %s %s", method, arch, task)
                 all_results.append(
                     run_eval(
@@ -77,6 +117,7 @@ def run_demo(
                         task=task,
                         split="eval",
                         method=method,
+                        editor_options=options,
                         limit=limit,
                         progress=progress,
                     )
