@@ -293,8 +293,13 @@ def test_calls_need_a_context_and_leave_no_state(tiny_vlm, tiny_images, make):
     with torch.no_grad():
         backbone.forward_logits(*inputs)  # no edits stored: nothing to do, no context needed
         add_edit(editor, tiny_images)
+        backbone.forward_logits(*inputs)  # a plain model call opens its own context
+        assert editor.hooks._call is None and editor.hooks._auto is None
+        # Decoder layers run outside the model's forward have no inputs to read a context from.
+        hidden = backbone.layer_input(model, 0, *inputs[1:])  # [1, seq, hidden]
+        assert editor.hooks._auto is None  # dropped although that forward raised to stop
         with pytest.raises(RuntimeError, match="without a call context"):
-            backbone.forward_logits(*inputs)
+            backbone.run_layers(model, hidden, batch.attention_mask, 0, backbone.depth(model))
         with pytest.raises(ZeroDivisionError), editor.context(batch):
             raise ZeroDivisionError
         assert editor.hooks._call is None

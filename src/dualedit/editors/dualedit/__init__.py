@@ -4,22 +4,21 @@ memory of many edits (see docs/SPEC section 1).
 config.py   DualEditConfig (layers, width, heads, tau, gate options, ablations, dtype)
 adapter.py  CrossAttentionAdapter (identity at initialisation)
 memory.py   EditMemory (states and gate keys of many edits, nearest-edit lookup, files)
-hooks.py    DualEditHooks (forward hooks, per-call context, gate), LayerCapture
+hooks.py    DualEditHooks (forward hooks, per-call context, gate)
+auto.py     automatic contexts for plain model(...) / model.generate(...) calls
+capture.py  LayerCapture (some layers' outputs, stop after the last)
+decision.py GateDecision (what the gate decides for a question; DualEditor.explain)
 editor.py   DualEditor (the harness's Editor and the user API)
 files.py    adapter files (config JSON + safetensors weights), atomic safetensors writes
 """
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
+from dualedit.editors.dualedit.decision import GateDecision
 from dualedit.editors.dualedit.editor import DualEditor, states_of
 from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config, save_adapters
-from dualedit.editors.dualedit.hooks import (
-    CallContext,
-    DualEditHooks,
-    LayerCapture,
-    apply_adapter,
-    text_positions,
-)
+from dualedit.editors.dualedit.capture import LayerCapture
+from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks, apply_adapter, text_positions
 from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "EditInfo",
     "EditMemory",
     "EditStates",
+    "GateDecision",
     "LayerCapture",
     "apply_adapter",
     "default_layers",

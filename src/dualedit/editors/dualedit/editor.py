@@ -8,7 +8,9 @@ stops after layer max(t, v), with no gradient step.
 Example:
     >>> editor = DualEditor.from_pretrained(model, processor, "adapters/llava")
     >>> eid = editor.edit(image, "What colour is the ball? The answer is:", "blue")
-    >>> new_tokens = editor.generate(**prompt_inputs, max_new_tokens=4)
+    >>> out = model.generate(**processor(images=image, text=text, return_tensors="pt"))
+    >>> with editor.disabled():
+    ...     base = model.generate(**inputs)
     >>> editor.remove(eid)
 """
 
@@ -32,14 +34,17 @@ from dualedit.data.prompts import Sample, encode, group_by_image, record_samples
 from dualedit.data.records import EditRecord
 from dualedit.editors.base import Editor, ImageLoader
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
+from dualedit.editors.dualedit.decision import GateDecision
+from dualedit.editors.dualedit.decision import explain as explain_decision
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
     load_adapter_weights,
     read_adapter_config,
     save_adapters,
 )
-from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks, LayerCapture
+from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
 from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates, pad_states
 
 logger = logging.getLogger(__name__)
@@ -62,8 +67,12 @@ class DualEditor(Editor):
     forward when adding edits).
 
     The editor attaches on construction; `detach()` removes its hooks and gives the base model's
-    `requires_grad` flags back. Forwards with stored edits must run inside `context(batch)` /
-    `session(...)`, or through `forward_logits` / `generate`.
+    `requires_grad` flags back. Plain `model(**inputs)` / `model.generate(**inputs)` calls are
+    edited (each pass derives its image positions and prompt end from its inputs; see hooks.py).
+    Callers that know more (teacher forcing: where the prompt ends; training: the edit per input)
+    open the context themselves with `context(batch)` / `session(...)`, or go through
+    `forward_logits` / `generate` (which keep the prompt pass's decision even without a KV
+    cache). `explain(image, prompt)` tells what the gate decides for a question.
     """
 
     name = "dualedit"
@@ -251,6 +260,21 @@ class DualEditor(Editor):
             return self.backbone.generate(
                 self.model, input_ids, attention_mask, pixel_values, **generate_kwargs
             )
+
+    def explain(self, image: ImageInput, prompt: str) -> GateDecision:
+        """What the hooks decide for a question: the nearest stored edit, its gate similarity,
+        and whether the question is edited (one forward that stops at the text layer).
+
+        Args:
+            image: a PIL image, a path to one, or None for a text-only question.
+            prompt: the question as the model sees it (as for `edit`).
+
+        Example:
+            >>> editor.explain(image, "What colour is the ball? The answer is:")
+            GateDecision(edit_id=0, similarity=0.97, gate_open=True, edited=True)
+        """
+        opened = None if image is None else _open_image(image, 0)
+        return explain_decision(self, opened, prompt)
 
     # -- edits --------------------------------------------------------------------------------
 

@@ -1,9 +1,19 @@
-"""Forward hooks that run the DualEdit adapters on two decoder layers, and a layer capture.
+"""Forward hooks that run the DualEdit adapters on two decoder layers.
 
-`DualEditHooks` owns exactly its own hook handles (on the text layer t and the visual layer v) and
-removes exactly those. What one forward or generate() call needs (image positions, each input's
-prompt end, the gate decision, the chosen edit) lives in a `CallContext` opened by `call(...)`
-and dropped in `finally`; nothing is kept on modules or in module globals.
+`DualEditHooks` owns exactly its own hook handles (on the text layer t, the visual layer v, the
+language model's input embedding and the decoder stack) and removes exactly those. What one
+forward or generate() call needs (image positions, each input's prompt end, the gate decision,
+the chosen edit) lives in a `CallContext`, never on modules or in module globals:
+
+- an explicit context, opened by `call(...)` (the harness, training, `DualEditor.generate`) and
+  dropped in `finally`, covers every pass inside it (prompt pass and decode steps);
+- otherwise, when edits are stored, each pass of the decoder stack opens an automatic context from
+  its own inputs (see auto.py: image positions from the placeholder ids, padding from the
+  attention mask, prompt end = last attended token) and a forward hook that runs even when the
+  pass raises drops it. So plain `model(**inputs)` and `model.generate(**inputs)` work on both
+  backbones. A decode step (the KV cache already holds tokens) is never edited; without a cache
+  (`use_cache=False`) every step is a fresh pass whose prompt includes the tokens generated so
+  far (`DualEditor.generate` keeps the first pass's decision instead).
 
 Per input, on the first pass of a call (the prompt pass in generate()):
 - the gate key is the text layer's output at the input's last prompt token ("prompt_end") or at
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +40,12 @@ from torch import nn
 
 from dualedit.backbones import Backbone, layer_output_tensor, replace_layer_output
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.auto import (
+    decoder_stack,
+    embedding_ids,
+    pad_token_id,
+    stack_call,
+)
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.memory import EditMemory, EditStates
 
@@ -52,6 +68,7 @@ class CallContext:
         similarity: [batch] float32, cosine similarity to the chosen edit (NaN without edits).
         chosen: [batch] long, memory position of each input's edit (-1: edits given / none).
         states: the chosen edits' states, one per input.
+        automatic: opened by the hooks from a plain model call (not by `call(...)`).
     """
 
     image_mask: torch.Tensor
@@ -65,6 +82,7 @@ class CallContext:
     similarity: torch.Tensor | None = None
     chosen: torch.Tensor | None = None
     states: EditStates | None = None
+    automatic: bool = False
 
 
 def text_positions(
@@ -167,7 +185,10 @@ class DualEditHooks:
         self.visual_adapter = visual_adapter
         self.memory = memory
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._call: CallContext | None = None
+        self._call: CallContext | None = None  # explicit, from call(...)
+        self._auto: CallContext | None = None  # automatic, while the decoder stack runs
+        self._pending_ids: torch.Tensor | None = None  # last ids the input embedding saw
+        self._pad_token_id = pad_token_id(model)
         self._disabled = False
 
     # -- attaching ----------------------------------------------------------------------------
@@ -191,11 +212,20 @@ class DualEditHooks:
         for index in self.layers:
             layer = self.backbone.layer(self.model, index)
             self._handles.append(layer.register_forward_hook(self._hook(index)))
+        embedding = self.model.get_input_embeddings()
+        stack = decoder_stack(self.model, self.backbone)
+        self._handles += [
+            embedding.register_forward_pre_hook(self._on_embedding, with_kwargs=True),
+            stack.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
+            stack.register_forward_hook(self._on_stack_end, always_call=True),
+        ]
 
     def detach(self) -> None:
         """Remove exactly the hooks this object registered."""
         while self._handles:
             self._handles.pop().remove()
+        self._auto = None
+        self._pending_ids = None
 
     def __enter__(self) -> DualEditHooks:
         self.attach()
@@ -258,10 +288,52 @@ class DualEditHooks:
             gate=self.config.gate if gate is None else bool(gate),
         )
         self._call = ctx
+        self._pending_ids = None
         try:
             yield ctx
         finally:
             self._call = None
+
+    # -- automatic contexts (plain model calls) -------------------------------------------------
+
+    def _wants_auto(self) -> bool:
+        return self._call is None and not self._disabled and len(self.memory) > 0
+
+    def _on_embedding(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._pending_ids = embedding_ids(args, kwargs) if self._wants_auto() else None
+
+    def _on_stack_start(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        pending, self._pending_ids = self._pending_ids, None
+        self._auto = None
+        if not self._wants_auto():
+            return
+        seen = stack_call(kwargs, pending, self._pad_token_id)
+        if seen.continuation:
+            # A decode step: the cache holds the prompt pass's (edited) keys and values.
+            self._auto = CallContext(
+                image_mask=torch.zeros(0, 0, dtype=torch.bool),
+                attention_mask=torch.zeros(0, 0, dtype=torch.bool),
+                prompt_end=torch.zeros(0, dtype=torch.long),
+                edits=None,
+                gate=self.config.gate,
+                decided=True,
+                automatic=True,
+            )
+        elif seen.input_ids is not None:
+            mask = seen.attention_mask  # [batch, seq] bool
+            self._auto = CallContext(
+                image_mask=self.backbone.image_mask(self.model, seen.input_ids) & mask,
+                attention_mask=mask,
+                prompt_end=last_positions(mask),
+                edits=None,
+                gate=self.config.gate,
+                automatic=True,
+            )
+        # else: no ids of this pass's shape are known; the layer hook says so.
+
+    def _on_stack_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._auto = None
+        self._pending_ids = None
 
     # -- the hook -----------------------------------------------------------------------------
 
@@ -274,15 +346,15 @@ class DualEditHooks:
     def _on_layer(self, index: int, output: Any) -> Any:
         if self._disabled:
             return None
-        ctx = self._call
+        ctx = self._call if self._call is not None else self._auto
         if ctx is None:
             if len(self.memory) == 0:
                 return None
             raise RuntimeError(
-                "DualEdit hooks ran without a call context while edits are stored: run the model "
-                "inside `editor.context(batch)` / `editor.session(...)`, or use "
-                "`editor.forward_logits` / `editor.generate` (BLIP-2's generate() never calls the "
-                "model's forward, so image positions and prompt ends must be given before it)"
+                "DualEdit hooks ran without a call context while edits are stored: the decoder "
+                "layers ran outside the model's forward, or the model was given `inputs_embeds` "
+                "without token ids; run them inside `editor.context(batch)` / "
+                "`editor.session(...)`, or call the model with `input_ids`"
             )
         h = layer_output_tensor(output)  # [batch, seq, hidden]
         seq = h.shape[1]
@@ -385,58 +457,3 @@ def _fit(mask: torch.Tensor, seq: int) -> torch.Tensor:
     if seq < width:
         raise RuntimeError(f"a pass of {seq} positions inside a call opened for {width}")
     return F.pad(mask, (0, seq - width), value=False)
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook to end a forward pass after the last layer it needs."""
-
-
-class LayerCapture:
-    """Keep the outputs of some decoder layers during one forward, and stop after the last.
-
-    Its own hooks, registered on enter and removed on exit; layers after the last captured one
-    never run.
-
-    Example:
-        >>> with LayerCapture(model, backbone, [16, 19]) as capture:
-        ...     capture.run(lambda: model(**inputs))
-        >>> capture.outputs[16].shape  # [batch, seq, hidden]
-    """
-
-    def __init__(self, model: nn.Module, backbone: Backbone, layers: Sequence[int]):
-        self.model = model
-        self.backbone = backbone
-        self.layers = sorted(set(layers))
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> LayerCapture:
-        for index in self.layers:
-            layer = self.backbone.layer(self.model, index)
-            self._handles.append(layer.register_forward_hook(self._hook(index)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def _hook(self, index: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.outputs[index] = layer_output_tensor(output).detach()
-            if index == self.layers[-1]:
-                raise _StopForward
-
-        return hook
-
-    def run(self, forward: Callable[[], Any]) -> dict[int, torch.Tensor]:
-        """Call `forward()` (a model forward) until the last captured layer; returns `outputs`.
-
-        Raises:
-            RuntimeError: the forward ended without reaching the last captured layer.
-        """
-        self.outputs.clear()
-        try:
-            forward()
-        except _StopForward:
-            return self.outputs
-        raise RuntimeError(f"the forward finished without running decoder layer {self.layers[-1]}")
