@@ -55,7 +55,8 @@ def no_leftover_state(editor):
 
 
 def test_plain_generate_is_edited_like_editor_generate(tiny_vlm, tiny_images, editor):
-    prompts = encode_prompts([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    vlm = tiny_vlm
+    prompts = encode_prompts([RELATED, UNRELATED], vlm.processor, vlm.backbone, tiny_images)
     assert prompts.attention_mask[0, 0] == 0  # the related prompt is left padded
     inputs = (prompts.input_ids, prompts.attention_mask, prompts.pixel_values)
     with torch.no_grad(), editor.disabled():

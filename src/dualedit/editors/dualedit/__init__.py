@@ -13,12 +13,17 @@ files.py    adapter files (config JSON + safetensors weights), atomic safetensor
 """
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
 from dualedit.editors.dualedit.decision import GateDecision
 from dualedit.editors.dualedit.editor import DualEditor, states_of
 from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config, save_adapters
-from dualedit.editors.dualedit.capture import LayerCapture
-from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks, apply_adapter, text_positions
+from dualedit.editors.dualedit.hooks import (
+    CallContext,
+    DualEditHooks,
+    apply_adapter,
+    text_positions,
+)
 from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates
 
 __all__ = [

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn

@@ -195,7 +195,7 @@ class DualEditHooks:
 
     @property
     def layers(self) -> list[int]:
-        """The hooked decoder layers: the text layer always (gate key), the visual layer when used."""
+        """The hooked decoder layers: the text layer (gate key) always, the visual one when used."""
         used = {self.config.text_layer}
         if self.config.use_visual:
             used.add(self.config.visual_layer)
