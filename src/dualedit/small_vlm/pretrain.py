@@ -1,0 +1,479 @@
+"""Pretrain a small VLM on a built-in world's corpus, cached and atomic.
+
+Two stages, one function each, both reading top to bottom:
+1. vision warm-up: the vision tower learns, through throw-away linear heads on its mean-pooled
+   patch features, to classify every image question kind of the corpus (name, shape, color, ...).
+   Shape recognition from scratch through the language model alone is slow; this gives the
+   tower a head start for a minute of CPU.
+2. the whole VLM with a language-modelling loss over entire text sequences (prompt and answer
+   tokens; image placeholders and padding excluded), answer tokens weighted higher. Training on
+   prompts too matters: answer words then also train as inputs, which editors that read the
+   target from hidden states rely on.
+
+Every sequence is built with the protocol prompts (data/prompts.py) and the backbone's
+`prompt_text`, and ends with ``</s>`` so `generate()` stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+import dualedit
+from dualedit.backbones.registry import get_backbone
+from dualedit.small_vlm.configs import (
+    build_model,
+    build_processor,
+    num_image_tokens,
+    parameter_counts,
+    resolve_size,
+)
+from dualedit.small_vlm.corpus import (
+    EncodedCorpus,
+    encode_corpus,
+    load_images,
+    read_corpus,
+    vision_labels,
+)
+from dualedit.small_vlm.tokenizer import build_world_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Bump when a change here changes the trained weights: cached models then retrain.
+PRETRAIN_VERSION = 1
+METRICS_FILE = "pretrain_metrics.json"
+WORLD_FILES = ("world.json", "corpus/train.jsonl", "corpus/heldout.jsonl")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings of one pretraining run; all recorded in the metrics and the cache key."""
+
+    steps: int = 800
+    batch_size: int = 64  # image lines (VQA and captions) per step
+    text_batch_size: int = 32  # text facts per step, a separate text-only forward
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 40
+    weight_decay: float = 0.01
+    answer_weight: float = 3.0  # loss weight of answer tokens and </s>; prompt tokens weigh 1
+    grad_clip: float = 1.0
+    vision_warmup_steps: int = 150
+    vision_batch_size: int = 128
+    vision_lr: float = 2e-3
+    eval_batch_size: int = 128
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"TrainSettings.{field.name}: expected a number >= 0, got {value!r}")
+        for name in ("steps", "batch_size", "text_batch_size", "vision_batch_size", "eval_batch_size",
+                     "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainSettings.{name}: must be >= 1")
+
+
+DEFAULT_SETTINGS: dict[str, TrainSettings] = {
+    "llava": TrainSettings(steps=800),
+    "blip2": TrainSettings(steps=1600),
+}
+
+
+def _fingerprint(world_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in WORLD_FILES:
+        path = world_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; build the world first (dualedit world)")
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _image_size(world_dir: Path, lines: list[dict]) -> int:
+    world = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
+    size = world.get("image_size")
+    if isinstance(size, int) and size > 0:
+        return size
+    first = next((line["image"] for line in lines if line["image"] is not None), None)
+    if first is None:
+        raise ValueError(f"{world_dir / 'world.json'}: no image_size and no image in the corpus")
+    with Image.open(world_dir / "images" / first) as image:
+        return image.size[0]
+
+
+def _lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return settings.lr * (settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cosine)
+
+
+def _adamw(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float):
+    # No weight decay on 1-d parameters (norms, biases) nor on the learned query tokens.
+    decay = [p for n, p in params if p.dim() >= 2 and "query_tokens" not in n]
+    rest = [p for n, p in params if not (p.dim() >= 2 and "query_tokens" not in n)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+class _Batches:
+    """Row indices in shuffled epochs, deterministic in the generator."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.rows, self.batch_size, self.generator = rows, batch_size, generator
+        self.order, self.pos = rows[:0], 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.order):
+            self.order = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
+            self.pos = 0
+        batch = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+
+def _vision_features(model: nn.Module, arch: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled patch features of the vision tower. [b, 3, H, W] -> [b, vision_hidden]."""
+    tower = model.model.vision_tower if arch == "llava" else model.vision_model
+    hidden = tower(pixel_values=pixel_values).last_hidden_state  # [b, 1 + patches, vision_hidden]
+    return hidden[:, 1:].mean(dim=1)
+
+
+def warm_up_vision(
+    model: nn.Module, arch: str, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor],
+    settings: TrainSettings, generator: torch.Generator, progress: bool,
+) -> dict[str, float]:
+    """Stage 1: train the vision tower with linear heads, one per question kind.
+
+    Args:
+        pixel_values: [n_images, 3, H, W], every corpus training image.
+        labels: kind -> [n_images] class index, -100 where the image has no such question.
+
+    Returns:
+        training accuracy per kind over the last quarter of the steps.
+    """
+    if settings.vision_warmup_steps == 0 or not labels:
+        return {}
+    width = model.config.vision_config.hidden_size
+    heads = nn.ModuleDict({kind: nn.Linear(width, int(y.max()) + 1) for kind, y in labels.items()})
+    tower = model.model.vision_tower if arch == "llava" else model.vision_model
+    params = list(tower.named_parameters()) + list(heads.named_parameters())
+    optimizer = _adamw(params, settings.vision_lr, settings.weight_decay)
+    batches = _Batches(torch.arange(len(pixel_values)), settings.vision_batch_size, generator)
+    hits = {kind: [0, 0] for kind in labels}
+    steps = settings.vision_warmup_steps
+    bar = tqdm(range(steps), desc=f"{arch} vision warm-up", disable=not progress, leave=False)
+    for step in bar:
+        lr = settings.vision_lr * min(1.0, (step + 1) / max(1, steps // 10))
+        lr *= 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = batches.next()
+        features = _vision_features(model, arch, pixel_values[rows])  # [b, vision_hidden]
+        loss = features.new_zeros(())
+        for kind, head in heads.items():
+            y = labels[kind][rows]  # [b]
+            logits = head(features)  # [b, classes]
+            loss = loss + nn.functional.cross_entropy(logits, y, ignore_index=-100)
+            if step >= steps * 3 // 4:
+                known = y != -100
+                hits[kind][0] += int((logits.argmax(-1)[known] == y[known]).sum())
+                hits[kind][1] += int(known.sum())
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for _, p in params], settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {kind: h / max(1, n) for kind, (h, n) in hits.items()}
+
+
+def _batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, pixel_values: torch.Tensor | None,
+                  answer_weight: float, special_ids: torch.Tensor):
+    """Right-padded inputs, per-position loss weights and answer masks for some corpus rows."""
+    length = int(corpus.lengths[rows].max())
+    ids = corpus.input_ids[rows, :length]  # [b, s]
+    pos = torch.arange(length)
+    attention = (pos[None, :] < corpus.lengths[rows, None]).long()  # [b, s]
+    nxt = pos[None, 1:]  # position p predicts token p + 1: [1, s - 1]
+    starts = corpus.prompt_lens[rows, None]  # first target token index: [b, 1]
+    is_text = (attention[:, 1:] == 1) & ~torch.isin(ids[:, 1:], special_ids)  # [b, s - 1]
+    is_answer = (nxt >= starts) & (attention[:, 1:] == 1)  # answer tokens and </s>
+    weights = torch.where(is_answer, answer_weight, is_text.float())  # [b, s - 1]
+    scored = (nxt >= starts) & (nxt < starts + corpus.target_lens[rows, None])  # answer, no </s>
+    images = None
+    if pixel_values is not None:
+        images = pixel_values[corpus.image_index[rows]]  # [b, 3, H, W]
+    return ids, attention, images, weights, scored
+
+
+def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    keep = weights > 0  # [b, s - 1]
+    chosen = logits[:, :-1][keep]  # [n, vocab]
+    losses = nn.functional.cross_entropy(chosen.float(), ids[:, 1:][keep], reduction="none")
+    return (losses * weights[keep]).sum() / weights[keep].sum()
+
+
+def train_vlm(
+    model: nn.Module, corpus: EncodedCorpus, pixel_values: torch.Tensor, settings: TrainSettings,
+    generator: torch.Generator, progress: bool, arch: str,
+) -> list[dict]:
+    """Stage 2: the whole VLM, LM loss on image lines and text facts each step.
+
+    Returns:
+        the loss curve, one entry every 50 steps and at the end.
+    """
+    backbone = get_backbone(model)
+    special = torch.tensor(corpus.special_ids)
+    image_rows = torch.nonzero(corpus.image_index >= 0).flatten()
+    text_rows = torch.nonzero(corpus.image_index < 0).flatten()
+    image_batches = _Batches(image_rows, settings.batch_size, generator)
+    text_batches = _Batches(text_rows, settings.text_batch_size, generator)
+    optimizer = _adamw(list(model.named_parameters()), settings.lr, settings.weight_decay)
+    model.train()
+    curve, running = [], []
+    bar = tqdm(range(settings.steps), desc=f"{arch} pretraining", disable=not progress)
+    for step in bar:
+        lr = _lr_at(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for rows, pixels in ((image_batches.next() if len(image_rows) else None, pixel_values),
+                             (text_batches.next() if len(text_rows) else None, None)):
+            if rows is None:
+                continue
+            ids, attention, images, weights, _ = _batch_inputs(
+                corpus, rows, pixels, settings.answer_weight, special
+            )
+            logits = backbone.forward_logits(model, ids, attention, images)  # [b, s, vocab]
+            losses.append(_weighted_loss(logits, ids, weights))
+        loss = torch.stack(losses).sum()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == settings.steps:
+            curve.append({"step": step + 1, "loss": sum(running) / len(running), "lr": lr})
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
+            logger.debug("%s step %d loss %.4f", arch, step + 1, curve[-1]["loss"])
+            running = []
+    model.eval()
+    return curve
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module, corpus: EncodedCorpus, pixel_values: torch.Tensor | None, batch_size: int,
+) -> dict:
+    """Teacher-forced answer-token accuracy, per line then averaged (the paper scorer's way).
+
+    Returns:
+        {"by_task": {task: acc}, "by_kind": {"task/kind": acc}, "lines": {task: n}}, acc in [0, 1].
+    """
+    backbone = get_backbone(model)
+    special = torch.tensor(corpus.special_ids)
+    was_training = model.training
+    model.eval()
+    per_line = torch.zeros(len(corpus.tasks))
+    for has_image in (True, False):
+        rows_all = torch.nonzero((corpus.image_index >= 0) == has_image).flatten()
+        for start in range(0, len(rows_all), batch_size):
+            rows = rows_all[start:start + batch_size]
+            ids, attention, images, _, scored = _batch_inputs(
+                corpus, rows, pixel_values if has_image else None, 1.0, special
+            )
+            logits = backbone.forward_logits(model, ids, attention, images)  # [b, s, vocab]
+            right = (logits[:, :-1].argmax(-1) == ids[:, 1:]) & scored  # [b, s - 1]
+            per_line[rows] = right.sum(1).float() / scored.sum(1).clamp(min=1).float()
+    model.train(was_training)
+    groups: dict[str, list[int]] = {}
+    for index, (task, kind) in enumerate(zip(corpus.tasks, corpus.kinds)):
+        groups.setdefault(task, []).append(index)
+        groups.setdefault(f"{task}/{kind}", []).append(index)
+    means = {key: float(per_line[idx].mean()) for key, idx in sorted(groups.items())}
+    return {
+        "by_task": {k: v for k, v in means.items() if "/" not in k},
+        "by_kind": {k: v for k, v in means.items() if "/" in k},
+        "lines": {k: len(v) for k, v in sorted(groups.items()) if "/" not in k},
+    }
+
+
+def _cached(out_dir: Path, settings: dict) -> dict | None:
+    metrics_path = out_dir / METRICS_FILE
+    if not (metrics_path.is_file() and (out_dir / "config.json").is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("%s: unreadable, retraining", metrics_path)
+        return None
+    return metrics if metrics.get("settings") == settings else None
+
+
+def _write_atomic(out_dir: Path, model, processor, metrics: dict) -> None:
+    """Everything into a temp sibling folder, then one rename; an old folder is removed after."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n",
+                                        encoding="utf-8")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain(
+    world_dir: str | Path,
+    arch: str,
+    out_dir: str | Path,
+    *,
+    size=None,
+    seed: int = 0,
+    progress: bool = True,
+    force: bool = False,
+    settings: TrainSettings | None = None,
+) -> dict:
+    """Pretrain a small VLM of `arch` on the world in `world_dir`; cached in `out_dir`.
+
+    Args:
+        world_dir: a folder written by `dualedit.world.build_world`.
+        arch: "llava" or "blip2".
+        out_dir: gets the model and processor (`save_pretrained`) and `pretrain_metrics.json`.
+        size: a `VLMSize`, a preset name ("tiny", "small") or None for the default.
+        seed: seeds the initial weights and the data order.
+        progress: show tqdm bars.
+        force: retrain even when `out_dir` holds a model trained with the same settings.
+        settings: optimisation settings; None for `DEFAULT_SETTINGS[arch]`.
+
+    Returns:
+        the metrics dict also written to `pretrain_metrics.json`: `heldout_accuracy` (task ->
+        answer-token accuracy in [0, 1]), `heldout_accuracy_by_kind`, `train_seconds`,
+        `parameters`, `settings` (the cache key), versions.
+
+    Example:
+        >>> m = pretrain("runs/world", "llava", "runs/llava")
+        >>> m["heldout_accuracy"]["vqa"]
+        0.97
+    """
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    size = resolve_size(size)
+    if arch not in DEFAULT_SETTINGS:
+        raise ValueError(f"arch {arch!r}: expected one of {sorted(DEFAULT_SETTINGS)}")
+    settings = settings or DEFAULT_SETTINGS[arch]
+    key = {
+        "pretrain_version": PRETRAIN_VERSION,
+        "world_fingerprint": _fingerprint(world_dir),
+        "arch": arch,
+        "size": size.to_dict(),
+        "seed": seed,
+        "train_settings": dataclasses.asdict(settings),
+    }
+    if not force:
+        cached = _cached(out_dir, key)
+        if cached is not None:
+            logger.info("%s: cached %s model matches the settings; not retraining", out_dir, arch)
+            return cached
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.num_threads)
+    try:
+        metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
+    finally:
+        torch.set_num_threads(threads)
+    metrics["settings"] = key
+    _write_atomic(out_dir, model, processor, metrics)
+    logger.info("%s model written to %s in %.0f s", arch, out_dir, metrics["train_seconds"])
+    return metrics
+
+
+def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: TrainSettings):
+    start = time.perf_counter()
+    train_lines = read_corpus(world_dir / "corpus" / "train.jsonl")
+    heldout_lines = read_corpus(world_dir / "corpus" / "heldout.jsonl")
+    image_size = _image_size(world_dir, train_lines)
+    tokenizer = build_world_tokenizer(world_dir, arch)
+    processor = build_processor(arch, tokenizer, size, image_size)
+    model = build_model(arch, tokenizer, size, image_size, seed=seed)
+    backbone = get_backbone(model)
+    n_image = num_image_tokens(arch, size, image_size)
+
+    train_pixels, train_index = load_images(world_dir / "images", train_lines, processor, progress)
+    held_pixels, held_index = load_images(world_dir / "images", heldout_lines, processor, progress)
+    train = encode_corpus(train_lines, train_index, processor, backbone, n_image, image_size)
+    heldout = encode_corpus(heldout_lines, held_index, processor, backbone, n_image, image_size)
+    prepare_seconds = time.perf_counter() - start
+    logger.info("%s: %d train lines, %d images, prepared in %.1f s",
+                arch, len(train.tasks), len(train_pixels), prepare_seconds)
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    warm = warm_up_vision(model, arch, train_pixels, vision_labels(train_lines, train_index),
+                          settings, generator, progress)
+    warm_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    curve = train_vlm(model, train, train_pixels, settings, generator, progress, arch)
+    train_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    heldout_acc = answer_accuracy(model, heldout, held_pixels, settings.eval_batch_size)
+    if "text" not in heldout_acc["by_task"]:
+        # Text facts have no renderings to hold out: their accuracy is on the training facts.
+        text_only = train.select(train.image_index < 0)
+        text_acc = answer_accuracy(model, text_only, None, settings.eval_batch_size)
+        heldout_acc["by_task"].update(text_acc["by_task"])
+        heldout_acc["by_kind"].update(text_acc["by_kind"])
+        heldout_acc["lines"].update({k: v for k, v in text_acc["lines"].items()})
+        heldout_acc["text_from"] = "train"
+    eval_seconds = time.perf_counter() - t0
+
+    metrics = {
+        "arch": arch,
+        "seed": seed,
+        "image_size": image_size,
+        "heldout_accuracy": heldout_acc["by_task"],
+        "heldout_accuracy_by_kind": heldout_acc["by_kind"],
+        "heldout_lines": heldout_acc["lines"],
+        "text_accuracy_source": heldout_acc.get("text_from", "heldout"),
+        "vision_warmup_accuracy": warm,
+        "loss_curve": curve,
+        "prepare_seconds": prepare_seconds,
+        "vision_warmup_seconds": warm_seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "parameters": parameter_counts(model),
+        "config": {"size": size.to_dict(), "train": dataclasses.asdict(settings),
+                   "vocab_size": len(tokenizer), "image_tokens": n_image},
+        "corpus": {"train_lines": len(train.tasks), "train_images": len(train_pixels),
+                   "heldout_lines": len(heldout.tasks), "heldout_images": len(held_pixels)},
+        "versions": {"dualedit": dualedit.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+    }
+    return metrics, model, processor

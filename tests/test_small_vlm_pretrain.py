@@ -1,0 +1,147 @@
+"""Pretraining: corpus encoding, loss goes down, cache, atomic output, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dualedit.backbones.registry import get_backbone
+from dualedit.small_vlm import pretrain as pretrain_module
+from dualedit.small_vlm.configs import build_model, build_processor, num_image_tokens
+from dualedit.small_vlm.corpus import encode_corpus, load_images, read_corpus, vision_labels
+from dualedit.small_vlm.pretrain import METRICS_FILE, TrainSettings, pretrain
+from dualedit.small_vlm.tokenizer import build_world_tokenizer
+
+ARCHES = ["llava", "blip2"]
+QUICK = TrainSettings(steps=4, batch_size=8, text_batch_size=4, warmup_steps=1,
+                      vision_warmup_steps=2, vision_batch_size=8, eval_batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from dualedit.world import build_world
+
+    return build_world(tmp_path_factory.mktemp("world") / "w", seed=0, n_entities=12, n_train_vqa=4,
+                       n_eval_vqa=2, n_train_caption=2, n_eval_caption=2, renderings_per_entity=2,
+                       heldout_per_entity=1, text_subjects_per_relation=2, progress=False)
+
+
+def _prepared(world, arch):
+    lines = read_corpus(world / "corpus" / "train.jsonl")
+    tok = build_world_tokenizer(world, arch)
+    processor = build_processor(arch, tok, "tiny", 32)
+    model = build_model(arch, tok, "tiny", 32, seed=0)
+    pixels, index = load_images(world / "images", lines, processor)
+    corpus = encode_corpus(lines, index, processor, get_backbone(model),
+                           num_image_tokens(arch, "tiny", 32), 32)
+    return lines, tok, model, pixels, index, corpus
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_encoded_targets_are_the_answers_followed_by_eos(tiny_world, arch):
+    lines, tok, _, pixels, index, corpus = _prepared(tiny_world, arch)
+    assert pixels.shape == (len(index), 3, 32, 32)
+    for i in (0, 5, len(lines) - 1):  # vqa, caption, text fact
+        start, n = int(corpus.prompt_lens[i]), int(corpus.target_lens[i])
+        ids = corpus.input_ids[i, :int(corpus.lengths[i])].tolist()
+        assert tok.decode(ids[start:start + n]) == lines[i]["answer"].lower()
+        assert ids[start + n:] == [tok.eos_token_id]
+        has_image = lines[i]["image"] is not None
+        assert (int(corpus.image_index[i]) >= 0) == has_image
+        n_image = ids.count(tok.convert_tokens_to_ids("<image>"))
+        assert n_image == (num_image_tokens(arch, "tiny", 32) if has_image else 0)
+    assert {"vqa", "caption", "text"} == set(corpus.tasks)
+    labels = vision_labels(lines, index)
+    assert set(labels) == {"name", "color", "shape", "pattern", "material", "origin"}
+    assert all((y >= 0).all() for y in labels.values())
+
+
+def test_corpus_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"task": "vqa", "image": "a.png", "question": "q", "answer": "a", "kind": "k"}\n'
+                    '{"task": "vqa", "image": "a.png", "question": "q", "kind": "k"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'answer'"):
+        read_corpus(path)
+    with pytest.raises(FileNotFoundError):
+        read_corpus(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_short_training_lowers_the_loss(tiny_world, arch):
+    _, _, model, pixels, _, corpus = _prepared(tiny_world, arch)
+    special = torch.tensor(corpus.special_ids)
+    rows = torch.arange(len(corpus.tasks))
+    image_rows = rows[corpus.image_index >= 0]
+
+    def loss() -> float:
+        with torch.no_grad():
+            ids, attention, images, weights, _ = pretrain_module._batch_inputs(
+                corpus, image_rows, pixels, 3.0, special)
+            logits = get_backbone(model).forward_logits(model, ids, attention, images)
+            return float(pretrain_module._weighted_loss(logits, ids, weights))
+
+    before = loss()
+    settings = dataclasses.replace(QUICK, steps=30, lr=3e-3)
+    curve = pretrain_module.train_vlm(model, corpus, pixels, settings,
+                                      torch.Generator().manual_seed(0), False, arch)
+    after = loss()
+    assert after < 0.7 * before, (before, after)
+    assert curve[-1]["step"] == 30
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_pretrain_writes_a_loadable_model_and_metrics(tiny_world, tmp_path, arch):
+    out = tmp_path / "model"
+    metrics = pretrain(tiny_world, arch, out, size="tiny", settings=QUICK, progress=False)
+    assert json.loads((out / METRICS_FILE).read_text()) == metrics
+    assert set(metrics["heldout_accuracy"]) == {"vqa", "caption", "text"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["heldout_accuracy"].values())
+    assert "vqa/shape" in metrics["heldout_accuracy_by_kind"]
+    assert metrics["settings"]["arch"] == arch and metrics["parameters"]["total"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert get_backbone(model).depth(model) == 6
+    assert processor.tokenizer.eos_token_id == model.generation_config.eos_token_id
+
+
+def test_cache_hits_and_misses(tiny_world, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    first = pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False)
+    weights = (out / "model.safetensors").read_bytes()
+    runs = []
+    real_run = pretrain_module._run
+
+    def counting_run(*args, **kwargs):
+        runs.append(args)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_run", counting_run)
+    assert pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False) == first
+    assert runs == []
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False, force=True)
+    assert len(runs) == 1
+    # Same seed and settings: deterministic, byte-identical weights.
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    changed = pretrain(tiny_world, "blip2", out, size="tiny", seed=1, settings=QUICK, progress=False)
+    assert len(runs) == 2 and changed["settings"]["seed"] == 1
+    assert (out / "model.safetensors").read_bytes() != weights
+    pretrain(tiny_world, "blip2", out, size="tiny", seed=1,
+             settings=dataclasses.replace(QUICK, steps=5), progress=False)
+    assert len(runs) == 3
+
+
+def test_bad_arguments(tiny_world, tmp_path):
+    with pytest.raises(ValueError, match="arch"):
+        pretrain(tiny_world, "gpt", tmp_path / "m", size="tiny", progress=False)
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        pretrain(tmp_path / "nothing", "llava", tmp_path / "m", size="tiny", progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        TrainSettings(steps=0)
