@@ -109,7 +109,12 @@ def bench_arch(setup: common.Setup, args: Any) -> dict[str, Any]:
     single = times["single"]
     result: dict[str, Any] = {
         "source": setup.source,
-        "layers": {"text": t, "visual": v, "stops_after": max(t, v), "depth": backbone.depth(model)},
+        "layers": {
+            "text": t,
+            "visual": v,
+            "stops_after": max(t, v),
+            "depth": backbone.depth(model),
+        },
         "sequence_length": int(one.input_ids.shape[1]),
         "single": {
             "times": {name: common.summary(s) for name, s in single.items()},
@@ -164,7 +169,7 @@ def print_arch(arch: str, result: dict[str, Any]) -> None:
         ratios += [
             {"name": f"{k} (B={entry['batch_size']})", **v} for k, v in entry["ratios"].items()
         ]
-    print(common.table(ratios, ["name", "ratio", "paired_p25", "paired_p75"]))
+    print(common.table(ratios, ["name", "ratio", "paired_median", "paired_p25", "paired_p75"]))
     target = result["target"]
     verdict = "met" if target["met"] else "NOT met"
     print(f"target {target['ratio']} <= {target['max']}: {target['value']:.3f} ({verdict})")

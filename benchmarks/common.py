@@ -86,7 +86,9 @@ def check_args(args: argparse.Namespace, repeats: int, warmup: int) -> None:
     if args.warmup is None:
         args.warmup = 1 if args.quick else warmup
     if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+        raise SystemExit(
+            f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here")
     if args.decoder_layers is not None:
@@ -322,13 +324,15 @@ def summary(seconds: Sequence[float]) -> dict[str, Any]:
 
 
 def ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> dict[str, Any]:
-    """median(numerator) / median(denominator), with the quartiles of the per-round ratios."""
+    """median(numerator) / median(denominator), with the median and quartiles of the per-round
+    ratios (rounds are interleaved, so a paired ratio cancels load that changes between rounds)."""
     a, b = times[numerator], times[denominator]
     paired = [x / y for x, y in zip(a, b, strict=True)]
     return {
         "numerator": numerator,
         "denominator": denominator,
         "ratio": round(statistics.median(a) / statistics.median(b), 4),
+        "paired_median": round(statistics.median(paired), 4),
         "paired_p25": round(_quantile(paired, 0.25), 4),
         "paired_p75": round(_quantile(paired, 0.75), 4),
     }

@@ -179,6 +179,7 @@ def print_arch(arch: str, result: dict[str, Any]) -> None:
                     "p25_ms": entry["times"][name]["p25_ms"],
                     "p75_ms": entry["times"][name]["p75_ms"],
                     "vs_bare": ratio.get("ratio", 1.0 if name == "bare" else None),
+                    "paired_median": ratio.get("paired_median"),
                     "paired_p25": ratio.get("paired_p25"),
                     "paired_p75": ratio.get("paired_p75"),
                     "gate_open": entry["gate_open_fraction"].get(name),
@@ -187,8 +188,8 @@ def print_arch(arch: str, result: dict[str, Any]) -> None:
     print(
         common.table(
             rows,
-            ["workload", "variant", "median_ms", "p25_ms", "p75_ms", "vs_bare", "paired_p25",
-             "paired_p75", "gate_open"],
+            ["workload", "variant", "median_ms", "p25_ms", "p75_ms", "vs_bare", "paired_median",
+             "paired_p25", "paired_p75", "gate_open"],
         )
     )
     for group, target in result["target"]["groups"].items():

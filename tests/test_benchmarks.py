@@ -48,7 +48,8 @@ def _check_times(times: dict, names: list[str], runs: int = 3) -> None:
 
 
 def _check_ratio(entry: dict) -> None:
-    assert entry["ratio"] > 0 and entry["paired_p25"] <= entry["paired_p75"]
+    assert entry["ratio"] > 0
+    assert entry["paired_p25"] <= entry["paired_median"] <= entry["paired_p75"]
 
 
 # -- common.py --------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def test_interleaved_timing_rotates_and_runs_hooks_untimed():
                        after=lambda: calls.append(">"))
         for n in "abc"
     ]
-    times = common.time_interleaved(variants, repeats=3, warmup=1, device=common.torch.device("cpu"))
+    cpu = common.torch.device("cpu")
+    times = common.time_interleaved(variants, repeats=3, warmup=1, device=cpu)
     runs = [c for c in calls if c not in "<>"]
     assert runs == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, 3 rounds
     assert calls.count("<") == calls.count(">") == 12
@@ -77,6 +79,7 @@ def test_summary_and_ratio_values():
     times = {"slow": [2.0, 4.0, 6.0], "fast": [1.0, 1.0, 3.0]}
     r = common.ratio(times, "slow", "fast")
     assert r["ratio"] == pytest.approx(4.0)  # median 4 / median 1
+    assert r["paired_median"] == pytest.approx(2.0)  # per round: 2, 4, 2
     assert (r["paired_p25"], r["paired_p75"]) == (pytest.approx(2.0), pytest.approx(3.0))
     text = common.table([{"a": 1.23456, "b": None}], ["a", "b"])
     assert text.splitlines()[-1].split() == ["1.235", "-"]
