@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="default: ~/.cache/dualedit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every available method")
+    p.add_argument("--methods", nargs="+", default=None, help="default: none ft-l; add dualedit to train and evaluate DualEdit adapters")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
     p.set_defaults(func=_cmd_demo)
     return parser

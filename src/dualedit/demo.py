@@ -24,6 +24,9 @@ from dualedit.world import WORLD_FILE, build_world
 logger = logging.getLogger(__name__)
 
 ARCHS = ("llava", "blip2")
+#: What `dualedit demo` evaluates by default. DualEdit trains adapters per backbone and dataset
+#: first (minutes each on a CPU), so it runs when asked: `dualedit demo --methods dualedit`.
+DEFAULT_METHODS = ("none", "ft-l")
 TASKS = ("vqa", "caption")
 
 
@@ -91,7 +94,7 @@ def run_demo(
     """
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    methods = list(methods) if methods else list(EDITORS)
+    methods = list(methods) if methods else list(DEFAULT_METHODS)
     unknown = [m for m in methods if m not in EDITORS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {sorted(EDITORS)}")
