@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -10,15 +11,23 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dualedit.backbones.registry import get_backbone
-from dualedit.small_vlm import pretrain as pretrain_module
 from dualedit.small_vlm.configs import build_model, build_processor, num_image_tokens
 from dualedit.small_vlm.corpus import encode_corpus, load_images, read_corpus, vision_labels
 from dualedit.small_vlm.pretrain import METRICS_FILE, TrainSettings, pretrain
 from dualedit.small_vlm.tokenizer import build_world_tokenizer
+from dualedit.small_vlm.vision import (
+    head_accuracy,
+    logits_from_features,
+    tower_features,
+    vision_tower,
+    warm_up_vision,
+)
 
+# The package exports the function `pretrain`, which hides the submodule of the same name.
+pretrain_module = importlib.import_module("dualedit.small_vlm.pretrain")
 ARCHES = ["llava", "blip2"]
 QUICK = TrainSettings(steps=4, batch_size=8, text_batch_size=4, warmup_steps=1,
-                      vision_warmup_steps=2, vision_batch_size=8, eval_batch_size=32)
+                      vision_steps=2, vision_batch_size=8, eval_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +64,10 @@ def test_encoded_targets_are_the_answers_followed_by_eos(tiny_world, arch):
         n_image = ids.count(tok.convert_tokens_to_ids("<image>"))
         assert n_image == (num_image_tokens(arch, "tiny", 32) if has_image else 0)
     assert {"vqa", "caption", "text"} == set(corpus.tasks)
-    labels = vision_labels(lines, index)
+    labels, classes = vision_labels(lines, index)
     assert set(labels) == {"name", "color", "shape", "pattern", "material", "origin"}
     assert all((y >= 0).all() for y in labels.values())
+    assert classes["shape"] == sorted({x["answer"] for x in lines if x["kind"] == "shape"})
 
 
 def test_corpus_errors_name_the_line(tmp_path):
@@ -71,26 +81,55 @@ def test_corpus_errors_name_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_short_training_lowers_the_loss(tiny_world, arch):
+def test_feature_path_matches_the_model_forward(tiny_world, arch):
+    _, _, model, pixels, _, corpus = _prepared(tiny_world, arch)
+    model.eval()
+    rows = torch.nonzero(corpus.image_index >= 0).flatten()[:6]
+    ids, attention, _, _ = pretrain_module._batch_inputs(
+        corpus, rows, 1.0, torch.tensor(corpus.special_ids))
+    images = pixels[corpus.image_index[rows]]
+    with torch.no_grad():
+        direct = get_backbone(model).forward_logits(model, ids, attention, images)
+        via = logits_from_features(model, ids, attention, tower_features(model, images),
+                                   get_backbone(model).image_token_id(model))
+    torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_short_training_lowers_the_loss_and_keeps_the_tower(tiny_world, arch):
     _, _, model, pixels, _, corpus = _prepared(tiny_world, arch)
     special = torch.tensor(corpus.special_ids)
-    rows = torch.arange(len(corpus.tasks))
-    image_rows = rows[corpus.image_index >= 0]
+    image_rows = torch.nonzero(corpus.image_index >= 0).flatten()
+    image_id = get_backbone(model).image_token_id(model)
+    features = tower_features(model, pixels)
+    tower_before = {k: v.clone() for k, v in vision_tower(model).state_dict().items()}
 
     def loss() -> float:
         with torch.no_grad():
-            ids, attention, images, weights, _ = pretrain_module._batch_inputs(
-                corpus, image_rows, pixels, 3.0, special)
-            logits = get_backbone(model).forward_logits(model, ids, attention, images)
+            ids, attention, weights, _ = pretrain_module._batch_inputs(corpus, image_rows, 3.0, special)
+            logits = logits_from_features(model, ids, attention,
+                                          features[corpus.image_index[image_rows]], image_id)
             return float(pretrain_module._weighted_loss(logits, ids, weights))
 
     before = loss()
-    settings = dataclasses.replace(QUICK, steps=30, lr=3e-3)
-    curve = pretrain_module.train_vlm(model, corpus, pixels, settings,
-                                      torch.Generator().manual_seed(0), False, arch)
+    settings = dataclasses.replace(QUICK, steps=60, lr=1e-2)
+    curve = pretrain_module.train_vlm(model, corpus, features, settings, torch.Generator().manual_seed(0))
     after = loss()
     assert after < 0.7 * before, (before, after)
-    assert curve[-1]["step"] == 30
+    assert curve[-1]["step"] == 60
+    assert all(torch.equal(v, tower_before[k]) for k, v in vision_tower(model).state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vision_warm_up_learns_color(tiny_world, arch):
+    lines, _, model, pixels, index, _ = _prepared(tiny_world, arch)
+    labels, _ = vision_labels(lines, index)
+    generator = torch.Generator().manual_seed(0)
+    heads = warm_up_vision(model, pixels, labels, steps=40, batch_size=16, lr=3e-3,
+                           weight_decay=0.0, shift=1, grad_clip=1.0, generator=generator)
+    accuracy = head_accuracy(model, heads, pixels, labels)
+    assert accuracy["color"] >= 0.9, accuracy
 
 
 @pytest.mark.parametrize("arch", ARCHES)

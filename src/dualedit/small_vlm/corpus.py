@@ -169,11 +169,20 @@ def encode_corpus(lines: list[dict], image_index: dict[str, int], processor, bac
     )
 
 
-def vision_labels(lines: list[dict], image_index: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Class labels per image for every VQA question kind: kind -> [n_images], -100 if unknown.
+def vision_labels(lines: list[dict], image_index: dict[str, int],
+                  classes: dict[str, list[str]] | None = None):
+    """Class labels per image for every VQA question kind.
 
-    Classes are the sorted distinct answers of the kind (e.g. the shapes); an image with two
-    different answers for one kind is a broken corpus.
+    Args:
+        classes: kind -> class names to use (e.g. those of the training corpus, for held-out
+            lines); None: the sorted distinct answers of each kind in `lines`.
+
+    Returns:
+        (labels, classes): kind -> [n_images] class index (-100 where the image has no question
+        of that kind or its answer is not a class), and the classes used.
+
+    Raises:
+        ValueError: one image has two different answers for one kind (a broken corpus).
     """
     answers: dict[str, dict[int, str]] = {}
     for line in lines:
@@ -183,11 +192,13 @@ def vision_labels(lines: list[dict], image_index: dict[str, int]) -> dict[str, t
         if known.setdefault(row, line["answer"]) != line["answer"]:
             raise ValueError(f"image {line['image']}: two answers for kind {line['kind']!r}: "
                              f"{known[row]!r} and {line['answer']!r}")
+    if classes is None:
+        classes = {kind: sorted(set(answers[kind].values())) for kind in sorted(answers)}
     labels = {}
-    for kind in sorted(answers):
-        classes = {a: i for i, a in enumerate(sorted(set(answers[kind].values())))}
+    for kind, names in classes.items():
+        index = {name: i for i, name in enumerate(names)}
         y = torch.full((len(image_index),), -100, dtype=torch.long)
-        for row, answer in answers[kind].items():
-            y[row] = classes[answer]
+        for row, answer in answers.get(kind, {}).items():
+            y[row] = index.get(answer, -100)
         labels[kind] = y
-    return labels
+    return labels, classes

@@ -1,17 +1,18 @@
 """Pretrain a small VLM on a built-in world's corpus, cached and atomic.
 
-Two stages, one function each, both reading top to bottom:
-1. vision warm-up: the vision tower learns, through throw-away linear heads on its mean-pooled
-   patch features, to classify every image question kind of the corpus (name, shape, color, ...).
-   Shape recognition from scratch through the language model alone is slow; this gives the
-   tower a head start for a minute of CPU.
-2. the whole VLM with a language-modelling loss over entire text sequences (prompt and answer
-   tokens; image placeholders and padding excluded), answer tokens weighted higher. Training on
-   prompts too matters: answer words then also train as inputs, which editors that read the
-   target from hidden states rely on.
+Two stages (vision.py has the vision side):
+1. vision warm-up: the vision tower alone learns to classify every image question kind of the
+   corpus through throw-away linear heads (flip and shift augmentation).
+2. the connector and the language model, on frozen tower features computed once per image (as
+   LLaVA and BLIP-2 keep their encoders frozen), with a language-modelling loss over entire text
+   sequences (prompt and answer tokens; image placeholders and padding excluded), answer tokens
+   weighted higher; each step one batch of image lines (VQA, captions) and one of text facts.
+   Training on prompts too matters: answer words then also train as inputs, which editors that
+   read the target from hidden states rely on.
 
 Every sequence is built with the protocol prompts (data/prompts.py) and the backbone's
-`prompt_text`, and ends with ``</s>`` so `generate()` stops.
+`prompt_text`, and ends with ``</s>`` so `generate()` stops. The held-out accuracy at the end is
+measured with the model's own forward on pixels, end to end.
 """
 
 from __future__ import annotations
@@ -50,11 +51,18 @@ from dualedit.small_vlm.corpus import (
     vision_labels,
 )
 from dualedit.small_vlm.tokenizer import build_world_tokenizer
+from dualedit.small_vlm.vision import (
+    head_accuracy,
+    logits_from_features,
+    tower_features,
+    vision_tower,
+    warm_up_vision,
+)
 
 logger = logging.getLogger(__name__)
 
 # Bump when a change here changes the trained weights: cached models then retrain.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 METRICS_FILE = "pretrain_metrics.json"
 WORLD_FILES = ("world.json", "corpus/train.jsonl", "corpus/heldout.jsonl")
 
@@ -63,18 +71,19 @@ WORLD_FILES = ("world.json", "corpus/train.jsonl", "corpus/heldout.jsonl")
 class TrainSettings:
     """Optimisation settings of one pretraining run; all recorded in the metrics and the cache key."""
 
-    steps: int = 800
+    steps: int = 600  # stage 2 steps
     batch_size: int = 64  # image lines (VQA and captions) per step
     text_batch_size: int = 32  # text facts per step, a separate text-only forward
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     weight_decay: float = 0.01
     answer_weight: float = 3.0  # loss weight of answer tokens and </s>; prompt tokens weigh 1
     grad_clip: float = 1.0
-    vision_warmup_steps: int = 150
-    vision_batch_size: int = 128
+    vision_steps: int = 2000  # stage 1 steps
+    vision_batch_size: int = 64
     vision_lr: float = 2e-3
+    vision_shift: int = 2  # augmentation shift in px
     eval_batch_size: int = 128
     num_threads: int = 2
 
@@ -90,8 +99,8 @@ class TrainSettings:
 
 
 DEFAULT_SETTINGS: dict[str, TrainSettings] = {
-    "llava": TrainSettings(steps=800),
-    "blip2": TrainSettings(steps=1600),
+    "llava": TrainSettings(),
+    "blip2": TrainSettings(steps=1200),
 }
 
 
@@ -151,63 +160,8 @@ class _Batches:
         return batch
 
 
-def _vision_features(model: nn.Module, arch: str, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Mean-pooled patch features of the vision tower. [b, 3, H, W] -> [b, vision_hidden]."""
-    tower = model.model.vision_tower if arch == "llava" else model.vision_model
-    hidden = tower(pixel_values=pixel_values).last_hidden_state  # [b, 1 + patches, vision_hidden]
-    return hidden[:, 1:].mean(dim=1)
-
-
-def warm_up_vision(
-    model: nn.Module, arch: str, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor],
-    settings: TrainSettings, generator: torch.Generator, progress: bool,
-) -> dict[str, float]:
-    """Stage 1: train the vision tower with linear heads, one per question kind.
-
-    Args:
-        pixel_values: [n_images, 3, H, W], every corpus training image.
-        labels: kind -> [n_images] class index, -100 where the image has no such question.
-
-    Returns:
-        training accuracy per kind over the last quarter of the steps.
-    """
-    if settings.vision_warmup_steps == 0 or not labels:
-        return {}
-    width = model.config.vision_config.hidden_size
-    heads = nn.ModuleDict({kind: nn.Linear(width, int(y.max()) + 1) for kind, y in labels.items()})
-    tower = model.model.vision_tower if arch == "llava" else model.vision_model
-    params = list(tower.named_parameters()) + list(heads.named_parameters())
-    optimizer = _adamw(params, settings.vision_lr, settings.weight_decay)
-    batches = _Batches(torch.arange(len(pixel_values)), settings.vision_batch_size, generator)
-    hits = {kind: [0, 0] for kind in labels}
-    steps = settings.vision_warmup_steps
-    bar = tqdm(range(steps), desc=f"{arch} vision warm-up", disable=not progress, leave=False)
-    for step in bar:
-        lr = settings.vision_lr * min(1.0, (step + 1) / max(1, steps // 10))
-        lr *= 0.5 * (1.0 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rows = batches.next()
-        features = _vision_features(model, arch, pixel_values[rows])  # [b, vision_hidden]
-        loss = features.new_zeros(())
-        for kind, head in heads.items():
-            y = labels[kind][rows]  # [b]
-            logits = head(features)  # [b, classes]
-            loss = loss + nn.functional.cross_entropy(logits, y, ignore_index=-100)
-            if step >= steps * 3 // 4:
-                known = y != -100
-                hits[kind][0] += int((logits.argmax(-1)[known] == y[known]).sum())
-                hits[kind][1] += int(known.sum())
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for _, p in params], settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return {kind: h / max(1, n) for kind, (h, n) in hits.items()}
-
-
-def _batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, pixel_values: torch.Tensor | None,
-                  answer_weight: float, special_ids: torch.Tensor):
+def _batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, answer_weight: float,
+                  special_ids: torch.Tensor):
     """Right-padded inputs, per-position loss weights and answer masks for some corpus rows."""
     length = int(corpus.lengths[rows].max())
     ids = corpus.input_ids[rows, :length]  # [b, s]
@@ -219,10 +173,7 @@ def _batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, pixel_values: torch
     is_answer = (nxt >= starts) & (attention[:, 1:] == 1)  # answer tokens and </s>
     weights = torch.where(is_answer, answer_weight, is_text.float())  # [b, s - 1]
     scored = (nxt >= starts) & (nxt < starts + corpus.target_lens[rows, None])  # answer, no </s>
-    images = None
-    if pixel_values is not None:
-        images = pixel_values[corpus.image_index[rows]]  # [b, 3, H, W]
-    return ids, attention, images, weights, scored
+    return ids, attention, weights, scored
 
 
 def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -232,50 +183,69 @@ def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
     return (losses * weights[keep]).sum() / weights[keep].sum()
 
 
+def _language_side(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Everything but the vision tower: connector (projector / queries, Q-Former, projection)
+    and language model."""
+    frozen = {id(p) for p in vision_tower(model).parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in frozen]
+
+
 def train_vlm(
-    model: nn.Module, corpus: EncodedCorpus, pixel_values: torch.Tensor, settings: TrainSettings,
-    generator: torch.Generator, progress: bool, arch: str,
+    model: nn.Module, corpus: EncodedCorpus, features: torch.Tensor, settings: TrainSettings,
+    generator: torch.Generator, progress: bool = False,
 ) -> list[dict]:
-    """Stage 2: the whole VLM, LM loss on image lines and text facts each step.
+    """Stage 2: connector and language model on frozen tower features.
+
+    Args:
+        corpus: the encoded training lines.
+        features: [n_images, tokens, vision_hidden] `tower_features` of the corpus images.
 
     Returns:
         the loss curve, one entry every 50 steps and at the end.
     """
     backbone = get_backbone(model)
+    image_id = backbone.image_token_id(model)
     special = torch.tensor(corpus.special_ids)
     image_rows = torch.nonzero(corpus.image_index >= 0).flatten()
     text_rows = torch.nonzero(corpus.image_index < 0).flatten()
     image_batches = _Batches(image_rows, settings.batch_size, generator)
     text_batches = _Batches(text_rows, settings.text_batch_size, generator)
-    optimizer = _adamw(list(model.named_parameters()), settings.lr, settings.weight_decay)
+    params = _language_side(model)
+    vision_tower(model).requires_grad_(False)
+    optimizer = _adamw(params, settings.lr, settings.weight_decay)
     model.train()
     curve, running = [], []
-    bar = tqdm(range(settings.steps), desc=f"{arch} pretraining", disable=not progress)
-    for step in bar:
-        lr = _lr_at(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = []
-        for rows, pixels in ((image_batches.next() if len(image_rows) else None, pixel_values),
-                             (text_batches.next() if len(text_rows) else None, None)):
-            if rows is None:
-                continue
-            ids, attention, images, weights, _ = _batch_inputs(
-                corpus, rows, pixels, settings.answer_weight, special
-            )
-            logits = backbone.forward_logits(model, ids, attention, images)  # [b, s, vocab]
-            losses.append(_weighted_loss(logits, ids, weights))
-        loss = torch.stack(losses).sum()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == settings.steps:
-            curve.append({"step": step + 1, "loss": sum(running) / len(running), "lr": lr})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
-            logger.debug("%s step %d loss %.4f", arch, step + 1, curve[-1]["loss"])
-            running = []
+    bar = tqdm(range(settings.steps), desc=f"{model.config.model_type} language side",
+               disable=not progress)
+    try:
+        for step in bar:
+            lr = _lr_at(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = []
+            if len(image_rows):
+                rows = image_batches.next()
+                ids, attention, weights, _ = _batch_inputs(corpus, rows, settings.answer_weight, special)
+                feats = features[corpus.image_index[rows]]  # [b, tokens, vision_hidden]
+                logits = logits_from_features(model, ids, attention, feats, image_id)  # [b, s, V]
+                losses.append(_weighted_loss(logits, ids, weights))
+            if len(text_rows):
+                rows = text_batches.next()
+                ids, attention, weights, _ = _batch_inputs(corpus, rows, settings.answer_weight, special)
+                logits = backbone.forward_logits(model, ids, attention, None)  # [b, s, V]
+                losses.append(_weighted_loss(logits, ids, weights))
+            loss = torch.stack(losses).sum()
+            loss.backward()
+            nn.utils.clip_grad_norm_([p for _, p in params], settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            running.append(loss.item())
+            if (step + 1) % 50 == 0 or step + 1 == settings.steps:
+                curve.append({"step": step + 1, "loss": sum(running) / len(running), "lr": lr})
+                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
+                running = []
+    finally:
+        vision_tower(model).requires_grad_(True)
     model.eval()
     return curve
 
@@ -298,9 +268,8 @@ def answer_accuracy(
         rows_all = torch.nonzero((corpus.image_index >= 0) == has_image).flatten()
         for start in range(0, len(rows_all), batch_size):
             rows = rows_all[start:start + batch_size]
-            ids, attention, images, _, scored = _batch_inputs(
-                corpus, rows, pixel_values if has_image else None, 1.0, special
-            )
+            ids, attention, _, scored = _batch_inputs(corpus, rows, 1.0, special)
+            images = pixel_values[corpus.image_index[rows]] if has_image else None  # [b, 3, H, W]
             logits = backbone.forward_logits(model, ids, attention, images)  # [b, s, vocab]
             right = (logits[:, :-1].argmax(-1) == ids[:, 1:]) & scored  # [b, s - 1]
             per_line[rows] = right.sum(1).float() / scored.sum(1).clamp(min=1).float()
@@ -412,8 +381,17 @@ def pretrain(
     return metrics
 
 
+def _timed(clock: dict, name: str, start: tuple[float, float]) -> tuple[float, float]:
+    """Record wall and process-CPU seconds since `start` under `name`; return a new start."""
+    now = (time.perf_counter(), time.process_time())
+    clock[f"{name}_seconds"] = round(now[0] - start[0], 2)
+    clock[f"{name}_cpu_seconds"] = round(now[1] - start[1], 2)
+    return now
+
+
 def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: TrainSettings):
-    start = time.perf_counter()
+    clock: dict[str, float] = {}
+    begin = mark = (time.perf_counter(), time.process_time())
     train_lines = read_corpus(world_dir / "corpus" / "train.jsonl")
     heldout_lines = read_corpus(world_dir / "corpus" / "heldout.jsonl")
     image_size = _image_size(world_dir, train_lines)
@@ -422,36 +400,43 @@ def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: 
     model = build_model(arch, tokenizer, size, image_size, seed=seed)
     backbone = get_backbone(model)
     n_image = num_image_tokens(arch, size, image_size)
-
     train_pixels, train_index = load_images(world_dir / "images", train_lines, processor, progress)
     held_pixels, held_index = load_images(world_dir / "images", heldout_lines, processor, progress)
     train = encode_corpus(train_lines, train_index, processor, backbone, n_image, image_size)
     heldout = encode_corpus(heldout_lines, held_index, processor, backbone, n_image, image_size)
-    prepare_seconds = time.perf_counter() - start
+    mark = _timed(clock, "prepare", mark)
     logger.info("%s: %d train lines, %d images, prepared in %.1f s",
-                arch, len(train.tasks), len(train_pixels), prepare_seconds)
+                arch, len(train.tasks), len(train_pixels), clock["prepare_seconds"])
 
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    warm = warm_up_vision(model, arch, train_pixels, vision_labels(train_lines, train_index),
-                          settings, generator, progress)
-    warm_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    curve = train_vlm(model, train, train_pixels, settings, generator, progress, arch)
-    train_seconds = time.perf_counter() - t0
+    labels, classes = vision_labels(train_lines, train_index)
+    heads = warm_up_vision(
+        model, train_pixels, labels, steps=settings.vision_steps,
+        batch_size=settings.vision_batch_size, lr=settings.vision_lr,
+        weight_decay=settings.weight_decay, shift=settings.vision_shift,
+        grad_clip=settings.grad_clip, generator=generator, progress=progress,
+    )
+    held_labels, _ = vision_labels(heldout_lines, held_index, classes)
+    vision_acc = head_accuracy(model, heads, held_pixels, held_labels)
+    mark = _timed(clock, "vision", mark)
+    logger.info("%s vision warm-up: held-out head accuracy %s", arch,
+                {k: round(v, 3) for k, v in vision_acc.items()})
 
-    t0 = time.perf_counter()
+    features = tower_features(model, train_pixels)  # [n_images, tokens, vision_hidden]
+    curve = train_vlm(model, train, features, settings, generator, progress)
+    del features
+    mark = _timed(clock, "language", mark)
+
     heldout_acc = answer_accuracy(model, heldout, held_pixels, settings.eval_batch_size)
     if "text" not in heldout_acc["by_task"]:
         # Text facts have no renderings to hold out: their accuracy is on the training facts.
-        text_only = train.select(train.image_index < 0)
-        text_acc = answer_accuracy(model, text_only, None, settings.eval_batch_size)
-        heldout_acc["by_task"].update(text_acc["by_task"])
-        heldout_acc["by_kind"].update(text_acc["by_kind"])
-        heldout_acc["lines"].update({k: v for k, v in text_acc["lines"].items()})
+        text_acc = answer_accuracy(model, train.select(train.image_index < 0), None,
+                                   settings.eval_batch_size)
+        for key in ("by_task", "by_kind", "lines"):
+            heldout_acc[key].update(text_acc[key])
         heldout_acc["text_from"] = "train"
-    eval_seconds = time.perf_counter() - t0
+    mark = _timed(clock, "eval", mark)
+    _timed(clock, "total", begin)
 
     metrics = {
         "arch": arch,
@@ -461,13 +446,10 @@ def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: 
         "heldout_accuracy_by_kind": heldout_acc["by_kind"],
         "heldout_lines": heldout_acc["lines"],
         "text_accuracy_source": heldout_acc.get("text_from", "heldout"),
-        "vision_warmup_accuracy": warm,
+        "vision_heldout_head_accuracy": vision_acc,
         "loss_curve": curve,
-        "prepare_seconds": prepare_seconds,
-        "vision_warmup_seconds": warm_seconds,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "total_seconds": time.perf_counter() - start,
+        "train_seconds": round(clock["vision_seconds"] + clock["language_seconds"], 2),
+        "timing": clock,
         "parameters": parameter_counts(model),
         "config": {"size": size.to_dict(), "train": dataclasses.asdict(settings),
                    "vocab_size": len(tokenizer), "image_tokens": n_image},

@@ -120,12 +120,13 @@ def build_tokenizer(words: Iterable[str], arch: str) -> PreTrainedTokenizerFast:
 
     Ids 0..4 are ``<pad> <s> </s> <unk> <image>``; words follow in sorted order. Encoding
     prepends ``<s>``; ``</s>`` is never added automatically (training text ends with it
-    explicitly so that `generate()` learns to stop).
+    explicitly so that `generate()` learns to stop). Decoding puts one space between tokens,
+    punctuation included ("nq question : ...").
 
     Example:
-        >>> tok = build_tokenizer(["red", "circle"], "llava")
+        >>> tok = build_tokenizer(["red", "circle", "?"], "llava")
         >>> tok("<image>\\nRed circle?").input_ids
-        [1, 4, 7, 5, <id of ?>]
+        [1, 4, 7, 6, 5]
     """
     if arch not in ARCHES:
         raise ValueError(f"arch {arch!r}: expected one of {ARCHES}")
