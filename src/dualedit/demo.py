@@ -35,14 +35,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DUALEDIT_CACHE", Path.home() / ".cache" / "dualedit"))
 
 
-def cached_world(cache_dir: Path, seed: int, progress: bool = True) -> Path:
-    """The default-size world for `seed`, built once under `cache_dir`."""
+def cached_world(
+    cache_dir: Path, seed: int, progress: bool = True, world_options: dict | None = None
+) -> Path:
+    """The world for `seed` (default size unless `world_options`), built once under `cache_dir`.
+
+    A cache folder holds one world per seed: give a cache of its own to other world options.
+    """
     world_dir = cache_dir / f"world-seed{seed}"
     if (world_dir / WORLD_FILE).is_file():
         logger.info("reusing the world in %s", world_dir)
         return world_dir
     logger.info("drawing the world into %s", world_dir)
-    return build_world(world_dir, seed=seed, progress=progress)
+    return build_world(world_dir, seed=seed, progress=progress, **(world_options or {}))
 
 
 #: DualEdit training in the demo: a CPU-sized budget (the paper trains up to 50k steps on GPUs).
@@ -86,11 +91,14 @@ def run_demo(
     methods: Sequence[str] | None = None,
     archs: Sequence[str] = ARCHS,
     progress: bool = True,
+    world_options: dict | None = None,
+    pretrain_options: dict | None = None,
 ) -> str:
     """Run the demo and return its Markdown table.
 
     Writes `out_dir/results.json` (every run, plus each model's pretraining metrics) and
-    `out_dir/table.md`.
+    `out_dir/table.md`. `world_options` (for `build_world`) and `pretrain_options` (`size`,
+    `settings` for `pretrain`) shrink the demo for tests; the defaults are the real demo.
     """
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -98,11 +106,13 @@ def run_demo(
     unknown = [m for m in methods if m not in EDITORS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {sorted(EDITORS)}")
-    world_dir = cached_world(cache, seed, progress)
+    world_dir = cached_world(cache, seed, progress, world_options)
     all_results, pretraining = [], {}
     for arch in archs:
         model_dir = cache / "models" / f"{arch}-seed{seed}"
-        pretraining[arch] = pretrain(world_dir, arch, model_dir, seed=seed, progress=progress)
+        pretraining[arch] = pretrain(
+            world_dir, arch, model_dir, seed=seed, progress=progress, **(pretrain_options or {})
+        )
         model_and_processor = load_vlm(model_dir)
         for task in TASKS:
             for method in methods:
