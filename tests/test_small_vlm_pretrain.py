@@ -70,6 +70,32 @@ def test_encoded_targets_are_the_answers_followed_by_eos(tiny_world, arch):
     assert classes["shape"] == sorted({x["answer"] for x in lines if x["kind"] == "shape"})
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_corpus_encoding_agrees_with_the_data_layer(tiny_world, arch):
+    """Pretraining sees exactly the ids and target positions the evaluation harness scores."""
+    from dualedit.data.prompts import encode, question_sample
+
+    lines, tok, model, _, _, corpus = _prepared(tiny_world, arch)
+    processor = build_processor(arch, tok, "tiny", 32)
+    backbone = get_backbone(model)
+
+    def load(rel):
+        from PIL import Image
+        with Image.open(tiny_world / "images" / rel) as image:
+            return image.convert("RGB")
+
+    for i in (0, 3, 6, len(lines) - 1):
+        line = lines[i]
+        sample = question_sample(line["task"], line["image"], line["question"], line["answer"])
+        batch = encode([sample], processor, backbone, load)
+        n = int(batch.attention_mask.sum())
+        ours = corpus.input_ids[i, :int(corpus.lengths[i])].tolist()
+        assert ours[:-1] == batch.input_ids[0, :n].tolist()  # ours adds </s>
+        assert ours[-1] == tok.eos_token_id
+        start = int(corpus.prompt_lens[i])
+        assert int(batch.prompt_end[0]) == start - 1
+
+
 def test_corpus_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"task": "vqa", "image": "a.png", "question": "q", "answer": "a", "kind": "k"}\n'
@@ -140,6 +166,7 @@ def test_pretrain_writes_a_loadable_model_and_metrics(tiny_world, tmp_path, arch
     assert set(metrics["heldout_accuracy"]) == {"vqa", "caption", "text"}
     assert all(0.0 <= v <= 1.0 for v in metrics["heldout_accuracy"].values())
     assert "vqa/shape" in metrics["heldout_accuracy_by_kind"]
+    assert set(metrics["generation_exact_match"]) == {"vqa", "caption", "text"}
     assert metrics["settings"]["arch"] == arch and metrics["parameters"]["total"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -184,3 +211,15 @@ def test_bad_arguments(tiny_world, tmp_path):
         pretrain(tmp_path / "nothing", "llava", tmp_path / "m", size="tiny", progress=False)
     with pytest.raises(ValueError, match="steps"):
         TrainSettings(steps=0)
+
+
+@pytest.mark.slow  # builds the default world and pretrains both default models: ~15 min on 2 cores
+def test_default_pretraining_meets_the_accuracy_targets(tmp_path):
+    from dualedit.world import build_world
+
+    world = build_world(tmp_path / "world", seed=0, progress=False)
+    for arch in ARCHES:
+        metrics = pretrain(world, arch, tmp_path / arch, progress=False)
+        acc = metrics["heldout_accuracy"]
+        assert acc["vqa"] >= 0.95 and acc["caption"] >= 0.90 and acc["text"] >= 0.95, (arch, acc)
+        assert min(metrics["generation_exact_match"].values()) >= 0.85, metrics["generation_exact_match"]

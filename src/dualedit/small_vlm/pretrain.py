@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import dualedit
 from dualedit.backbones.registry import get_backbone
+from dualedit.data.prompts import encode_prompts, question_sample
 from dualedit.small_vlm.configs import (
     build_model,
     build_processor,
@@ -50,7 +51,7 @@ from dualedit.small_vlm.corpus import (
     read_corpus,
     vision_labels,
 )
-from dualedit.small_vlm.tokenizer import build_world_tokenizer
+from dualedit.small_vlm.tokenizer import build_world_tokenizer, split_words
 from dualedit.small_vlm.vision import (
     head_accuracy,
     logits_from_features,
@@ -62,7 +63,7 @@ from dualedit.small_vlm.vision import (
 logger = logging.getLogger(__name__)
 
 # Bump when a change here changes the trained weights: cached models then retrain.
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 METRICS_FILE = "pretrain_metrics.json"
 WORLD_FILES = ("world.json", "corpus/train.jsonl", "corpus/heldout.jsonl")
 
@@ -85,6 +86,7 @@ class TrainSettings:
     vision_lr: float = 2e-3
     vision_shift: int = 2  # augmentation shift in px
     eval_batch_size: int = 128
+    generation_probe: int = 48  # lines per task for the generate() exact-match probe
     num_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -99,7 +101,7 @@ class TrainSettings:
 
 
 DEFAULT_SETTINGS: dict[str, TrainSettings] = {
-    "llava": TrainSettings(),
+    "llava": TrainSettings(steps=500),
     "blip2": TrainSettings(steps=1200),
 }
 
@@ -286,6 +288,46 @@ def answer_accuracy(
     }
 
 
+@torch.no_grad()
+def generation_exact_match(model: nn.Module, processor, lines: list[dict], image_root: Path,
+                           batch_size: int = 32, max_new_tokens: int = 12) -> dict[str, float]:
+    """Greedy `generate()` on the protocol prompts of `lines`: fraction whose decoded output
+    (stopped at ``</s>``) equals the answer, per task. Checks that the model also stops."""
+    backbone = get_backbone(model)
+    tokenizer = processor.tokenizer
+
+    def load(rel: str) -> Image.Image:
+        with Image.open(image_root / rel) as image:
+            return image.convert("RGB")
+
+    hits: dict[str, list[bool]] = {}
+    samples = [(line["task"], question_sample(line["task"], line["image"], line["question"],
+                                              line["answer"])) for line in lines]
+    for has_image in (True, False):
+        group = [(task, s) for task, s in samples if s.has_image == has_image]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            batch = encode_prompts([s for _, s in chunk], processor, backbone, load)
+            new = backbone.generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                    max_new_tokens=max_new_tokens, do_sample=False)
+            for (task, sample), row in zip(chunk, new.tolist()):
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                stopped = tokenizer.eos_token_id in row
+                expected = " ".join(split_words(sample.target))
+                hits.setdefault(task, []).append(stopped and text == expected)
+    return {task: sum(v) / len(v) for task, v in sorted(hits.items())}
+
+
+def _spread(lines: list[dict], n: int) -> list[dict]:
+    """Up to `n` lines per task, evenly spaced through the file (every kind and entity)."""
+    out = []
+    for task in sorted({line["task"] for line in lines}):
+        of_task = [line for line in lines if line["task"] == task]
+        step = max(1, len(of_task) // n)
+        out.extend(of_task[::step][:n])
+    return out
+
+
 def _cached(out_dir: Path, settings: dict) -> dict | None:
     metrics_path = out_dir / METRICS_FILE
     if not (metrics_path.is_file() and (out_dir / "config.json").is_file()):
@@ -435,6 +477,10 @@ def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: 
         for key in ("by_task", "by_kind", "lines"):
             heldout_acc[key].update(text_acc[key])
         heldout_acc["text_from"] = "train"
+    probe = _spread(heldout_lines, settings.generation_probe) + _spread(
+        [x for x in train_lines if x["task"] == "text"], settings.generation_probe)
+    generation = generation_exact_match(model, processor, probe, world_dir / "images",
+                                        settings.eval_batch_size)
     mark = _timed(clock, "eval", mark)
     _timed(clock, "total", begin)
 
@@ -446,6 +492,8 @@ def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: 
         "heldout_accuracy_by_kind": heldout_acc["by_kind"],
         "heldout_lines": heldout_acc["lines"],
         "text_accuracy_source": heldout_acc.get("text_from", "heldout"),
+        "generation_exact_match": generation,
+        "generation_probe_lines": len(probe),
         "vision_heldout_head_accuracy": vision_acc,
         "loss_curve": curve,
         "train_seconds": round(clock["vision_seconds"] + clock["language_seconds"], 2),

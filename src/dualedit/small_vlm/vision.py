@@ -1,7 +1,7 @@
 """The vision side of pretraining: warm-up with linear heads, then frozen features.
 
 Stage 1 trains the vision tower alone to classify every image question kind of the corpus (name,
-shape, color, ...) through throw-away linear heads on [CLS, mean of patches]. A small ViT learns
+shape, color, ...) through throw-away linear heads on pooled tower outputs. A small ViT learns
 shapes far faster from these direct labels than through a language model's loss (an earlier
 trial: shape stuck near 50% after 12 minutes of end-to-end training).
 
@@ -94,9 +94,21 @@ def augment(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> tor
 
 
 def _pooled(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[CLS, mean of patches] of the tower's last layer. [b, 3, H, W] -> [b, 2 * v]."""
+    """What the warm-up heads read: the mean of the last layer's patch tokens, plus CLS for BLIP-2.
+
+    LLaVA's language model sees the patch tokens only (CLS dropped), so its heads must not lean
+    on CLS; BLIP-2's Q-Former reads every token. [b, 3, H, W] -> [b, pooled_width(model)].
+    """
     hidden = vision_tower(model)(pixel_values=pixel_values).last_hidden_state  # [b, 1 + p, v]
-    return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
+    patches = hidden[:, 1:].mean(dim=1)  # [b, v]
+    if model.config.model_type == "llava":
+        return patches
+    return torch.cat([hidden[:, 0], patches], dim=-1)  # [b, 2v]
+
+
+def pooled_width(model: nn.Module) -> int:
+    width = model.config.vision_config.hidden_size
+    return width if model.config.model_type == "llava" else 2 * width
 
 
 def warm_up_vision(model: nn.Module, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor],
@@ -113,11 +125,11 @@ def warm_up_vision(model: nn.Module, pixel_values: torch.Tensor, labels: dict[st
     Returns:
         the trained heads (for measuring held-out accuracy; the model does not keep them).
     """
-    width = model.config.vision_config.hidden_size
+    width = pooled_width(model)
     head_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):  # deterministic heads, global RNG untouched
         torch.manual_seed(head_seed)
-        heads = nn.ModuleDict({kind: nn.Linear(2 * width, int(y.max()) + 1)
+        heads = nn.ModuleDict({kind: nn.Linear(width, int(y.max()) + 1)
                                for kind, y in labels.items()})
     tower = vision_tower(model)
     tower.train()
@@ -137,7 +149,7 @@ def warm_up_vision(model: nn.Module, pixel_values: torch.Tensor, labels: dict[st
             order, pos = torch.randperm(len(pixel_values), generator=generator), 0
         rows = order[pos:pos + batch_size]
         pos += batch_size
-        features = _pooled(model, augment(pixel_values[rows], shift, generator))  # [b, 2v]
+        features = _pooled(model, augment(pixel_values[rows], shift, generator))  # [b, width]
         loss = sum(nn.functional.cross_entropy(head(features), labels[kind][rows], ignore_index=-100)
                    for kind, head in heads.items())
         loss.backward()
