@@ -102,7 +102,7 @@ class TrainSettings:
 
 DEFAULT_SETTINGS: dict[str, TrainSettings] = {
     "llava": TrainSettings(steps=500),
-    "blip2": TrainSettings(steps=1200),
+    "blip2": TrainSettings(steps=1000, vision_lr=1e-3),
 }
 
 
