@@ -12,7 +12,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dualedit.backbones.registry import get_backbone
 from dualedit.small_vlm.configs import build_model, build_processor, num_image_tokens
-from dualedit.small_vlm.corpus import encode_corpus, load_images, read_corpus, vision_labels
+from dualedit.small_vlm.corpus import (
+    batch_inputs,
+    encode_corpus,
+    load_images,
+    read_corpus,
+    vision_labels,
+)
 from dualedit.small_vlm.pretrain import METRICS_FILE, TrainSettings, pretrain
 from dualedit.small_vlm.tokenizer import build_world_tokenizer
 from dualedit.small_vlm.vision import (
@@ -96,6 +102,18 @@ def test_corpus_encoding_agrees_with_the_data_layer(tiny_world, arch):
         assert int(batch.prompt_end[0]) == start - 1
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_preloaded_pixels_equal_the_processor_on_pil_images(tiny_world, arch):
+    from PIL import Image
+
+    lines, tok, _, pixels, index, _ = _prepared(tiny_world, arch)
+    processor = build_processor(arch, tok, "tiny", 32)
+    rel = sorted(index)[3]
+    with Image.open(tiny_world / "images" / rel) as image:
+        expected = processor.image_processor([image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels[index[rel]], expected[0])
+
+
 def test_corpus_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"task": "vqa", "image": "a.png", "question": "q", "answer": "a", "kind": "k"}\n'
@@ -111,7 +129,7 @@ def test_feature_path_matches_the_model_forward(tiny_world, arch):
     _, _, model, pixels, _, corpus = _prepared(tiny_world, arch)
     model.eval()
     rows = torch.nonzero(corpus.image_index >= 0).flatten()[:6]
-    ids, attention, _, _ = pretrain_module._batch_inputs(
+    ids, attention, _, _ = batch_inputs(
         corpus, rows, 1.0, torch.tensor(corpus.special_ids))
     images = pixels[corpus.image_index[rows]]
     with torch.no_grad():
@@ -132,7 +150,7 @@ def test_short_training_lowers_the_loss_and_keeps_the_tower(tiny_world, arch):
 
     def loss() -> float:
         with torch.no_grad():
-            ids, attention, weights, _ = pretrain_module._batch_inputs(corpus, image_rows, 3.0, special)
+            ids, attention, weights, _ = batch_inputs(corpus, image_rows, 3.0, special)
             logits = logits_from_features(model, ids, attention,
                                           features[corpus.image_index[image_rows]], image_id)
             return float(pretrain_module._weighted_loss(logits, ids, weights))
@@ -202,6 +220,29 @@ def test_cache_hits_and_misses(tiny_world, tmp_path, monkeypatch):
     pretrain(tiny_world, "blip2", out, size="tiny", seed=1,
              settings=dataclasses.replace(QUICK, steps=5), progress=False)
     assert len(runs) == 3
+    monkeypatch.setattr(pretrain_module, "PRETRAIN_VERSION", pretrain_module.PRETRAIN_VERSION + 1)
+    pretrain(tiny_world, "blip2", out, size="tiny", seed=1,
+             settings=dataclasses.replace(QUICK, steps=5), progress=False)
+    assert len(runs) == 4
+
+
+def test_cache_follows_the_world_files(tiny_world, tmp_path, monkeypatch):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    out = tmp_path / "model"
+    first = pretrain(world, "llava", out, size="tiny", settings=QUICK, progress=False)
+    with (world / "corpus" / "heldout.jsonl").open("a") as handle:
+        handle.write("\n")  # same lines, other bytes: another world fingerprint
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("retrained")
+
+    monkeypatch.setattr(pretrain_module, "_run", refuse)
+    with pytest.raises(RuntimeError, match="retrained"):
+        pretrain(world, "llava", out, size="tiny", settings=QUICK, progress=False)
+    assert json.loads((out / METRICS_FILE).read_text()) == first  # the old model is untouched
 
 
 def test_bad_arguments(tiny_world, tmp_path):

@@ -169,6 +169,30 @@ def encode_corpus(lines: list[dict], image_index: dict[str, int], processor, bac
     )
 
 
+def batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, answer_weight: float,
+                  special_ids: torch.Tensor):
+    """Right-padded model inputs for some corpus rows, with what each position predicts.
+
+    Position p predicts token p + 1. Returns input_ids [b, s], attention_mask [b, s], loss
+    weights [b, s - 1] (0 where the next token is padding, ``<s>`` or an image placeholder;
+    `answer_weight` where it is an answer token or the final ``</s>``; 1 for prompt words), and
+    `scored` [b, s - 1] (True where the next token is an answer token, ``</s>`` excluded: the
+    positions the protocol scores).
+    """
+    length = int(corpus.lengths[rows].max())
+    ids = corpus.input_ids[rows, :length]  # [b, s]
+    pos = torch.arange(length)
+    attention = (pos[None, :] < corpus.lengths[rows, None]).long()  # [b, s]
+    nxt = pos[None, 1:]  # position p predicts token p + 1: [1, s - 1]
+    starts = corpus.prompt_lens[rows, None]  # first target token index: [b, 1]
+    is_text = (attention[:, 1:] == 1) & ~torch.isin(ids[:, 1:], special_ids)  # [b, s - 1]
+    is_answer = (nxt >= starts) & (attention[:, 1:] == 1)  # answer tokens and </s>
+    weights = torch.where(is_answer, answer_weight, is_text.float())  # [b, s - 1]
+    scored = (nxt >= starts) & (nxt < starts + corpus.target_lens[rows, None])  # answer, no </s>
+    return ids, attention, weights, scored
+
+
+
 def vision_labels(lines: list[dict], image_index: dict[str, int],
                   classes: dict[str, list[str]] | None = None):
     """Class labels per image for every VQA question kind.
