@@ -254,7 +254,7 @@ def test_bad_arguments(tiny_world, tmp_path):
         TrainSettings(steps=0)
 
 
-@pytest.mark.slow  # builds the default world and pretrains both default models: ~15 min on 2 cores
+@pytest.mark.slow  # builds the default world and pretrains both default models: ~12 min on 2 cores
 def test_default_pretraining_meets_the_accuracy_targets(tmp_path):
     from dualedit.world import build_world
 

@@ -1,8 +1,9 @@
 """Small VLMs of the real transformers architectures, pretrained on the built-in world.
 
 tokenizer.py (word-level tokenizers from the world's words), configs.py (models and processors
-per architecture and size), corpus.py (the pretraining corpus as tensors), pretrain.py (cached,
-atomic pretraining with held-out metrics).
+per architecture and size), corpus.py (the pretraining corpus as tensors), vision.py (vision
+warm-up and frozen tower features), evaluate.py (held-out accuracy, generation exact match),
+pretrain.py (cached, atomic two-stage pretraining).
 """
 
 from dualedit.small_vlm.configs import (
