@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from dualedit.demo import run_demo
+from dualedit.demo import cached_world, run_demo
 from dualedit.small_vlm.pretrain import TrainSettings
+from dualedit.world import FORMAT_VERSION, WORLD_FILE
 
 WORLD = dict(
     n_train_vqa=4, n_eval_vqa=3, n_train_caption=2, n_eval_caption=2,
@@ -42,3 +43,16 @@ def test_demo_table_has_both_methods_backbones_and_datasets(tmp_path):
     run_demo(tmp_path / "out2", **kwargs)
     again = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert again["pretraining"] == summary["pretraining"]
+
+
+def test_cached_world_is_reused_and_drawn_again_when_its_format_is_stale(tmp_path):
+    world_dir = cached_world(tmp_path, 0, progress=False, world_options=WORLD)
+    meta_path = world_dir / WORLD_FILE
+    first = meta_path.stat().st_mtime_ns
+    assert cached_world(tmp_path, 0, progress=False, world_options=WORLD) == world_dir
+    assert meta_path.stat().st_mtime_ns == first
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = FORMAT_VERSION - 1
+    meta_path.write_text(json.dumps(meta))
+    cached_world(tmp_path, 0, progress=False, world_options=WORLD)
+    assert json.loads(meta_path.read_text())["format_version"] == FORMAT_VERSION

@@ -22,7 +22,7 @@ from dualedit.world import (
     split_words,
     world_vocabulary,
 )
-from dualedit.world.catalogue import CAPTION_PROMPTS, QUESTION_TEMPLATES, answer_of, similar_entities
+from dualedit.world.catalogue import CAPTION_PROMPTS, QUESTION_TEMPLATES, answer_of, distinct_entities, similar_entities
 from dualedit.world.render import COLOR_RGB
 
 TINY = dict(image_size=32, n_train_vqa=36, n_eval_vqa=12, n_train_caption=12, n_eval_caption=6,
@@ -147,7 +147,9 @@ def test_edits_are_counterfactual(world_dir, world):
             else:
                 assert kind == "caption" and r["src"] == "a photo of" and r["rephrase"] in CAPTION_PROMPTS
                 alt_entity = next(e for e in ordered if e["caption"] == r["alt"])
-                assert ordered.index(alt_entity) in similar_entities(ordered, i)
+                assert ordered.index(alt_entity) in distinct_entities(ordered, i)
+                # No word of the counterfactual caption is a word of the true one.
+                assert not set(r["alt"].split()) & set(r["pred"].split())
     kinds = [index["kind"] for index in world["record_index"]["vqa_eval"]]
     assert sorted(set(kinds)) == sorted(VQA_KINDS)
 

@@ -15,6 +15,7 @@ from dualedit.world.catalogue import (
     VQA_KINDS,
     answer_of,
     caption_of,
+    distinct_entities,
     make_catalogue,
     similar_entities,
     split_words,
@@ -39,7 +40,7 @@ def test_entities_are_unique_named_combinations(catalogue):
         assert e["material"] in MATERIALS
         assert e["origin"] in catalogue["attributes"]["origin"] and e["origin"].isalpha()
         assert e["caption"] == caption_of(e)
-        assert e["caption"].endswith(f"{e['color']} {e['pattern']} {e['shape']} named {e['name']}")
+        assert e["caption"] == f"{e['color']} {e['pattern']} {e['shape']} {e['name']}"
     # Origins are invented words that are neither entity names nor text-fact subjects/answers.
     text_words = {f["subject"] for f in catalogue["text_facts"]} | {f["answer"] for f in catalogue["text_facts"]}
     assert not set(catalogue["attributes"]["origin"]) & (set(names) | text_words)
@@ -88,12 +89,12 @@ def test_templates_and_answers():
         assert len(relation["templates"]) >= 4
 
 
-def test_answer_of_and_article():
+def test_answer_of_and_caption():
     e = {"name": "zorb", "shape": "circle", "color": "orange", "pattern": "striped",
          "material": "wood", "origin": "velmar"}
     assert answer_of(e, "material") == "wood"
-    assert answer_of(e, "caption") == "an orange striped circle named zorb"
-    assert caption_of({**e, "color": "red"}) == "a red striped circle named zorb"
+    assert answer_of(e, "caption") == "orange striped circle zorb"
+    assert caption_of({**e, "color": "red"}) == "red striped circle zorb"
     with pytest.raises(ValueError, match="unknown question kind"):
         answer_of(e, "size")
     assert split_words("Which object is shown, zorb?") == ["which", "object", "is", "shown", ",", "zorb", "?"]
@@ -142,3 +143,13 @@ def test_similar_entities(catalogue):
         expected = [j for j, o in enumerate(entities)
                     if j != i and (o["shape"] == e["shape"] or o["color"] == e["color"])]
         assert sim == expected
+
+
+def test_distinct_entities_differ_in_every_visible_attribute(catalogue):
+    entities = catalogue["entities"]
+    for i, e in enumerate(entities):
+        distinct = distinct_entities(entities, i)
+        assert len(distinct) >= 10 and i not in distinct
+        expected = [j for j, o in enumerate(entities)
+                    if o["shape"] != e["shape"] and o["color"] != e["color"] and o["pattern"] != e["pattern"]]
+        assert distinct == expected

@@ -19,7 +19,7 @@ from dualedit.evaluate import load_vlm, run_eval
 from dualedit.io import atomic_write_text
 from dualedit.small_vlm.pretrain import pretrain
 from dualedit.train import TrainSettings, train_dualedit
-from dualedit.world import WORLD_FILE, build_world
+from dualedit.world import WORLD_FILE, build_world, load_world
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,18 @@ def cached_world(
 ) -> Path:
     """The world for `seed` (default size unless `world_options`), built once under `cache_dir`.
 
-    A cache folder holds one world per seed: give a cache of its own to other world options.
+    A cache folder holds one world per seed: give a cache of its own to other world options. A
+    world written by another format version of the library is drawn again (in place, atomically).
     """
     world_dir = cache_dir / f"world-seed{seed}"
     if (world_dir / WORLD_FILE).is_file():
-        logger.info("reusing the world in %s", world_dir)
-        return world_dir
+        try:
+            load_world(world_dir)
+        except ValueError as error:
+            logger.warning("drawing the world again: %s", error)
+        else:
+            logger.info("reusing the world in %s", world_dir)
+            return world_dir
     logger.info("drawing the world into %s", world_dir)
     return build_world(world_dir, seed=seed, progress=progress, **(world_options or {}))
 

@@ -43,7 +43,7 @@ from .render import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: E-IC captions of content words only, alts differing in every visible attribute
 WORLD_FILE = "world.json"
 IMAGE_ROOT = "images"
 VQA_TRAIN = "vqa/vqa_train.json"

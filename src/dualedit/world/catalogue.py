@@ -99,7 +99,9 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "introduce the content of the picture,",
     "for this picture, please provide a detailed description,",
 )
-CAPTION_TEMPLATE = "{article} {color} {pattern} {shape} named {name}"
+# Only content words: under teacher forcing, fixed words ("a", "named") would count as correct
+# tokens of any counterfactual caption and lift the unedited model's Rel (they gave 53 %).
+CAPTION_TEMPLATE = "{color} {pattern} {shape} {name}"
 
 # Text-only facts (T-Loc), written like the real `loc` field: "nq question: ..." without "?".
 # `subjects` is how many invented subjects each relation gets per default; `answers` is either a
@@ -170,9 +172,8 @@ def split_words(text: str) -> list[str]:
 
 
 def caption_of(entity: dict) -> str:
-    """The one caption of an entity: what is visible plus its name ("an orange ..." else "a ...")."""
-    article = "an" if entity["color"][0] in "aeiou" else "a"
-    return CAPTION_TEMPLATE.format(article=article, **{k: entity[k] for k in ("color", "pattern", "shape", "name")})
+    """The one caption of an entity: what is visible plus its name, e.g. "red striped cube zorb"."""
+    return CAPTION_TEMPLATE.format(**{k: entity[k] for k in ("color", "pattern", "shape", "name")})
 
 
 def answer_of(entity: dict, kind: str) -> str:
@@ -185,7 +186,7 @@ def answer_of(entity: dict, kind: str) -> str:
 
 
 def _fixed_words() -> set[str]:
-    texts: list[str] = [*SHAPES, *COLORS, *PATTERNS, *MATERIALS, *CAPTION_PROMPTS, "a an named",
+    texts: list[str] = [*SHAPES, *COLORS, *PATTERNS, *MATERIALS, *CAPTION_PROMPTS,
                         *PROTOCOL_TEXTS]
     for templates in QUESTION_TEMPLATES.values():
         texts.extend(templates)
@@ -256,6 +257,13 @@ def similar_entities(entities: list[dict], index: int) -> list[int]:
     me = entities[index]
     return [j for j, e in enumerate(entities)
             if j != index and (e["shape"] == me["shape"] or e["color"] == me["color"])]
+
+
+def distinct_entities(entities: list[dict], index: int) -> list[int]:
+    """Indices of the entities that differ from `entities[index]` in shape, color and pattern."""
+    me = entities[index]
+    return [j for j, e in enumerate(entities)
+            if all(e[k] != me[k] for k in ("shape", "color", "pattern"))]
 
 
 def make_catalogue(seed: int, n_entities: int = 48, text_subjects_per_relation: int = 60) -> dict:

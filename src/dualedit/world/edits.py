@@ -1,7 +1,8 @@
 """Counterfactual edit records of the built-in world, in the MMEdit record layout.
 
 Each record asks about one entity: `pred` is the world's true answer, `alt` another valid answer
-of the same kind (E-IC: the caption of a different entity that shares the shape or the color).
+of the same kind (E-IC: the caption of an entity that differs in shape, color and pattern, so that no word of
+the counterfactual caption is one the unedited model would predict).
 Images are not drawn here: every record names four new renderings (edit, rephrase, m_loc,
 hard_m_loc) and returns them as `RenderJob`s for build.py.
 
@@ -25,6 +26,7 @@ from .catalogue import (
     VQA_KINDS,
     answer_of,
     caption_of,
+    distinct_entities,
     similar_entities,
 )
 
@@ -60,7 +62,7 @@ def _candidate_triples(entities: list[dict], attributes: dict[str, list[str]], k
     triples: list[Triple] = []
     for i, entity in enumerate(entities):
         if kind == CAPTION_KIND:
-            triples.extend(Triple(i, kind, caption_of(entities[j])) for j in similar_entities(entities, i))
+            triples.extend(Triple(i, kind, caption_of(entities[j])) for j in distinct_entities(entities, i))
         else:
             true = answer_of(entity, kind)
             triples.extend(Triple(i, kind, v) for v in attributes[kind] if v != true)
