@@ -207,6 +207,10 @@ def test_cache_hits_and_misses(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "_run", counting_run)
     assert pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False) == first
     assert runs == []
+    # Another thread count trains the same model: still a cache hit.
+    pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False,
+             threads=QUICK.num_threads + 1)
+    assert runs == []
     assert (out / "model.safetensors").read_bytes() == weights
 
     pretrain(tiny_world, "blip2", out, size="tiny", settings=QUICK, progress=False, force=True)

@@ -33,7 +33,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dualedit.small_vlm.pretrain import pretrain
 
     metrics = pretrain(
-        args.world, args.arch, args.out, seed=args.seed, progress=not args.quiet, force=args.force
+        args.world, args.arch, args.out, seed=args.seed, progress=not args.quiet, force=args.force,
+        threads=args.threads,
     )
     acc = metrics.get("heldout_accuracy", {})
     print(f"model written to {args.out}")
@@ -161,6 +162,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         methods=args.methods,
         archs=args.archs,
         progress=not args.quiet,
+        pretrain_options={"threads": args.threads} if args.threads else None,
     )
     print(table)
     print(f"results written to {Path(args.out) / 'results.json'}")
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 2; use 1 when another job shares the CPU)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("data", help="data tools")
@@ -260,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
     p.add_argument("--methods", nargs="+", default=None, help="default: none ft-l; add dualedit to train and evaluate DualEdit adapters")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for pretraining (default 2; 1 when the CPU is shared)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

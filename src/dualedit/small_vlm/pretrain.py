@@ -71,7 +71,8 @@ WORLD_FILES = ("world.json", "corpus/train.jsonl", "corpus/heldout.jsonl")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings of one pretraining run; all recorded in the metrics and the cache key."""
+    """Optimisation settings of one pretraining run; all recorded in the metrics, all but
+    `num_threads` in the cache key."""
 
     steps: int = 600  # stage 2 steps
     batch_size: int = 64  # image lines (VQA and captions) per step
@@ -282,6 +283,7 @@ def pretrain(
     progress: bool = True,
     force: bool = False,
     settings: TrainSettings | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Pretrain a small VLM of `arch` on the world in `world_dir`; cached in `out_dir`.
 
@@ -294,6 +296,8 @@ def pretrain(
         progress: show tqdm bars.
         force: retrain even when `out_dir` holds a model trained with the same settings.
         settings: optimisation settings; None for `DEFAULT_SETTINGS[arch]`.
+        threads: torch CPU threads; None for `settings.num_threads`. Not part of the cache key
+            (on a machine shared with another job, 1 thread avoids spin-waiting between threads).
 
     Returns:
         the metrics dict also written to `pretrain_metrics.json`: `heldout_accuracy` (task ->
@@ -310,13 +314,16 @@ def pretrain(
     if arch not in DEFAULT_SETTINGS:
         raise ValueError(f"arch {arch!r}: expected one of {sorted(DEFAULT_SETTINGS)}")
     settings = settings or DEFAULT_SETTINGS[arch]
+    if threads is not None:
+        settings = dataclasses.replace(settings, num_threads=threads)
     key = {
         "pretrain_version": PRETRAIN_VERSION,
         "world_fingerprint": _fingerprint(world_dir),
         "arch": arch,
         "size": size.to_dict(),
         "seed": seed,
-        "train_settings": dataclasses.asdict(settings),
+        # Threads change the speed, not what is learned: a model trained with 1 is reused with 2.
+        "train_settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "num_threads"},
     }
     if not force:
         cached = _cached(out_dir, key)
