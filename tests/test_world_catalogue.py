@@ -118,6 +118,8 @@ def test_plan_edits_disjoint_even_when_train_repeats(task):
     eval_triples = triples(plan.eval, plan.eval_index)
     train_triples = triples(plan.train, plan.train_index)
     assert len(set(eval_triples)) == len(eval_triples)
+    # Eval edits change distinct facts: no (entity, kind) twice, so they never contradict.
+    assert len({(e, k) for e, k, _ in eval_triples}) == len(eval_triples)
     assert not set(eval_triples) & set(train_triples)
     assert len(set(train_triples)) < len(train_triples)  # it did repeat
     for record, index in zip(plan.train + plan.eval, plan.train_index + plan.eval_index):
@@ -131,8 +133,13 @@ def test_plan_edits_disjoint_even_when_train_repeats(task):
 
 def test_plan_edits_refuses_more_eval_edits_than_exist():
     world = make_catalogue(0, n_entities=4, text_subjects_per_relation=4)
-    with pytest.raises(ValueError, match="caption: n_eval=500"):
-        plan_edits(world, 0, "caption", n_train=0, n_eval=500)
+    with pytest.raises(ValueError, match="caption: n_eval=5 .*distinct facts"):
+        plan_edits(world, 0, "caption", n_train=0, n_eval=5)
+    world = make_catalogue(0, n_entities=8, text_subjects_per_relation=4)
+    # 8 entities: 8 facts per kind, so 6 kinds round-robin give at most 48 eval edits.
+    assert len(plan_edits(world, 0, "vqa", n_train=0, n_eval=48).eval) == 48
+    with pytest.raises(ValueError, match="vqa: n_eval=49 .*kind 'name'"):
+        plan_edits(world, 0, "vqa", n_train=0, n_eval=49)
 
 
 def test_similar_entities(catalogue):

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-vqa", type=int, default=1000)
     p.add_argument("--eval-vqa", type=int, default=200)
     p.add_argument("--train-caption", type=int, default=500)
-    p.add_argument("--eval-caption", type=int, default=100)
+    p.add_argument("--eval-caption", type=int, default=48, help="at most one per entity")
     p.add_argument("--renderings", type=int, default=None, help="corpus renderings per entity")
     p.set_defaults(func=_cmd_world)
 

@@ -137,7 +137,7 @@ def _check_counts(**counts: int) -> None:
 
 def build_world(out_dir: str | os.PathLike, seed: int = 0, *, image_size: int = 32, n_entities: int = 48,
                 n_train_vqa: int = 1000, n_eval_vqa: int = 200, n_train_caption: int = 500,
-                n_eval_caption: int = 100, renderings_per_entity: int = 120, heldout_per_entity: int = 10,
+                n_eval_caption: int = 48, renderings_per_entity: int = 120, heldout_per_entity: int = 10,
                 text_subjects_per_relation: int = 60, noise: float = NOISE_STD,
                 progress: bool = True) -> Path:
     """Generate the built-in world into `out_dir` (replacing a previous world there).
@@ -148,7 +148,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, *, image_size: int = 
         image_size: side of the square RGB PNGs in pixels.
         n_entities: named entities (unique shape/color/pattern combinations), <= 144.
         n_train_vqa, n_eval_vqa: E-VQA edit records per split.
-        n_train_caption, n_eval_caption: E-IC edit records per split.
+        n_train_caption, n_eval_caption: E-IC edit records per split (eval: at most one per
+            entity, so at most n_entities).
         renderings_per_entity: corpus images per entity (each carries 7 corpus lines).
         heldout_per_entity: extra renderings per entity for corpus/heldout.jsonl.
         text_subjects_per_relation: invented subjects per text relation (4 relations, 4

@@ -7,7 +7,7 @@ Images are not drawn here: every record names four new renderings (edit, rephras
 hard_m_loc) and returns them as `RenderJob`s for build.py.
 
 Train and eval never share an (entity, kind, alt) triple nor an image file. Eval triples are
-drawn first and are distinct; train triples repeat (with new images and templates) only when the
+drawn first, one per (entity, kind) at most (eval edits never contradict each other); train triples repeat (with new images and templates) only when the
 requested count exceeds the remaining distinct triples of a kind.
 """
 
@@ -71,17 +71,28 @@ def _candidate_triples(entities: list[dict], attributes: dict[str, list[str]], k
 
 def _draw_triples(rng: np.random.Generator, pools: dict[str, list[Triple]], kinds: tuple[str, ...],
                   n_eval: int, n_train: int, task: str) -> tuple[list[Triple], list[Triple]]:
-    """Eval and train triples, kinds taken round-robin; eval distinct, train disjoint from eval."""
+    """Eval and train triples, kinds taken round-robin; train disjoint from eval.
+
+    Eval edits change distinct facts: no two share an (entity, kind), so that any number of them
+    can sit in an editor's memory together (the sequential protocol) without contradicting each
+    other. A world has len(entities) facts per kind.
+    """
     shuffled = {k: [pools[k][i] for i in rng.permutation(len(pools[k]))] for k in kinds}
     eval_triples: list[Triple] = []
+    cursor = {k: 0 for k in kinds}
+    edited: set[tuple[int, str]] = set()
     for j in range(n_eval):
         kind = kinds[j % len(kinds)]
-        taken = sum(1 for t in eval_triples if t.kind == kind)
-        if taken >= len(shuffled[kind]):
-            raise ValueError(f"{task}: n_eval={n_eval} asks for more distinct eval edits of kind "
-                             f"{kind!r} than the world has ({len(shuffled[kind])}); use more entities "
+        pool = shuffled[kind]
+        while cursor[kind] < len(pool) and (pool[cursor[kind]].entity, kind) in edited:
+            cursor[kind] += 1
+        if cursor[kind] == len(pool):
+            facts = len({t.entity for t in pool})
+            raise ValueError(f"{task}: n_eval={n_eval} asks for more eval edits of kind {kind!r} than "
+                             f"the world has distinct facts of that kind ({facts}); use more entities "
                              f"or fewer eval edits")
-        eval_triples.append(shuffled[kind][taken])
+        eval_triples.append(pool[cursor[kind]])
+        edited.add((pool[cursor[kind]].entity, kind))
     eval_set = set(eval_triples)
     remaining = {k: [t for t in shuffled[k] if t not in eval_set] for k in kinds}
     train_triples: list[Triple] = []
