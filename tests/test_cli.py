@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dualedit.cli import build_parser, main
+from dualedit.cli import build_parser, main, parse_options
 
 TINY_WORLD = [
     "--train-vqa", "6", "--eval-vqa", "4", "--train-caption", "4", "--eval-caption", "2",
@@ -52,3 +52,14 @@ def test_eval_arguments_parse():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--method", "none", "--model", "m", "--data", "d",
                                    "--scorer", "nope"])
+
+
+def test_editor_options_parse_as_json_or_text():
+    args = build_parser().parse_args(
+        ["eval", "--method", "dualedit", "--model", "m", "--data", "d",
+         "--editor-option", "tau=0.7", "--editor-option", "gate_key=last_position",
+         "--editor-option", "gate=false"]
+    )
+    assert parse_options(args.editor_option) == {"tau": 0.7, "gate_key": "last_position", "gate": False}
+    with pytest.raises(ValueError, match="'tau': expected KEY=VALUE"):
+        parse_options(["tau"])

@@ -6,6 +6,7 @@ Every subcommand imports what it needs lazily so that `dualedit --help` is insta
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,16 +53,39 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """`["tau=0.7", "gate_key=last_position", "gate=false"]` -> {"tau": 0.7, ...}.
+
+    Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
+
+    Raises:
+        ValueError: an item without "=" or with an empty key.
+    """
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--editor-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dualedit.evaluate import run_eval
 
+    editor_options = parse_options(args.editor_option)
+    if args.editor:
+        editor_options["pretrained"] = str(args.editor)
     results = run_eval(
         model_path=args.model,
         data_root=args.data,
         task=args.task,
         split=args.split,
         method=args.method,
-        editor_options={"pretrained": str(args.editor)} if args.editor else None,
+        editor_options=editor_options or None,
         protocol=args.protocol,
         n_values=tuple(args.n),
         scorer=args.scorer,
@@ -209,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="editing method: none, ft-l, dualedit")
     p.add_argument("--editor", type=Path, default=None,
                    help="trained adapters for --method dualedit (a `dualedit train` best/ folder)")
+    p.add_argument("--editor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an editor option, repeatable; for dualedit any DualEditConfig field that "
+                        "does not shape the weights, e.g. gate_key=last_position, tau=0.7, "
+                        "gate=false, use_visual=false")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
