@@ -83,6 +83,10 @@ def test_text_positions_follow_the_released_rule():
     )
     assert torch.equal(got, expected)
     assert last_positions(attention).tolist() == [7, 8, 8]
+    # The option adds exactly each row's last prompt token, never an answer or pad position.
+    wider = text_positions(image_mask, attention, prompt_end, include_prompt_end=True).int()
+    expected[torch.arange(3), prompt_end] = 1
+    assert torch.equal(wider, expected)
 
 
 def test_apply_adapter_touches_only_the_selected_positions():

@@ -148,6 +148,7 @@ def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order):
     assert ctx_all.open.all() and not torch.allclose(edited_all[1 - related], base[1 - related])
 
 
+@pytest.mark.parametrize("prompt_end", [False, True])
 @pytest.mark.parametrize(
     "options, text_rows, image_rows",
     [
@@ -158,9 +159,9 @@ def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order):
     ],
 )
 def test_adapters_edit_exactly_their_positions(
-    tiny_vlm, tiny_images, make, options, text_rows, image_rows
+    tiny_vlm, tiny_images, make, options, text_rows, image_rows, prompt_end
 ):
-    editor = make(text_layer=2, visual_layer=4, tau=0.999, **options)
+    editor = make(text_layer=2, visual_layer=4, tau=0.999, text_prompt_end=prompt_end, **options)
     randomise_outputs(editor)
     add_edit(editor, tiny_images)
     batch = encode([RELATED, UNRELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
@@ -177,15 +178,47 @@ def test_adapters_edit_exactly_their_positions(
         with editor.context(batch):
             edited = layer_outputs()
     changed = {k: (edited[k] - base[k]).abs().amax(dim=-1) > 0 for k in (2, 4)}  # [b, s]
-    text = text_positions(batch.image_mask, batch.attention_mask, batch.prompt_end)
+    text = text_positions(
+        batch.image_mask, batch.attention_mask, batch.prompt_end, include_prompt_end=prompt_end
+    )
     expected_text = text & torch.tensor(text_rows)[:, None]
     assert text[0].any() and torch.equal(changed[2], expected_text)
     # Image positions come before any text in both layouts, so only the visual adapter
     # changes them at layer 4.
     image = batch.image_mask
     assert torch.equal(changed[4] & image, image & torch.tensor(image_rows)[:, None])
-    # Answer tokens are never edited at the text layer.
-    assert not (changed[2] & batch.target_mask).any()
+    # Answer tokens are never edited at the text layer; the last prompt token (whose output
+    # predicts the first answer token) only with text_prompt_end.
+    rows = torch.arange(2)
+    answers = batch.target_mask.clone()
+    answers[rows, batch.prompt_end] = False
+    assert not (changed[2] & answers).any()
+    at_end = changed[2][rows, batch.prompt_end]
+    assert at_end.tolist() == [prompt_end and text_rows[0], False]
+
+
+@pytest.mark.parametrize("prompt_end, changes", [(False, False), (True, True)])
+def test_text_adapter_on_the_last_layer_reaches_the_first_answer_token_only_with_prompt_end(
+    tiny_vlm, tiny_images, make, prompt_end, changes
+):
+    """With the released positions, a text adapter on the last decoder layer cannot change the
+    prediction of the first answer token: nothing above it carries the edit to the prompt end.
+    This is why adapters trained that way learn slowly (the first answer token is reached only
+    through attention in the layers above t)."""
+    last = tiny_vlm.backbone.depth(tiny_vlm.model) - 1
+    editor = make(
+        text_layer=last, visual_layer=last, use_visual=False, gate=False, text_prompt_end=prompt_end
+    )
+    randomise_outputs(editor)
+    add_edit(editor, tiny_images)
+    batch = encode([RELATED], tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+    base = base_logits(tiny_vlm, editor, batch)
+    edited, _ = logits_of(tiny_vlm, editor, batch)
+    end = int(batch.prompt_end[0])
+    assert not torch.equal(edited[0, :end], base[0, :end])  # the adapter acts in both cases
+    assert (not torch.equal(edited[0, end], base[0, end])) == changes
+    # Positions after the prompt end (answer tokens) are never edited.
+    assert torch.equal(edited[0, end + 1 :], base[0, end + 1 :])
 
 
 def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm, tiny_images, make):

@@ -70,6 +70,28 @@ def test_round_trip_gives_identical_outputs(tiny_vlm, tiny_images, tmp_path):
         DualEditor.from_pretrained(model, processor, tmp_path / "adapters", width=16)
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_text_prompt_end_is_saved_and_old_files_load_the_released_way(
+    tiny_llava, tiny_images, tmp_path, saved
+):
+    model, processor = tiny_llava
+    first = DualEditor(model, processor, text_prompt_end=saved)
+    first.save_pretrained(tmp_path / "adapters")
+    first.detach()
+    path = tmp_path / "adapters" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["config"]["text_prompt_end"] is saved
+    loaded = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    loaded.detach()
+    assert loaded.config.text_prompt_end is saved
+    # A file written before the field existed holds adapters trained on the released positions.
+    del meta["config"]["text_prompt_end"]
+    path.write_text(json.dumps(meta))
+    old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    old.detach()
+    assert old.config.text_prompt_end is False
+
+
 def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_images, tmp_path):
     llava, llava_processor = tiny_llava
     editor = DualEditor(llava, llava_processor)

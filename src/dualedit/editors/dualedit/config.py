@@ -50,6 +50,11 @@ class DualEditConfig:
             under teacher forcing and in generation); "last_position" = the state at the last
             non-pad position, as in the released code (under teacher forcing that is the last
             target token, an answer the real query does not have).
+        text_prompt_end: True = the text adapter also edits the input's last prompt token (the
+            position whose output predicts the first answer token); False = it stops just before
+            it, as in the released code, so the first answer token changes only through
+            attention in the layers above the text layer. Adapter files saved without this
+            field were trained the released way and load as False.
         use_text, use_visual: which adapters act (ablations); at least one.
         dtype: the adapters' parameter and compute dtype ("float32", "bfloat16", "float16");
             None: the language model's dtype.
@@ -67,6 +72,7 @@ class DualEditConfig:
     gate: bool = True
     gate_scope: str = "both"
     gate_key: str = "prompt_end"
+    text_prompt_end: bool = False
     use_text: bool = True
     use_visual: bool = True
     dtype: str | None = None
@@ -86,7 +92,7 @@ class DualEditConfig:
             or not -1.0 <= self.tau <= 1.0
         ):
             raise ValueError(f"DualEditConfig: tau must be a number in [-1, 1], got {self.tau!r}")
-        for name in ("gate", "use_text", "use_visual"):
+        for name in ("gate", "text_prompt_end", "use_text", "use_visual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"DualEditConfig: {name} must be a bool, got {getattr(self, name)!r}"

@@ -90,6 +90,7 @@ class DualEditor(Editor):
         gate: bool | None = None
         gate_scope: str | None = None
         gate_key: str | None = None
+        text_prompt_end: bool | None = None
         use_text: bool | None = None
         use_visual: bool | None = None
         dtype: str | None = None

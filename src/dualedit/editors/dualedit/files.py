@@ -78,7 +78,10 @@ def read_adapter_config(
             f"{path}: adapters expect hidden size {meta.get('hidden_size')}, this model has "
             f"{hidden_size}"
         )
-    return DualEditConfig.from_dict(meta["config"], where=str(path))
+    fields = dict(meta["config"])
+    # Files written before the field existed hold adapters trained the released way.
+    fields.setdefault("text_prompt_end", False)
+    return DualEditConfig.from_dict(fields, where=str(path))
 
 
 def load_adapter_weights(adapters: nn.Module, path: str | os.PathLike) -> None:

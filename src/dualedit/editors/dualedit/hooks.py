@@ -21,7 +21,8 @@ Per input, on the first pass of a call (the prompt pass in generate()):
 - the nearest stored edit is chosen by cosine similarity (or the edits are given by the caller);
 - with the gate on, an input whose similarity is below tau is left unedited.
 The decision holds for the rest of the call. Text adapter positions: after the image (or from
-the first token when there is none) up to but not including the last prompt token; visual adapter
+the first token when there is none) up to the last prompt token, which is included only with
+`config.text_prompt_end` (the released code excludes it); visual adapter
 positions: the image positions. Single-position passes after the first (KV-cache decode steps)
 are never edited: their effect comes through the edited cache.
 """
@@ -86,10 +87,15 @@ class CallContext:
 
 
 def text_positions(
-    image_mask: torch.Tensor, attention_mask: torch.Tensor, prompt_end: torch.Tensor
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_end: torch.Tensor,
+    *,
+    include_prompt_end: bool = False,
 ) -> torch.Tensor:
     """Where the text adapter acts: after the last image position (or from the first non-pad
-    token when there is no image) up to but not including the last prompt token, no padding.
+    token when there is no image) up to the last prompt token, no padding. The last prompt token
+    itself only with `include_prompt_end` (the released code stops just before it).
 
     image_mask, attention_mask [batch, seq], prompt_end [batch] -> [batch, seq] bool.
     """
@@ -99,7 +105,8 @@ def text_positions(
     first = attended.int().argmax(dim=1)  # [batch], first non-pad position
     last_image = torch.where(image_mask, pos, -1).max(dim=1).values  # [batch], -1 without image
     start = torch.where(image_mask.any(dim=1), last_image + 1, first)  # [batch]
-    window = (pos >= start[:, None]) & (pos < prompt_end.to(pos.device)[:, None])  # [batch, seq]
+    end = prompt_end.to(pos.device) + int(include_prompt_end)  # [batch], exclusive
+    window = (pos >= start[:, None]) & (pos < end[:, None])  # [batch, seq]
     return window & attended & ~image_mask
 
 
@@ -374,7 +381,13 @@ class DualEditHooks:
         states = ctx.states
         edited = h
         if index == self.config.text_layer and self.config.use_text:
-            mask = text_positions(image_mask, attention_mask, ctx.prompt_end) & gate_open
+            mask = text_positions(
+                image_mask,
+                attention_mask,
+                ctx.prompt_end,
+                include_prompt_end=self.config.text_prompt_end,
+            )
+            mask = mask & gate_open
             edited = apply_adapter(
                 self.text_adapter,
                 edited,
