@@ -186,7 +186,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         methods=args.methods,
         archs=args.archs,
         progress=not args.quiet,
-        pretrain_options={"threads": args.threads} if args.threads else None,
+        threads=args.threads,
     )
     print(table)
     print(f"results written to {Path(args.out) / 'results.json'}")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="default: none ft-l; add dualedit to train and evaluate DualEdit adapters")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for pretraining (default 2; 1 when the CPU is shared)")
+                   help="torch CPU threads for the whole demo (default: torch's; 1 when the CPU is shared)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from dualedit.editors.registry import EDITORS
 from dualedit.eval.report import markdown_table, results_dict
 from dualedit.evaluate import load_vlm, run_eval
@@ -99,6 +101,7 @@ def run_demo(
     progress: bool = True,
     world_options: dict | None = None,
     pretrain_options: dict | None = None,
+    threads: int | None = None,
 ) -> str:
     """Run the demo and return its Markdown table.
 
