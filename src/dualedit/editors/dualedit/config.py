@@ -50,11 +50,13 @@ class DualEditConfig:
             under teacher forcing and in generation); "last_position" = the state at the last
             non-pad position, as in the released code (under teacher forcing that is the last
             target token, an answer the real query does not have).
-        text_prompt_end: True = the text adapter also edits the input's last prompt token (the
-            position whose output predicts the first answer token); False = it stops just before
-            it, as in the released code, so the first answer token changes only through
-            attention in the layers above the text layer. Adapter files saved without this
-            field were trained the released way and load as False.
+        text_prompt_end: True (default) = the text adapter also edits the input's last prompt
+            token (the position whose output predicts the first answer token); False = it stops
+            just before it, as in the released code, so the first answer token changes only
+            through attention in the layers above the text layer. Measured on the 6-layer LLaVA
+            of the built-in world (t=3, v=4, lr 1e-3, 8 edits repeated): True fits them (Rel 100)
+            in 25 steps, False reaches Rel 75 after 300. Adapter files saved without this field
+            were trained the released way and load as False.
         use_text, use_visual: which adapters act (ablations); at least one.
         dtype: the adapters' parameter and compute dtype ("float32", "bfloat16", "float16");
             None: the language model's dtype.
@@ -72,7 +74,7 @@ class DualEditConfig:
     gate: bool = True
     gate_scope: str = "both"
     gate_key: str = "prompt_end"
-    text_prompt_end: bool = False
+    text_prompt_end: bool = True
     use_text: bool = True
     use_visual: bool = True
     dtype: str | None = None
