@@ -128,9 +128,10 @@ def test_base_weights_and_hooks_are_left_exactly(tiny_vlm, tiny_images, make):
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
+@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image"])
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
-def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order):
-    editor = make(tau=0.999)
+def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order, gate_key):
+    editor = make(tau=0.999, gate_key=gate_key)
     randomise_outputs(editor)
     add_edit(editor, tiny_images)
     samples = [(RELATED, UNRELATED)[i] for i in order]
@@ -237,12 +238,13 @@ def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm,
     assert ctx.open.tolist() == [True, False]
 
 
-def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make):
+@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image"])
+def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, gate_key):
     backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
     # Released text positions: the seed was chosen for them (its edit flips the first answer on
     # both models). Random adapters that also edit the prompt end can emit the image placeholder
     # id, which an uncached re-run of the prompt then rejects.
-    editor = make(tau=0.999, text_prompt_end=False)
+    editor = make(tau=0.999, text_prompt_end=False, gate_key=gate_key)
     randomise_outputs(editor, seed=1)
     add_edit(editor, tiny_images)
     prompts = encode_prompts([RELATED, UNRELATED], processor, backbone, tiny_images)
@@ -279,6 +281,73 @@ def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make):
     end = int(single.prompt_end[0])
     assert torch.equal(logits[0, end : end + new.shape[1]].argmax(-1), new[0])
     assert torch.equal(new[0], cached[0])
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_prompt_end_image_key_is_the_mean_of_the_prompt_end_and_image_cosines(
+    tiny_vlm, tiny_images, make, padding
+):
+    """Per input of a padded batch, the gate similarity equals the mean of the cosine at the
+    last prompt token and the cosine of the image positions' mean state (text layer), computed
+    here by hand; a text-only input scores its prompt-end cosine / sqrt(2)."""
+    import torch.nn.functional as F
+
+    editor = make(text_layer=2, visual_layer=4, gate_key="prompt_end_image", tau=0.999)
+    add_edit(editor, tiny_images)
+    same_question = Sample("green.png", RELATED.prompt, RELATED.target)
+    samples = [same_question, UNRELATED, Sample(None, RELATED.prompt, RELATED.target)]
+    groups = [samples[:2], samples[2:]]
+    edit = editor.memory.states([0])
+    for group in groups:
+        if padding == "right":
+            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = batch.prompt_end
+        else:
+            prompts = [Sample(s.image, s.prompt, "") for s in group]
+            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = None
+        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        with torch.no_grad(), editor.disabled():
+            with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2]) as capture:
+                h = capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))[2]
+        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
+            tiny_vlm.backbone.forward_logits(*inputs)
+        ends = batch.prompt_end
+        for row in range(len(group)):
+            pe = h[row, int(ends[row])]
+            cos_end = F.cosine_similarity(pe, edit.keys["prompt_end"][0], dim=0)
+            image = batch.image_mask[row].bool() & batch.attention_mask[row].bool()
+            if image.any():
+                mean = h[row][image].mean(dim=0)
+                cos_image = F.cosine_similarity(mean, edit.keys["image_mean"][0], dim=0)
+                expected = (cos_end + cos_image) / 2
+            else:
+                expected = cos_end / 2**0.5
+            assert ctx.similarity[row].item() == pytest.approx(expected.item(), abs=1e-5)
+        assert not ctx.open.any()
+
+
+@pytest.mark.parametrize("layers", [(1, 2), (2, 2)])
+def test_text_keys_text_keeps_the_non_image_positions(tiny_vlm, tiny_images, make, layers):
+    t, v = layers
+    full = make(text_layer=t, visual_layer=v, text_keys="all")
+    add_edit(full, tiny_images)
+    full.detach()
+    text = make(text_layer=t, visual_layer=v, text_keys="text")
+    add_edit(text, tiny_images)
+    batch = encode(
+        [Sample(*EDIT[:2], " " + EDIT[2])], tiny_vlm.processor, tiny_vlm.backbone, tiny_images
+    )
+    n, n_image = int(batch.attention_mask.sum()), int(batch.image_mask.sum())
+    a, b = full.edits()[0], text.edits()[0]
+    assert (a.text_positions, a.visual_positions) == (n, n)
+    assert (b.text_positions, b.visual_positions) == (n - n_image, n)
+    hidden = tiny_vlm.backbone.hidden_size(tiny_vlm.model)
+    dropped = n_image * hidden * 4 if t != v else -(n - n_image) * hidden * 4
+    assert a.nbytes - b.nbytes == dropped  # with t == v the states are no longer shared
+    stored = text.memory.states([0])
+    kept = full.memory.states([0]).text[0][~batch.image_mask[0].bool()[:n]]
+    assert torch.equal(stored.text[0], kept)
 
 
 def test_applying_an_edit_stops_after_the_last_adapter_layer(tiny_vlm, tiny_images, make):

@@ -92,6 +92,24 @@ def test_text_prompt_end_is_saved_and_old_files_load_the_released_way(
     assert old.config.text_prompt_end is False
 
 
+def test_text_keys_are_saved_and_old_files_load_as_all(tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    first = DualEditor(model, processor, text_keys="text")
+    first.save_pretrained(tmp_path / "adapters")
+    first.detach()
+    path = tmp_path / "adapters" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["config"]["text_keys"] == "text"
+    loaded = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    loaded.detach()
+    assert loaded.config.text_keys == "text" and loaded.memory.text_keys == "text"
+    del meta["config"]["text_keys"]
+    path.write_text(json.dumps(meta))
+    old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    old.detach()
+    assert old.config.text_keys == "all"
+
+
 def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_images, tmp_path):
     llava, llava_processor = tiny_llava
     editor = DualEditor(llava, llava_processor)

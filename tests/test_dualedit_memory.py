@@ -20,7 +20,11 @@ def edit(seed, n=5, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(n, HIDDEN, generator=g).to(dtype)
     visual = torch.randn(n, HIDDEN, generator=g).to(dtype)
-    keys = {"prompt_end": torch.randn(HIDDEN, generator=g), "last_position": text[-1].float()}
+    keys = {
+        "prompt_end": torch.randn(HIDDEN, generator=g),
+        "last_position": text[-1].float(),
+        "image_mean": torch.randn(HIDDEN, generator=g),
+    }
     return text, visual, keys
 
 
@@ -34,8 +38,8 @@ def test_add_list_remove_clear_and_stable_ids():
     assert [e.id for e in info] == [0, 1, "fact-17"]
     assert (info[0].prompt, info[0].target, info[0].image) == ("what is it?", " blue", "red.png")
     assert (info[1].text_positions, info[1].visual_positions) == (3, 3)
-    # 3 positions x 8 x 4 bytes, twice (two layers), plus two float32 keys of 8.
-    assert info[1].nbytes == 2 * 3 * HIDDEN * 4 + 2 * HIDDEN * 4 == m.nbytes(1)
+    # 3 positions x 8 x 4 bytes, twice (two layers), plus three float32 key parts of 8.
+    assert info[1].nbytes == 2 * 3 * HIDDEN * 4 + 3 * HIDDEN * 4 == m.nbytes(1)
     assert m.total_bytes() == sum(e.nbytes for e in info)
     m.remove(0)
     assert m.ids == [1, "fact-17"] and 0 not in m and "fact-17" in m
@@ -50,7 +54,7 @@ def test_shared_states_are_counted_once():
     m = memory()
     text, _, keys = edit(0)
     eid = m.add(text, text, keys)
-    assert m.nbytes(eid) == 5 * HIDDEN * 4 + 2 * HIDDEN * 4
+    assert m.nbytes(eid) == 5 * HIDDEN * 4 + 3 * HIDDEN * 4
 
 
 @pytest.mark.parametrize(
@@ -102,7 +106,7 @@ def test_ten_thousand_edits_stay_cheap():
     m = EditMemory(64, text_layer=1, visual_layer=2, model_type="blip-2")
     state = torch.zeros(1, 64)
     for k in keys:
-        m.add(state, state, {"prompt_end": k, "last_position": k})
+        m.add(state, state, {"prompt_end": k, "last_position": k, "image_mean": k})
     wanted = torch.tensor([17, 9_999, 4_242, 0])
     queries = keys[wanted] + 0.01 * torch.randn(4, 64, generator=g)
     m.lookup(queries, "prompt_end")  # builds the stacked key matrix once
@@ -166,3 +170,58 @@ def test_empty_memory_round_trips_and_read_checks_the_model(tmp_path):
     (tmp_path / "one" / "memory.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="text has 5 positions"):
         EditMemory.load(tmp_path / "one")
+
+
+def test_prompt_end_image_lookup_is_the_mean_of_the_two_cosines():
+    m = memory()
+    for seed in range(5):
+        m.add(*edit(seed))
+    g = torch.Generator().manual_seed(11)
+    end, image = torch.randn(3, HIDDEN, generator=g), torch.randn(3, HIDDEN, generator=g)
+    image[2] = 0.0  # an input without an image
+    query = torch.cat([F.normalize(end, dim=-1), F.normalize(image, dim=-1)], dim=-1)
+    stored = [edit(seed)[2] for seed in range(5)]
+    cos_end = F.cosine_similarity(end[:, None], torch.stack([k["prompt_end"] for k in stored])[None], dim=-1)
+    cos_image = F.cosine_similarity(
+        image[:, None], torch.stack([k["image_mean"] for k in stored])[None], dim=-1
+    )
+    brute = torch.cat([(cos_end[:2] + cos_image[:2]) / 2, cos_end[2:] / 2**0.5])  # [3, 5]
+    positions, similarity = m.lookup(query, "prompt_end_image")
+    assert positions.tolist() == brute.argmax(dim=1).tolist()
+    torch.testing.assert_close(similarity, brute.max(dim=1).values)
+    # It differs from the prompt-end key alone (the image part counts).
+    assert not torch.allclose(similarity, m.lookup(end, "prompt_end")[1])
+
+
+def test_text_keys_are_saved_and_checked(tmp_path):
+    m = memory(text_keys="text")
+    m.add(*edit(0))
+    m.save(tmp_path)
+    assert json.loads((tmp_path / "memory.json").read_text())["text_keys"] == "text"
+    assert EditMemory.load(tmp_path).text_keys == "text"
+    with pytest.raises(ValueError, match="text_keys is 'text', this memory needs 'all'"):
+        memory().read(tmp_path)
+    with pytest.raises(ValueError, match="text_keys must be one of"):
+        memory(text_keys="image")
+
+
+def test_format_1_files_load_without_the_image_part(tmp_path):
+    """Files written before text_keys and the image_mean part: text keys "all"; the combined
+    gate key is refused with a message, the others work."""
+    from safetensors.torch import load_file, save_file
+
+    m = memory()
+    m.add(*edit(0))
+    m.save(tmp_path)
+    index = json.loads((tmp_path / "memory.json").read_text())
+    index["format"] = 1
+    del index["text_keys"]
+    (tmp_path / "memory.json").write_text(json.dumps(index))
+    tensors = load_file(str(tmp_path / "memory.safetensors"))
+    del tensors["key.image_mean"]
+    save_file(tensors, str(tmp_path / "memory.safetensors"))
+    loaded = EditMemory.load(tmp_path)
+    assert loaded.text_keys == "all"
+    assert loaded.lookup(edit(0)[2]["prompt_end"][None], "prompt_end")[1].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs the key part\\(s\\) \\['image_mean'\\]"):
+        loaded.lookup(torch.ones(1, 2 * HIDDEN), "prompt_end_image")

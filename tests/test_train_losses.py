@@ -43,8 +43,12 @@ def reference_edits(editor, records, dataset):
     return editor.encode_edits(images, prompts, [r.alt for r in records])
 
 
-def test_edit_states_match_encode_edits(setup):
+@pytest.mark.parametrize("text_keys", ["all", "text"])
+def test_edit_states_match_encode_edits(setup, text_keys):
     editor, batch, records, dataset = setup
+    if text_keys != editor.config.text_keys:
+        editor.detach()
+        editor = DualEditor(editor.model, editor.processor, **CONFIG, text_keys=text_keys)
     images = batch.images
     with torch.no_grad(), editor.disabled():
         hidden = editor.backbone.layer_input(
@@ -60,9 +64,17 @@ def test_edit_states_match_encode_edits(setup):
     assert torch.equal(ours.visual_mask, theirs.visual_mask)
     mask = ours.text_mask[:, :, None]
     torch.testing.assert_close(ours.text * mask, theirs.text * mask, rtol=1e-5, atol=1e-5)
+    mask = ours.visual_mask[:, :, None]
     torch.testing.assert_close(ours.visual * mask, theirs.visual * mask, rtol=1e-5, atol=1e-5)
-    for kind in ("prompt_end", "last_position"):
+    for kind in ("prompt_end", "last_position", "image_mean"):
         torch.testing.assert_close(ours.keys[kind], theirs.keys[kind], rtol=1e-5, atol=1e-5)
+    # Text keys "text": the text states are exactly the edit's non-image positions, in order.
+    image_counts = images.image_mask[batch.rows("rel")].sum(dim=1)  # [n]
+    counts = images.attention_mask[batch.rows("rel")].sum(dim=1)  # [n]
+    expected = counts - image_counts if text_keys == "text" else counts
+    assert ours.text_mask.sum(dim=1).tolist() == expected.tolist()
+    assert ours.visual_mask.sum(dim=1).tolist() == counts.tolist()
+    assert bool((image_counts > 0).all())
 
 
 def per_row_nll(logits, batch, rows):

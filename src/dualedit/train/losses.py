@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dualedit.data.prompts import EncodedBatch
 from dualedit.editors.dualedit import DualEditor, EditStates
+from dualedit.editors.dualedit.keys import compact, key_parts, text_key_positions
 from dualedit.train.data import EditBatch
 
 #: Validation metric names, as in the evaluation harness; the score is their mean.
@@ -94,14 +95,16 @@ def edit_states_from_prefix(
         keep=(t, v),
     )
     mask = attention_mask.bool()  # [n, width]
-    text = kept[t]  # [n, width, hidden]
-    index = torch.arange(text.shape[0], device=text.device)
+    full = kept[t]  # [n, width, hidden]
+    image_mask = batch.image_mask[rows, :width].to(full.device).bool() & mask  # [n, width]
     last = attention_mask.sum(dim=1) - 1  # [n], last non-pad position
-    keys = {
-        "prompt_end": text[index, batch.prompt_end[rows].to(text.device)].float(),  # [n, hidden]
-        "last_position": text[index, last.to(text.device)].float(),  # [n, hidden]
-    }
-    return EditStates(text, mask, kept[v], mask, keys)
+    keys = key_parts(full, batch.prompt_end[rows], last, image_mask)  # {part: [n, hidden]}
+    if editor.config.text_keys == "all":
+        text, text_mask = full, mask
+    else:
+        keep = text_key_positions(mask, image_mask, editor.config.text_keys)  # [n, width]
+        text, text_mask = compact(full, keep)  # [n, n_text, hidden], [n, n_text]
+    return EditStates(text, text_mask, kept[v], mask, keys)
 
 
 def edit_pass(editor: DualEditor, batch: EditBatch, *, text_loc: bool = True) -> PassOutput:

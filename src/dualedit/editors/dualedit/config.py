@@ -19,7 +19,8 @@ DEFAULT_TAU: dict[str, float] = {"llava": 0.6, "blip-2": 0.8}
 #: Width of the adapters' attention space in the released code (for 2560- and 4096-wide models).
 DEFAULT_WIDTH = 1024
 GATE_SCOPES: tuple[str, ...] = ("both", "text")
-GATE_KEYS: tuple[str, ...] = ("prompt_end", "last_position")
+GATE_KEYS: tuple[str, ...] = ("prompt_end", "last_position", "prompt_end_image")
+TEXT_KEYS: tuple[str, ...] = ("all", "text")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -49,7 +50,9 @@ class DualEditConfig:
         gate_key: "prompt_end" = the text layer's state at the input's last prompt token (the same
             under teacher forcing and in generation); "last_position" = the state at the last
             non-pad position, as in the released code (under teacher forcing that is the last
-            target token, an answer the real query does not have).
+            target token, an answer the real query does not have); "prompt_end_image" = the
+            last-prompt-token state combined with the mean of the image positions' states (see
+            keys.py; the cosine is the mean of the two cosines when both sides have an image).
         text_prompt_end: True (default) = the text adapter also edits the input's last prompt
             token (the position whose output predicts the first answer token); False = it stops
             just before it, as in the released code, so the first answer token changes only
@@ -57,6 +60,11 @@ class DualEditConfig:
             of the built-in world (t=3, v=4, lr 1e-3, 8 edits repeated): True fits them (Rel 100)
             in 25 steps, False reaches Rel 75 after 300. Adapter files saved without this field
             were trained the released way and load as False.
+        text_keys: which of the edit sample's positions the text adapter attends to: "all"
+            (the released code: image, prompt and target positions) or "text" (the non-image
+            positions only; the visual adapter still attends to all of them). "text" also keeps
+            fewer positions per edit when the layers differ. Adapter files saved without this
+            field load as "all".
         use_text, use_visual: which adapters act (ablations); at least one.
         dtype: the adapters' parameter and compute dtype ("float32", "bfloat16", "float16");
             None: the language model's dtype.
@@ -75,6 +83,7 @@ class DualEditConfig:
     gate_scope: str = "both"
     gate_key: str = "prompt_end"
     text_prompt_end: bool = True
+    text_keys: str = "all"
     use_text: bool = True
     use_visual: bool = True
     dtype: str | None = None
@@ -106,6 +115,10 @@ class DualEditConfig:
         if self.gate_key not in GATE_KEYS:
             raise ValueError(
                 f"DualEditConfig: gate_key must be one of {GATE_KEYS}, got {self.gate_key!r}"
+            )
+        if self.text_keys not in TEXT_KEYS:
+            raise ValueError(
+                f"DualEditConfig: text_keys must be one of {TEXT_KEYS}, got {self.text_keys!r}"
             )
         if not (self.use_text or self.use_visual):
             raise ValueError(

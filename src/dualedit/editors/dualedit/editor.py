@@ -45,6 +45,7 @@ from dualedit.editors.dualedit.files import (
     save_adapters,
 )
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
+from dualedit.editors.dualedit.keys import key_parts, text_key_positions
 from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates, pad_states
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class DualEditor(Editor):
         gate_scope: str | None = None
         gate_key: str | None = None
         text_prompt_end: bool | None = None
+        text_keys: str | None = None
         use_text: bool | None = None
         use_visual: bool | None = None
         dtype: str | None = None
@@ -144,6 +146,7 @@ class DualEditor(Editor):
             text_layer=self.config.text_layer,
             visual_layer=self.config.visual_layer,
             model_type=model_type,
+            text_keys=self.config.text_keys,
             device=self.options.memory_device,
         )
         self.hooks = DualEditHooks(
@@ -410,7 +413,7 @@ class DualEditor(Editor):
                     ):
                         outputs = capture.run(forward)
                     for row, i in enumerate(chunk):
-                        out[i] = _edit_states(outputs, t, v, batch, row)
+                        out[i] = _edit_states(outputs, t, v, batch, row, self.config.text_keys)
         finally:
             self.model.train(was_training)
         return out
@@ -488,15 +491,23 @@ def _merge_config(saved: DualEditConfig | None, given: dict[str, Any]) -> DualEd
 
 
 def _edit_states(
-    outputs: dict[int, torch.Tensor], t: int, v: int, batch: Any, row: int
+    outputs: dict[int, torch.Tensor], t: int, v: int, batch: Any, row: int, text_keys: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One edit's trimmed states and gate keys from a right-padded captured batch."""
+    """One edit's trimmed states and gate key parts from a right-padded captured batch."""
     n = int(batch.attention_mask[row].sum())
-    text = outputs[t][row, :n].clone()  # [n, hidden]
-    visual = text if v == t else outputs[v][row, :n].clone()  # [n, hidden]
+    full = outputs[t][row, :n]  # [n, hidden]
+    image_mask = batch.image_mask[row : row + 1, :n].to(full.device)  # [1, n]
+    keep = text_key_positions(batch.attention_mask[row : row + 1, :n], image_mask, text_keys)
+    text = full[keep[0].to(full.device)].clone()  # [n_text, hidden]
+    if v != t:
+        visual = outputs[v][row, :n].clone()  # [n, hidden]
+    else:
+        visual = text if text.shape[0] == n else full.clone()
+    end = batch.prompt_end[row : row + 1]
+    last = torch.tensor([n - 1], device=full.device)
     keys = {
-        "prompt_end": outputs[t][row, int(batch.prompt_end[row])].float().clone(),
-        "last_position": outputs[t][row, n - 1].float().clone(),
+        k: key[0].clone()
+        for k, key in key_parts(full[None], end, last, image_mask.bool()).items()
     }
     return text, visual, keys
 

@@ -81,6 +81,7 @@ def read_adapter_config(
     fields = dict(meta["config"])
     # Files written before the field existed hold adapters trained the released way.
     fields.setdefault("text_prompt_end", False)
+    fields.setdefault("text_keys", "all")
     return DualEditConfig.from_dict(fields, where=str(path))
 
 

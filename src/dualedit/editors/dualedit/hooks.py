@@ -16,8 +16,9 @@ the chosen edit) lives in a `CallContext`, never on modules or in module globals
   far (`DualEditor.generate` keeps the first pass's decision instead).
 
 Per input, on the first pass of a call (the prompt pass in generate()):
-- the gate key is the text layer's output at the input's last prompt token ("prompt_end") or at
-  its last non-pad position ("last_position");
+- the gate key is read from the text layer's output (keys.py): at the input's last prompt token
+  ("prompt_end"), at its last non-pad position ("last_position"), or the last prompt token
+  combined with the mean over the image positions ("prompt_end_image");
 - the nearest stored edit is chosen by cosine similarity (or the edits are given by the caller);
 - with the gate on, an input whose similarity is below tau is left unedited.
 The decision holds for the rest of the call. Text adapter positions: after the image (or from
@@ -48,6 +49,7 @@ from dualedit.editors.dualedit.auto import (
     stack_call,
 )
 from dualedit.editors.dualedit.config import DualEditConfig
+from dualedit.editors.dualedit.keys import KIND_PARTS, gate_vectors, key_parts
 from dualedit.editors.dualedit.memory import EditMemory, EditStates
 
 logger = logging.getLogger(__name__)
@@ -434,12 +436,14 @@ class DualEditHooks:
         if ctx.edits is None and len(self.memory) == 0:
             return
         key_kind = self.config.gate_key
-        if key_kind == "prompt_end":
-            key_positions = ctx.prompt_end.to(h.device)
-        else:
-            key_positions = last_positions(ctx.attention_mask).to(h.device)
-        rows = torch.arange(batch, device=h.device)
-        keys = h[rows, key_positions].detach()  # [batch, hidden]
+        parts = key_parts(
+            h,
+            ctx.prompt_end,
+            last_positions(ctx.attention_mask),
+            ctx.image_mask & ctx.attention_mask,
+            KIND_PARTS[key_kind],
+        )
+        keys = gate_vectors(parts, key_kind)  # [batch, d] unit rows
         if ctx.edits is None:
             chosen, similarity = self.memory.lookup(keys, key_kind)  # [batch], [batch]
             ctx.chosen = chosen
@@ -447,9 +451,8 @@ class DualEditHooks:
         else:
             ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
             ctx.states = ctx.edits
-            similarity = F.cosine_similarity(
-                keys.float(), ctx.edits.keys[key_kind].to(h.device).float(), dim=-1
-            )  # [batch]
+            edit_keys = {k: part.to(h.device) for k, part in ctx.edits.keys.items()}
+            similarity = (keys * gate_vectors(edit_keys, key_kind)).sum(dim=-1)  # [batch]
         ctx.similarity = similarity
         if ctx.gate:
             ctx.open = similarity >= self.config.tau  # [batch]

@@ -1,11 +1,12 @@
 """The edit memory: the stored states of many edits, and the nearest-edit lookup of the gate.
 
-Per edit: the text layer's and the visual layer's outputs on the edit sample (image, prompt +
-target) at all of its positions, padding trimmed, and two gate keys, both read at the text layer:
-"prompt_end" (the state at the edit prompt's last prompt token) and "last_position" (the state at
-the last position of prompt + target, the released code's key). Keeping both makes the gate key a
-run-time choice. Lookup is one matrix product of the normalised input keys with the stacked,
-normalised edit keys, so thousands of edits cost one small GEMM per forward.
+Per edit: the text layer's output on the edit sample (image, prompt + target) at the positions
+the text adapter attends to (all of them, or the non-image ones with `text_keys="text"`), the
+visual layer's output at all of its positions, padding trimmed, and the gate key parts, read at
+the text layer (keys.py): "prompt_end" (the edit prompt's last prompt token), "last_position"
+(the last position of prompt + target, the released code's key) and "image_mean". Keeping every
+part makes the gate key a run-time choice. Lookup is one matrix product of the input gate vectors
+with the stacked edit gate vectors, so thousands of edits cost one small GEMM per forward.
 
 Files: `memory.safetensors` (states of all edits concatenated along positions, and the keys) and
 `memory.json` (ids, lengths, descriptions, and what the states belong to), written atomically.
@@ -25,13 +26,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dualedit.editors.dualedit.config import GATE_KEYS
+from dualedit.editors.dualedit.config import TEXT_KEYS
+from dualedit.editors.dualedit.keys import KEY_PARTS, gate_vectors
 from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 EditId = int | str
-MEMORY_FORMAT = 1
+MEMORY_FORMAT = 2
+# Format 1: no "text_keys" (always "all") and no "image_mean" key part.
+READABLE_FORMATS = (1, 2)
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
 MAX_ID_LENGTH = 64
@@ -64,7 +68,7 @@ class EditStates:
     Attributes:
         text: [batch, m_text, hidden] text-layer states; text_mask [batch, m_text] bool.
         visual: [batch, m_visual, hidden] visual-layer states; visual_mask [batch, m_visual] bool.
-        keys: {"prompt_end" | "last_position": [batch, hidden] float32} gate keys of the edits.
+        keys: {part: [batch, hidden] float32} gate key parts of the edits (keys.KEY_PARTS).
     """
 
     text: torch.Tensor
@@ -109,11 +113,14 @@ class EditMemory:
         hidden_size: width of the stored states.
         text_layer, visual_layer: the decoder layers the states come from.
         model_type: the model's `config.model_type` (checked when a memory file is loaded).
+        text_keys: which edit positions the text states hold ("all" or "text", see
+            `DualEditConfig.text_keys`; checked when a memory file is loaded).
         device: where states are kept (None: where they are given). Keys follow the queries.
 
     Example:
         >>> memory = EditMemory(4096, text_layer=16, visual_layer=19, model_type="llava")
-        >>> eid = memory.add(h_text, h_visual, {"prompt_end": k1, "last_position": k2})
+        >>> eid = memory.add(h_text, h_visual, {"prompt_end": k1, "last_position": k2,
+        ...                                     "image_mean": k3})
         >>> positions, similarity = memory.lookup(input_keys, "prompt_end")
     """
 
@@ -124,8 +131,12 @@ class EditMemory:
         text_layer: int,
         visual_layer: int,
         model_type: str,
+        text_keys: str = "all",
         device: torch.device | str | None = None,
     ):
+        if text_keys not in TEXT_KEYS:
+            raise ValueError(f"EditMemory: text_keys must be one of {TEXT_KEYS}, got {text_keys!r}")
+        self.text_keys = text_keys
         self.hidden_size = int(hidden_size)
         self.text_layer = int(text_layer)
         self.visual_layer = int(visual_layer)
@@ -134,7 +145,7 @@ class EditMemory:
         self._ids: list[EditId] = []
         self._text: list[torch.Tensor] = []  # each [m, hidden]
         self._visual: list[torch.Tensor] = []  # each [m, hidden]
-        self._keys: dict[str, list[torch.Tensor]] = {kind: [] for kind in GATE_KEYS}  # [hidden]
+        self._keys: dict[str, list[torch.Tensor]] = {part: [] for part in KEY_PARTS}  # [hidden]
         self._info: list[dict[str, Any]] = []
         self._position: dict[EditId, int] = {}
         self._next_id = 0
@@ -176,7 +187,7 @@ class EditMemory:
         Args:
             text: [m, hidden] text-layer states of the edit sample (padding already trimmed).
             visual: [m, hidden] visual-layer states (may be the same tensor when the layers agree).
-            keys: {"prompt_end": [hidden], "last_position": [hidden]} gate keys.
+            keys: {part: [hidden]} for each of keys.KEY_PARTS (gate key parts).
             edit_id: a short string id (<= 64 characters) or None for the next int id.
             prompt, target, image: description kept for `list` and saved with the memory.
 
@@ -187,11 +198,11 @@ class EditMemory:
         shared = visual is text
         text = self._check_states("text", text, edit_id)
         visual = text if shared else self._check_states("visual", visual, edit_id)
-        missing = sorted(set(GATE_KEYS) - set(keys))
+        missing = sorted(set(KEY_PARTS) - set(keys))
         if missing:
             raise ValueError(f"edit {edit_id!r}: missing gate key(s) {missing}")
         checked = {}
-        for kind in GATE_KEYS:
+        for kind in KEY_PARTS:
             key = keys[kind]
             if key.shape != (self.hidden_size,):
                 raise ValueError(
@@ -203,7 +214,7 @@ class EditMemory:
         self._ids.append(edit_id)
         self._text.append(text)
         self._visual.append(visual)
-        for kind in GATE_KEYS:
+        for kind in KEY_PARTS:
             self._keys[kind].append(checked[kind])
         self._info.append({"prompt": prompt, "target": target, "image": image})
         if isinstance(edit_id, int):
@@ -237,7 +248,7 @@ class EditMemory:
     def nbytes(self, edit_id: EditId) -> int:
         """Bytes kept for one edit (states counted once when both layers share them, and keys)."""
         i = self._position[edit_id]
-        tensors = [self._text[i], self._visual[i]] + [self._keys[k][i] for k in GATE_KEYS]
+        tensors = [self._text[i], self._visual[i]] + [self._keys[k][i] for k in KEY_PARTS]
         unique = {id(t): t for t in tensors}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -263,8 +274,9 @@ class EditMemory:
         """The most similar stored edit (cosine) for each input key.
 
         Args:
-            keys: [batch, hidden] input keys (any dtype and device).
-            kind: "prompt_end" or "last_position": which stored key to compare with.
+            keys: [batch, d] input gate vectors of `kind` (`keys.gate_vectors`; a raw
+                single-part key does too), any dtype and device; rows are normalised here.
+            kind: a gate key kind (`DualEditConfig.gate_key`): which stored vectors to compare with.
 
         Returns:
             positions [batch] long (indices into `ids`), similarity [batch] float32.
@@ -274,23 +286,28 @@ class EditMemory:
         """
         if not self._ids:
             raise ValueError("lookup in an empty edit memory")
-        matrix = self.key_matrix(kind, keys.device)  # [n_edits, hidden], unit rows
-        queries = F.normalize(keys.float(), dim=-1)  # [batch, hidden]
+        matrix = self.key_matrix(kind, keys.device)  # [n_edits, d], unit rows
+        queries = F.normalize(keys.float(), dim=-1)  # [batch, d]
         similarity = queries @ matrix.T  # [batch, n_edits]
         best, positions = similarity.max(dim=-1)  # [batch], [batch]
         return positions, best
 
     def key_matrix(self, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """The stacked, L2-normalised stored keys of `kind`: [n_edits, hidden] float32."""
-        if kind not in GATE_KEYS:
-            raise ValueError(f"unknown gate key kind {kind!r}; expected one of {GATE_KEYS}")
-        device = torch.device(device) if device is not None else self._keys[kind][0].device
+        """The stacked unit gate vectors of `kind` of the stored edits: [n_edits, d] float32.
+
+        Raises:
+            ValueError: an unknown kind, or edits that lack a part the kind needs.
+        """
+        device = torch.device(device) if device is not None else self._keys["prompt_end"][0].device
         # A matrix built under inference_mode is an inference tensor: cache the two apart.
         cache_key = (kind, device, torch.is_inference_mode_enabled())
         cached = self._key_cache.get(cache_key)
         if cached is None:
-            stacked = torch.stack([k.to(device) for k in self._keys[kind]])  # [n, hidden]
-            cached = F.normalize(stacked, dim=-1)
+            parts = {
+                part: torch.stack([k.to(device) for k in self._keys[part]])  # [n, hidden]
+                for part in KEY_PARTS
+            }
+            cached = gate_vectors(parts, kind)  # [n, d]
             self._key_cache[cache_key] = cached
         return cached
 
@@ -305,7 +322,7 @@ class EditMemory:
         visual, visual_mask = pad_states([self._visual[p] for p in rows], device)
         keys = {
             kind: torch.stack([self._keys[kind][p] for p in rows]).to(text.device)
-            for kind in GATE_KEYS
+            for kind in KEY_PARTS
         }
         return EditStates(text, text_mask, visual, visual_mask, keys)
 
@@ -325,7 +342,7 @@ class EditMemory:
             "text": torch.cat([t.cpu() for t in self._text]) if self._text else empty,
             "visual": torch.cat([t.cpu() for t in self._visual]) if self._visual else empty,
         }
-        for kind in GATE_KEYS:
+        for kind in KEY_PARTS:
             tensors[f"key.{kind}"] = (
                 torch.stack([k.cpu() for k in self._keys[kind]])
                 if self._ids
@@ -338,6 +355,7 @@ class EditMemory:
             "text_layer": self.text_layer,
             "visual_layer": self.visual_layer,
             "model_type": self.model_type,
+            "text_keys": self.text_keys,
             "next_id": self._next_id,
             "ids": self._ids,
             "text_lengths": [int(t.shape[0]) for t in self._text],
@@ -365,6 +383,7 @@ class EditMemory:
             text_layer=index["text_layer"],
             visual_layer=index["visual_layer"],
             model_type=index["model_type"],
+            text_keys=index.get("text_keys", "all"),
             device=device,
         )
         memory.read(directory)
@@ -381,7 +400,8 @@ class EditMemory:
         directory = Path(directory)
         index_path, states_path = directory / INDEX_FILE, directory / STATES_FILE
         index = _read_index(index_path)
-        for name in ("hidden_size", "text_layer", "visual_layer", "model_type"):
+        index.setdefault("text_keys", "all")
+        for name in ("hidden_size", "text_layer", "visual_layer", "model_type", "text_keys"):
             if index[name] != getattr(self, name):
                 raise ValueError(
                     f"{index_path}: {name} is {index[name]!r}, this memory needs "
@@ -390,7 +410,10 @@ class EditMemory:
         if not states_path.is_file():
             raise FileNotFoundError(f"edit memory file {states_path} not found")
         tensors = load_file(str(states_path))
-        wanted = {"text", "visual"} | {f"key.{kind}" for kind in GATE_KEYS}
+        wanted = {"text", "visual"} | {f"key.{kind}" for kind in KEY_PARTS}
+        if index["format"] == 1 and "key.image_mean" not in tensors:
+            # Unknown for edits stored before the part existed: NaN, refused by gate_vectors.
+            tensors["key.image_mean"] = torch.full_like(tensors["key.prompt_end"], float("nan"))
         if set(tensors) != wanted:
             raise ValueError(
                 f"{states_path}: missing {sorted(wanted - set(tensors))}, "
@@ -416,7 +439,7 @@ class EditMemory:
             self.add(
                 text,
                 text if same else visuals[i].clone(),
-                {kind: tensors[f"key.{kind}"][i] for kind in GATE_KEYS},
+                {kind: tensors[f"key.{kind}"][i] for kind in KEY_PARTS},
                 edit_id=edit_id,
                 prompt=info[i].get("prompt"),
                 target=info[i].get("target"),
@@ -456,8 +479,8 @@ def _read_index(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"edit memory file {path} not found")
     index = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(index, dict) or index.get("format") != MEMORY_FORMAT:
-        raise ValueError(f"{path}: not an edit memory index of format {MEMORY_FORMAT}")
+    if not isinstance(index, dict) or index.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: not an edit memory index of format {READABLE_FORMATS}")
     required = (
         "hidden_size",
         "text_layer",

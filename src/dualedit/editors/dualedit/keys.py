@@ -1,0 +1,107 @@
+"""Gate keys and the edit's text keys: what the similarity gate compares, and which of an edit's
+positions the text adapter attends to.
+
+Every edit and every input yields the same key *parts*, all read at the text layer:
+"prompt_end" (the state at the last prompt token), "last_position" (at the last non-pad position,
+the released code's key) and "image_mean" (the mean state over the image positions; zero without
+an image). A gate key kind (`DualEditConfig.gate_key`) is a unit vector built from parts:
+"prompt_end" and "last_position" are the part itself, normalised; "prompt_end_image" is the
+concatenation of the normalised last-prompt-token state and the normalised image mean, so the
+cosine of two inputs with images is the mean of the two cosines, and an input without an image
+scores at most 1/sqrt(2) against an edit with one (and the other way round).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Parts stored per edit (memory files hold one tensor each).
+KEY_PARTS: tuple[str, ...] = ("prompt_end", "last_position", "image_mean")
+#: Which parts each gate key kind is built from.
+KIND_PARTS: dict[str, tuple[str, ...]] = {
+    "prompt_end": ("prompt_end",),
+    "last_position": ("last_position",),
+    "prompt_end_image": ("prompt_end", "image_mean"),
+}
+
+
+def key_parts(
+    h: torch.Tensor,
+    prompt_end: torch.Tensor,
+    last: torch.Tensor,
+    image_mask: torch.Tensor,
+    parts: tuple[str, ...] = KEY_PARTS,
+) -> dict[str, torch.Tensor]:
+    """The key parts of each row of a text-layer output.
+
+    Args:
+        h: [batch, seq, hidden] text-layer output.
+        prompt_end, last: [batch] index of the last prompt token / last non-pad position.
+        image_mask: [batch, seq] bool, image positions (no padding).
+        parts: which parts to compute.
+
+    Returns:
+        {part: [batch, hidden] float32}, detached.
+    """
+    rows = torch.arange(h.shape[0], device=h.device)
+    out = {}
+    if "prompt_end" in parts:
+        out["prompt_end"] = h[rows, prompt_end.to(h.device)].detach().float()
+    if "last_position" in parts:
+        out["last_position"] = h[rows, last.to(h.device)].detach().float()
+    if "image_mean" in parts:
+        weight = image_mask.to(h.device, torch.float32)  # [batch, seq]
+        total = torch.einsum("bs,bsh->bh", weight, h.detach().float())  # [batch, hidden]
+        out["image_mean"] = total / weight.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return out
+
+
+def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Unit gate vectors of `kind` from key parts: [batch, hidden] or [batch, 2 * hidden].
+
+    Raises:
+        ValueError: an unknown kind, or a part the kind needs is missing or unknown (NaN, as in
+            memory files written before the part existed).
+    """
+    if kind not in KIND_PARTS:
+        raise ValueError(f"unknown gate key kind {kind!r}; expected one of {tuple(KIND_PARTS)}")
+    missing = [p for p in KIND_PARTS[kind] if p not in parts or bool(parts[p].isnan().any())]
+    if missing:
+        raise ValueError(
+            f"gate key {kind!r} needs the key part(s) {missing}, which these edits lack (edits "
+            "stored before the part existed: add them again)"
+        )
+    if kind == "prompt_end_image":
+        both = torch.cat(
+            [F.normalize(parts["prompt_end"].float(), dim=-1),
+             F.normalize(parts["image_mean"].float(), dim=-1)],
+            dim=-1,
+        )  # [batch, 2 * hidden]
+        return F.normalize(both, dim=-1)
+    return F.normalize(parts[kind].float(), dim=-1)
+
+
+def text_key_positions(
+    attention_mask: torch.Tensor, image_mask: torch.Tensor, text_keys: str
+) -> torch.Tensor:
+    """Which of an edit sample's positions the text adapter attends to: every non-pad position
+    ("all", the released code) or the non-pad positions that are not image positions ("text":
+    the prompt and target tokens, BOS included). [batch, seq] -> [batch, seq] bool."""
+    keep = attention_mask.bool()
+    if text_keys == "text":
+        keep = keep & ~image_mask.bool()
+    return keep
+
+
+def compact(states: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's kept positions to the front, in order, trimmed to the longest row.
+
+    states [n, m, hidden], keep [n, m] bool -> ([n, k, hidden], mask [n, k] bool).
+    """
+    counts = keep.sum(dim=1)  # [n]
+    k = max(int(counts.max()), 1) if keep.numel() else 1
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # [n, k]
+    packed = states.gather(1, order[:, :, None].expand(-1, -1, states.shape[-1]))  # [n, k, hidden]
+    mask = torch.arange(k, device=keep.device)[None, :] < counts[:, None]  # [n, k]
+    return packed * mask[:, :, None].to(packed.dtype), mask
