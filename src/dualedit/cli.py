@@ -126,6 +126,10 @@ def _adapter_config(args: argparse.Namespace) -> dict:
         "heads": args.heads,
         "use_text": False if args.visual_only else None,
         "use_visual": False if args.text_only else None,
+        "tau": args.tau,
+        "gate_key": args.gate_key,
+        "text_keys": args.text_keys,
+        "text_prompt_end": False if args.released_text_positions else None,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -270,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--text-only", action="store_true", help="ablation: text adapter only")
     only.add_argument("--visual-only", action="store_true", help="ablation: visual adapter only")
+    p.add_argument("--tau", type=float, default=None, help="gate threshold saved with the adapters")
+    p.add_argument("--gate-key", choices=["prompt_end", "last_position", "prompt_end_image"],
+                   default=None, help="gate key saved with the adapters")
+    p.add_argument("--text-keys", choices=["all", "text"], default=None,
+                   help="edit positions the text adapter attends to (text: non-image only)")
+    p.add_argument("--released-text-positions", action="store_true",
+                   help="the text adapter stops before the last prompt token, as released")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.set_defaults(func=_cmd_train)
 
