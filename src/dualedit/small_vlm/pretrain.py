@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import dualedit
 from dualedit.backbones.registry import get_backbone
+from dualedit.numerics import flush_denormals
 from dualedit.small_vlm.configs import (
     build_model,
     build_processor,
@@ -334,7 +335,8 @@ def pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.num_threads)
     try:
-        metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
+        with flush_denormals():
+            metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
     finally:
         torch.set_num_threads(threads)
     metrics["settings"] = key
