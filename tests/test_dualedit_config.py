@@ -12,7 +12,7 @@ def test_paper_defaults_for_a_32_layer_model():
     llava = DualEditConfig().resolve(depth=32, hidden_size=4096, model_type="llava")
     assert (llava.text_layer, llava.visual_layer) == (16, 19)
     assert (llava.width, llava.heads, llava.tau) == (1024, 8, 0.6)
-    assert llava.gate and llava.gate_scope == "both" and llava.gate_key == "prompt_end"
+    assert llava.gate and llava.gate_scope == "both" and llava.gate_key == "prompt_end_image"
     assert llava.dtype == "float32" and llava.resolved
     blip2 = DualEditConfig().resolve(32, 2560, "blip-2", torch.bfloat16)
     assert blip2.tau == 0.8 and blip2.dtype == "bfloat16" and blip2.torch_dtype == torch.bfloat16

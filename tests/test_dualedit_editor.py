@@ -241,10 +241,10 @@ def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm,
 @pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image"])
 def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, gate_key):
     backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
-    # Released text positions: the seed was chosen for them (its edit flips the first answer on
-    # both models). Random adapters that also edit the prompt end can emit the image placeholder
-    # id, which an uncached re-run of the prompt then rejects.
-    editor = make(tau=0.999, text_prompt_end=False, gate_key=gate_key)
+    # Released text positions and text keys: the seed was chosen for them (its edit flips the
+    # first answer on both models). Random adapters that also edit the prompt end can emit the
+    # image placeholder id, which an uncached re-run of the prompt then rejects.
+    editor = make(tau=0.999, text_prompt_end=False, text_keys="all", gate_key=gate_key)
     randomise_outputs(editor, seed=1)
     add_edit(editor, tiny_images)
     prompts = encode_prompts([RELATED, UNRELATED], processor, backbone, tiny_images)
@@ -348,6 +348,12 @@ def test_text_keys_text_keeps_the_non_image_positions(tiny_vlm, tiny_images, mak
     stored = text.memory.states([0])
     kept = full.memory.states([0]).text[0][~batch.image_mask[0].bool()[:n]]
     assert torch.equal(stored.text[0], kept)
+    text.detach()
+    answer = make(text_layer=t, visual_layer=v, text_keys="answer")
+    add_edit(answer, tiny_images)
+    end = int(batch.prompt_end[0])
+    assert answer.edits()[0].text_positions == n - end  # last prompt token and the target
+    assert torch.equal(answer.memory.states([0]).text[0], full.memory.states([0]).text[0][end:n])
 
 
 def test_applying_an_edit_stops_after_the_last_adapter_layer(tiny_vlm, tiny_images, make):

@@ -43,7 +43,7 @@ def reference_edits(editor, records, dataset):
     return editor.encode_edits(images, prompts, [r.alt for r in records])
 
 
-@pytest.mark.parametrize("text_keys", ["all", "text"])
+@pytest.mark.parametrize("text_keys", ["all", "text", "answer"])
 def test_edit_states_match_encode_edits(setup, text_keys):
     editor, batch, records, dataset = setup
     if text_keys != editor.config.text_keys:
@@ -71,7 +71,8 @@ def test_edit_states_match_encode_edits(setup, text_keys):
     # Text keys "text": the text states are exactly the edit's non-image positions, in order.
     image_counts = images.image_mask[batch.rows("rel")].sum(dim=1)  # [n]
     counts = images.attention_mask[batch.rows("rel")].sum(dim=1)  # [n]
-    expected = counts - image_counts if text_keys == "text" else counts
+    ends = images.prompt_end[batch.rows("rel")]  # [n]
+    expected = {"all": counts, "text": counts - image_counts, "answer": counts - ends}[text_keys]
     assert ours.text_mask.sum(dim=1).tolist() == expected.tolist()
     assert ours.visual_mask.sum(dim=1).tolist() == counts.tolist()
     assert bool((image_counts > 0).all())

@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=None, help="gate threshold saved with the adapters")
     p.add_argument("--gate-key", choices=["prompt_end", "last_position", "prompt_end_image"],
                    default=None, help="gate key saved with the adapters")
-    p.add_argument("--text-keys", choices=["all", "text"], default=None,
-                   help="edit positions the text adapter attends to (text: non-image only)")
+    p.add_argument("--text-keys", choices=["all", "text", "answer"], default=None,
+                   help="edit positions the text adapter attends to (text: non-image; "
+                   "answer: last prompt token and target)")
     p.add_argument("--released-text-positions", action="store_true",
                    help="the text adapter stops before the last prompt token, as released")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")

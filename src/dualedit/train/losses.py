@@ -102,7 +102,9 @@ def edit_states_from_prefix(
     if editor.config.text_keys == "all":
         text, text_mask = full, mask
     else:
-        keep = text_key_positions(mask, image_mask, editor.config.text_keys)  # [n, width]
+        keep = text_key_positions(
+            mask, image_mask, batch.prompt_end[rows], editor.config.text_keys
+        )  # [n, width]
         text, text_mask = compact(full, keep)  # [n, n_text, hidden], [n, n_text]
     return EditStates(text, text_mask, kept[v], mask, keys)
 

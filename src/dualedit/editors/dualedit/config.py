@@ -20,7 +20,7 @@ DEFAULT_TAU: dict[str, float] = {"llava": 0.6, "blip-2": 0.8}
 DEFAULT_WIDTH = 1024
 GATE_SCOPES: tuple[str, ...] = ("both", "text")
 GATE_KEYS: tuple[str, ...] = ("prompt_end", "last_position", "prompt_end_image")
-TEXT_KEYS: tuple[str, ...] = ("all", "text")
+TEXT_KEYS: tuple[str, ...] = ("all", "text", "answer")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -52,7 +52,10 @@ class DualEditConfig:
             non-pad position, as in the released code (under teacher forcing that is the last
             target token, an answer the real query does not have); "prompt_end_image" = the
             last-prompt-token state combined with the mean of the image positions' states (see
-            keys.py; the cosine is the mean of the two cosines when both sides have an image).
+            keys.py; the cosine is the mean of the two cosines when both sides have an image),
+            the default: on 100 eval edits of the built-in world's LLaVA, the best single
+            threshold separates T-Gen/V-Gen inputs from M-Loc, hard M-Loc and T-Loc inputs with
+            accuracy 99.0 at layer 1 (prompt_end alone: 96.4, V-Gen passing only 90 %).
         text_prompt_end: True (default) = the text adapter also edits the input's last prompt
             token (the position whose output predicts the first answer token); False = it stops
             just before it, as in the released code, so the first answer token changes only
@@ -61,10 +64,13 @@ class DualEditConfig:
             in 25 steps, False reaches Rel 75 after 300. Adapter files saved without this field
             were trained the released way and load as False.
         text_keys: which of the edit sample's positions the text adapter attends to: "all"
-            (the released code: image, prompt and target positions) or "text" (the non-image
-            positions only; the visual adapter still attends to all of them). "text" also keeps
-            fewer positions per edit when the layers differ. Adapter files saved without this
-            field load as "all".
+            (the released code: image, prompt and target positions), "text" (the non-image
+            positions only) or "answer" (the last prompt token and the target tokens); the visual
+            adapter still attends to all of them. "text" and "answer" also keep fewer positions
+            per edit when the layers differ. Adapter files saved without this field load as
+            "all". Default "answer": on the built-in world's LLaVA (t=1, text adapter only, lr
+            2e-3) held-out Rel reached 26.6 after 800 steps with "answer" and 12.5 with "text"
+            (lr 1e-3); with "all" it stayed near 10.
         use_text, use_visual: which adapters act (ablations); at least one.
         dtype: the adapters' parameter and compute dtype ("float32", "bfloat16", "float16");
             None: the language model's dtype.
@@ -81,9 +87,9 @@ class DualEditConfig:
     tau: float | None = None
     gate: bool = True
     gate_scope: str = "both"
-    gate_key: str = "prompt_end"
+    gate_key: str = "prompt_end_image"
     text_prompt_end: bool = True
-    text_keys: str = "all"
+    text_keys: str = "answer"
     use_text: bool = True
     use_visual: bool = True
     dtype: str | None = None

@@ -497,13 +497,13 @@ def _edit_states(
     n = int(batch.attention_mask[row].sum())
     full = outputs[t][row, :n]  # [n, hidden]
     image_mask = batch.image_mask[row : row + 1, :n].to(full.device)  # [1, n]
-    keep = text_key_positions(batch.attention_mask[row : row + 1, :n], image_mask, text_keys)
+    end = batch.prompt_end[row : row + 1]
+    keep = text_key_positions(batch.attention_mask[row : row + 1, :n], image_mask, end, text_keys)
     text = full[keep[0].to(full.device)].clone()  # [n_text, hidden]
     if v != t:
         visual = outputs[v][row, :n].clone()  # [n, hidden]
     else:
         visual = text if text.shape[0] == n else full.clone()
-    end = batch.prompt_end[row : row + 1]
     last = torch.tensor([n - 1], device=full.device)
     keys = {
         k: key[0].clone()

@@ -83,14 +83,24 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
 
 
 def text_key_positions(
-    attention_mask: torch.Tensor, image_mask: torch.Tensor, text_keys: str
+    attention_mask: torch.Tensor,
+    image_mask: torch.Tensor,
+    prompt_end: torch.Tensor,
+    text_keys: str,
 ) -> torch.Tensor:
     """Which of an edit sample's positions the text adapter attends to: every non-pad position
-    ("all", the released code) or the non-pad positions that are not image positions ("text":
-    the prompt and target tokens, BOS included). [batch, seq] -> [batch, seq] bool."""
+    ("all", the released code), the non-pad positions that are not image positions ("text": the
+    prompt and target tokens, BOS included), or the last prompt token and the target tokens
+    ("answer").
+
+    attention_mask, image_mask [batch, seq], prompt_end [batch] -> [batch, seq] bool.
+    """
     keep = attention_mask.bool()
     if text_keys == "text":
         keep = keep & ~image_mask.bool()
+    elif text_keys == "answer":
+        pos = torch.arange(keep.shape[1], device=keep.device)  # [seq]
+        keep = keep & (pos[None, :] >= prompt_end.to(keep.device)[:, None])
     return keep
 
 
