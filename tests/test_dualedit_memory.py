@@ -181,7 +181,8 @@ def test_prompt_end_image_lookup_is_the_mean_of_the_two_cosines():
     image[2] = 0.0  # an input without an image
     query = torch.cat([F.normalize(end, dim=-1), F.normalize(image, dim=-1)], dim=-1)
     stored = [edit(seed)[2] for seed in range(5)]
-    cos_end = F.cosine_similarity(end[:, None], torch.stack([k["prompt_end"] for k in stored])[None], dim=-1)
+    ends = torch.stack([k["prompt_end"] for k in stored])  # [5, hidden]
+    cos_end = F.cosine_similarity(end[:, None], ends[None], dim=-1)
     cos_image = F.cosine_similarity(
         image[:, None], torch.stack([k["image_mean"] for k in stored])[None], dim=-1
     )
@@ -222,6 +223,7 @@ def test_format_1_files_load_without_the_image_part(tmp_path):
     save_file(tensors, str(tmp_path / "memory.safetensors"))
     loaded = EditMemory.load(tmp_path)
     assert loaded.text_keys == "all"
-    assert loaded.lookup(edit(0)[2]["prompt_end"][None], "prompt_end")[1].item() == pytest.approx(1.0)
+    similarity = loaded.lookup(edit(0)[2]["prompt_end"][None], "prompt_end")[1]
+    assert similarity.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="needs the key part\\(s\\) \\['image_mean'\\]"):
         loaded.lookup(torch.ones(1, 2 * HIDDEN), "prompt_end_image")
