@@ -99,6 +99,9 @@ def test_trains_adapters_only_and_keeps_the_best(tiny_factory, tiny_vlm, tiny_tr
     editor = DualEditor.from_pretrained(model, processor, result.best_dir)
     try:
         assert editor.config.text_layer == 2 and editor.config.gate  # saved as configured
+        # tau chosen on the validation edits after training, and saved.
+        assert result.tau is not None and result.tau.edits == 2
+        assert editor.config.tau == result.tau.tau and 0.0 <= result.tau.accuracy <= 1.0
         trained = {k: v for k, v in editor.adapters.state_dict().items()}
         assert trained["text.out.weight"].abs().sum() > 0
         if result.best_step == result.steps:

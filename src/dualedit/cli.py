@@ -149,11 +149,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         resume=not args.no_resume,
         progress=not args.quiet,
+        calibrate_tau=args.tau is None,
     )
     print(
         f"trained {result.steps} steps ({result.stop_reason}); best validation score "
         f"{result.best_score:.2f} at step {result.best_step}; adapters in {result.best_dir}"
     )
+    if result.tau is not None:
+        rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.tau.pass_rates.items())
+        print(f"gate threshold tau {result.tau.tau:.4f} chosen on {result.tau.edits} validation "
+              f"edits (right decisions {100 * result.tau.accuracy:.1f}%; pass rates: {rates})")
     return 0
 
 
@@ -274,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--text-only", action="store_true", help="ablation: text adapter only")
     only.add_argument("--visual-only", action="store_true", help="ablation: visual adapter only")
-    p.add_argument("--tau", type=float, default=None, help="gate threshold saved with the adapters")
+    p.add_argument("--tau", type=float, default=None,
+                   help="gate threshold saved with the adapters (default: chosen on the "
+                        "validation edits after training)")
     p.add_argument("--gate-key", choices=["prompt_end", "last_position", "prompt_end_image"],
                    default=None, help="gate key saved with the adapters")
     p.add_argument("--text-keys", choices=["all", "text", "answer"], default=None,

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
+from dualedit.editors.dualedit.calibrate import TauChoice, choose_tau
 from dualedit.io import atomic_write_text
+from dualedit.numerics import flush_denormals
 from dualedit.train.checkpoint import (
     LoopState,
     has_checkpoint,
@@ -55,6 +57,7 @@ LOG_FILE = "train_log.json"
 LOSS_TERMS: tuple[str, ...] = ("loss", "l_rel", "l_gen", "l_loc")
 
 
+@flush_denormals()  # subnormal floats slow CPU training many times over (numerics.py)
 def train_dualedit(
     model: nn.Module,
     processor: Any,
@@ -67,6 +70,7 @@ def train_dualedit(
     resume: bool = True,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    calibrate_tau: bool = True,
 ) -> TrainResult:
     """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
 
@@ -89,6 +93,9 @@ def train_dualedit(
         accelerator: for data parallelism (`accelerate launch`, or a torchrun-style environment
             with `Accelerator(cpu=True)` on CPUs): each process takes batch_size / processes
             edits of every step and gradients are averaged. None: `Accelerator(cpu=<no CUDA>)`.
+        calibrate_tau: after training, choose the gate threshold on the validation edits
+            (`calibrate.choose_tau`) and save it in the best adapters' config (the configured
+            tau is kept when False). Logged and returned as `TrainResult.tau`.
 
     Returns:
         A `TrainResult` (best score and step, folders, timing).
@@ -231,6 +238,10 @@ def train_dualedit(
         editor.detach()
         model.train(was_training)
     best_dir = out_dir / BEST_DIR if state.best_step is not None else None
+    tau = None
+    if calibrate_tau and best_dir is not None and main:
+        tau = _calibrate_tau(model, processor, best_dir, train_dataset, val_idx)
+    accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,
         best_dir=best_dir,
@@ -243,7 +254,31 @@ def train_dualedit(
         seconds=time.perf_counter() - started,
         step_seconds=step_time / steps_run if steps_run else None,
         log_path=out_dir / LOG_FILE,
+        tau=tau,
     )
+
+
+def _calibrate_tau(
+    model: nn.Module, processor: Any, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]
+) -> TauChoice:
+    """Choose tau on the validation edits and save it into `best_dir`'s config."""
+    editor = DualEditor.from_pretrained(model, processor, best_dir)
+    try:
+        was_training = model.training
+        model.eval()
+        choice = choose_tau(editor, dataset, val_idx)
+        model.train(was_training)
+    finally:
+        editor.detach()
+    calibrated = DualEditor.from_pretrained(model, processor, best_dir, tau=choice.tau)
+    try:
+        calibrated.save_pretrained(best_dir)
+    finally:
+        calibrated.detach()
+    logger.info("gate threshold chosen on %d validation edits: tau %.4f (accuracy %.3f, pass rates %s)",
+                choice.edits, choice.tau, choice.accuracy,
+                {k: round(v, 3) for k, v in choice.pass_rates.items()})
+    return choice
 
 
 # -- starting and resuming -----------------------------------------------------------------------

@@ -148,6 +148,8 @@ class TrainResult:
         seconds: wall time of this call.
         step_seconds: mean wall time of one optimisation step in this call (None: no step ran).
         log_path: `out_dir/train_log.json`.
+        tau: the gate threshold chosen on the validation edits and saved in `best_dir`
+            (`calibrate.TauChoice`); None when not calibrated.
     """
 
     out_dir: Path
@@ -161,6 +163,7 @@ class TrainResult:
     seconds: float
     step_seconds: float | None
     log_path: Path
+    tau: Any = None  # calibrate.TauChoice | None
 
 
 def _positive_number(name: str, value: Any) -> None:
