@@ -268,3 +268,20 @@ def test_default_pretraining_meets_the_accuracy_targets(tmp_path):
         acc = metrics["heldout_accuracy"]
         assert acc["vqa"] >= 0.95 and acc["caption"] >= 0.90 and acc["text"] >= 0.95, (arch, acc)
         assert min(metrics["generation_exact_match"].values()) >= 0.85, metrics["generation_exact_match"]
+
+
+def test_fingerprint_ignores_the_edit_records(tiny_world, tmp_path):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    first = pretrain_module._fingerprint(world)
+    meta_path = world / "world.json"
+    meta = json.loads(meta_path.read_text())
+    meta["record_index"] = {"vqa_eval": []}  # other edit records: same pretraining data
+    meta["format_version"] = -1
+    meta_path.write_text(json.dumps(meta))
+    assert pretrain_module._fingerprint(world) == first
+    meta["entities"][0]["material"] = "other"  # another fact to learn: another fingerprint
+    meta_path.write_text(json.dumps(meta))
+    assert pretrain_module._fingerprint(world) != first

@@ -120,6 +120,11 @@ def test_plan_edits_disjoint_even_when_train_repeats(task):
     assert len(set(eval_triples)) == len(eval_triples)
     # Eval edits change distinct facts: no (entity, kind) twice, so they never contradict.
     assert len({(e, k) for e, k, _ in eval_triples}) == len(eval_triples)
+    # ... and no eval locality question asks one of those facts (sequential protocol).
+    edited = {(e, k) for e, k, _ in eval_triples}
+    for index in plan.eval_index:
+        assert (index["m_loc_entity"], index["m_loc_kind"]) not in edited
+        assert (index["hard_m_loc_entity"], index["hard_m_loc_kind"]) not in edited
     assert not set(eval_triples) & set(train_triples)
     assert len(set(train_triples)) < len(train_triples)  # it did repeat
     for record, index in zip(plan.train + plan.eval, plan.train_index + plan.eval_index):

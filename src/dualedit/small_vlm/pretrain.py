@@ -113,14 +113,24 @@ DEFAULT_SETTINGS: dict[str, TrainSettings] = {
 }
 
 
+#: world.json fields about the edit records, not about what the model learns from: a world whose
+#: edit records change (and only they) keeps its pretrained models.
+EDIT_FIELDS = ("counts", "files", "format_version", "record_index")
+
+
 def _fingerprint(world_dir: Path) -> str:
+    """Hash of what pretraining reads: the corpus files and world.json without EDIT_FIELDS."""
     digest = hashlib.sha256()
     for name in WORLD_FILES:
         path = world_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; build the world first (dualedit world)")
+        data = path.read_bytes()
+        if name == "world.json":
+            meta = {k: v for k, v in json.loads(data).items() if k not in EDIT_FIELDS}
+            data = json.dumps(meta, sort_keys=True).encode()
         digest.update(name.encode())
-        digest.update(path.read_bytes())
+        digest.update(data)
     return digest.hexdigest()
 
 

@@ -43,7 +43,9 @@ from .render import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: E-IC captions of content words only, alts differing in every visible attribute
+# 2: E-IC captions of content words only, alts differing in every visible attribute.
+# 3: eval locality questions never ask a fact an eval edit changes.
+FORMAT_VERSION = 3
 WORLD_FILE = "world.json"
 IMAGE_ROOT = "images"
 VQA_TRAIN = "vqa/vqa_train.json"

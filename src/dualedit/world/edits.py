@@ -128,6 +128,18 @@ def _unrelated_entity(rng: np.random.Generator, entities: list[dict], index: int
     return _choice(rng, candidates)
 
 
+def _unedited_fact(rng: np.random.Generator, entities: list[dict], index: int, avoid: set[int],
+                   edited: frozenset) -> tuple[int, str]:
+    """An (entity, VQA kind) that no edit of the split changes, about an entity other than `index`
+    and outside `avoid` when one exists."""
+    others = [j for j in range(len(entities)) if j != index]
+    for pool in ([j for j in others if j not in avoid], others):
+        facts = [(j, kind) for j in pool for kind in VQA_KINDS if (j, kind) not in edited]
+        if facts:
+            return _choice(rng, facts)
+    return _choice(rng, others), _choice(rng, VQA_KINDS)
+
+
 def _text_locality(rng: np.random.Generator, world: dict) -> tuple[str, str]:
     fact = _choice(rng, world["text_facts"])
     template = _choice(rng, world["text_relations"][fact["relation"]]["templates"])
@@ -146,8 +158,12 @@ class EditPlan(NamedTuple):
 
 
 def _record(rng: np.random.Generator, world: dict, triple: Triple, split: str, k: int,
-            jobs: list[RenderJob]) -> tuple[dict, dict]:
-    """One record for `triple` and its index entry, appending its four render jobs to `jobs`."""
+            jobs: list[RenderJob], edited: frozenset = frozenset()) -> tuple[dict, dict]:
+    """One record for `triple` and its index entry, appending its four render jobs to `jobs`.
+
+    `edited`: the (entity, kind) facts that the split's edits change; the locality questions
+    avoid them (an editor holding all of them should change those answers). Empty: no constraint.
+    """
     entities = world["entities"]
     stream = SPLIT_STREAMS[split]
     paths = {"image": f"edit/{split}_{k:05d}.png", "image_rephrase": f"rephrase/{split}_{k:05d}.png",
@@ -165,12 +181,22 @@ def _record(rng: np.random.Generator, world: dict, triple: Triple, split: str, k
         avoid = {j for j, e in enumerate(entities) if e["name"] == triple.alt}
     loc, loc_ans = _text_locality(rng, world)
 
-    m_entity = _unrelated_entity(rng, entities, triple.entity, avoid)
-    m_kind = _choice(rng, VQA_KINDS)
+    similar = similar_entities(entities, triple.entity)
+    if edited:
+        m_entity, m_kind = _unedited_fact(rng, entities, triple.entity, avoid | set(similar), edited)
+    else:
+        m_entity = _unrelated_entity(rng, entities, triple.entity, avoid)
+        m_kind = _choice(rng, VQA_KINDS)
     m_q = _choice(rng, QUESTION_TEMPLATES[m_kind])
 
-    similar = similar_entities(entities, triple.entity)
-    hard_entity = _choice(rng, similar or [j for j in range(len(entities)) if j != triple.entity])
+    hard_pool = similar or [j for j in range(len(entities)) if j != triple.entity]
+    if edited and triple.kind != CAPTION_KIND:
+        # The hard question asks the edit's own kind: take a look-alike whose fact is unedited.
+        hard_pool = ([j for j in similar if (j, triple.kind) not in edited]
+                     or [j for j in range(len(entities))
+                         if j != triple.entity and (j, triple.kind) not in edited]
+                     or hard_pool)
+    hard_entity = _choice(rng, hard_pool)
     if triple.kind == CAPTION_KIND:
         # Real E-IC m_loc is a VQA question, so the hard variant is one too.
         hard_kind = _choice(rng, VQA_KINDS)
@@ -226,7 +252,9 @@ def plan_edits(world: dict, seed: int, task: str, n_train: int, n_eval: int) -> 
     out: dict[str, tuple[list[dict], list[dict]]] = {}
     for split, triples in ((f"{task}_eval", eval_triples), (f"{task}_train", train_triples)):
         split_rng = np.random.default_rng([seed, STREAM_PLAN, SPLIT_STREAMS[split], 1])
-        pairs = [_record(split_rng, world, t, split, k, jobs) for k, t in enumerate(triples)]
+        # Eval locality questions avoid every fact the eval edits change (sequential protocol).
+        edited = frozenset((t.entity, t.kind) for t in triples) if split.endswith("_eval") else frozenset()
+        pairs = [_record(split_rng, world, t, split, k, jobs, edited) for k, t in enumerate(triples)]
         out[split] = ([r for r, _ in pairs], [i for _, i in pairs])
     (train, train_index), (eval_, eval_index) = out[f"{task}_train"], out[f"{task}_eval"]
     return EditPlan(train, eval_, train_index, eval_index, jobs)
