@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from dualedit.editors.dualedit import DualEditConfig
 from dualedit.editors.registry import EDITORS
 from dualedit.eval.report import markdown_table, results_dict
 from dualedit.evaluate import load_vlm, run_eval
 from dualedit.io import atomic_write_text
+from dualedit.numerics import cpu_threads
 from dualedit.small_vlm.pretrain import pretrain
 from dualedit.train import TrainSettings, train_dualedit
 from dualedit.world import WORLD_FILE, build_world, load_world
@@ -116,7 +115,27 @@ def run_demo(
     Writes `out_dir/results.json` (every run, plus each model's pretraining metrics) and
     `out_dir/table.md`. `world_options` (for `build_world`) and `pretrain_options` (`size`,
     `settings` for `pretrain`) shrink the demo for tests; the defaults are the real demo.
+    `threads` sets torch's CPU threads for the whole run, pretraining included (restored after;
+    None: torch's own and the pretraining settings').
     """
+    if threads is not None:
+        pretrain_options = {**(pretrain_options or {}), "threads": threads}
+    with cpu_threads(threads):
+        return _run_demo(out_dir, cache_dir, seed, limit, methods, archs, progress, world_options,
+                         pretrain_options)
+
+
+def _run_demo(
+    out_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
+    seed: int,
+    limit: int | None,
+    methods: Sequence[str] | None,
+    archs: Sequence[str],
+    progress: bool,
+    world_options: dict | None,
+    pretrain_options: dict | None,
+) -> str:
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     methods = list(methods) if methods else list(DEFAULT_METHODS)

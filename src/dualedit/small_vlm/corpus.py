@@ -192,7 +192,6 @@ def batch_inputs(corpus: EncodedCorpus, rows: torch.Tensor, answer_weight: float
     return ids, attention, weights, scored
 
 
-
 def vision_labels(lines: list[dict], image_index: dict[str, int],
                   classes: dict[str, list[str]] | None = None):
     """Class labels per image for every VQA question kind.

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import dualedit
 from dualedit.backbones.registry import get_backbone
-from dualedit.numerics import flush_denormals
+from dualedit.numerics import cpu_threads, flush_denormals
 from dualedit.small_vlm.configs import (
     build_model,
     build_processor,
@@ -342,13 +342,8 @@ def pretrain(
             logger.info("%s: cached %s model matches the settings; not retraining", out_dir, arch)
             return cached
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.num_threads)
-    try:
-        with flush_denormals():
-            metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(settings.num_threads), flush_denormals():
+        metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
     metrics["settings"] = key
     _write_atomic(out_dir, model, processor, metrics)
     logger.info("%s model written to %s in %.0f s", arch, out_dir, metrics["train_seconds"])

@@ -263,13 +263,13 @@ def _calibrate_tau(
 ) -> TauChoice:
     """Choose tau on the validation edits and save it into `best_dir`'s config."""
     editor = DualEditor.from_pretrained(model, processor, best_dir)
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         choice = choose_tau(editor, dataset, val_idx)
-        model.train(was_training)
     finally:
         editor.detach()
+        model.train(was_training)
     calibrated = DualEditor.from_pretrained(model, processor, best_dir, tau=choice.tau)
     try:
         calibrated.save_pretrained(best_dir)

@@ -43,10 +43,6 @@ class TauChoice:
     pass_rates: dict[str, float]
     edits: int
 
-    def to_dict(self) -> dict:
-        return {"tau": self.tau, "accuracy": self.accuracy, "pass_rates": dict(self.pass_rates),
-                "edits": self.edits}
-
 
 def best_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> tuple[float, float]:
     """The threshold with the most right decisions (positives >= t, negatives < t) and its
@@ -87,17 +83,16 @@ def choose_tau(editor: DualEditor, dataset: MMEditDataset, indices: Sequence[int
         raise ValueError(f"choose_tau needs an empty edit memory; this editor holds "
                          f"{len(editor.memory)} edits")
     sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
-    try:
-        for index in indices:
-            record = dataset[index]
-            editor.apply([record], dataset.task, dataset.images)
+    for index in indices:
+        record = dataset[index]
+        editor.apply([record], dataset.task, dataset.images)
+        try:
             for kind, sample in record_samples(record, dataset.task).items():
                 if kind in sims:
                     image = None if sample.image is None else dataset.images(sample.image)
                     sims[kind].append(editor.explain(image, sample.prompt).similarity)
+        finally:
             editor.restore()
-    finally:
-        editor.restore()
     positives = torch.tensor([s for k in PASS_KINDS for s in sims[k]])
     negatives = torch.tensor([s for k in BLOCK_KINDS for s in sims[k]])
     tau, accuracy = best_threshold(positives, negatives)

@@ -383,7 +383,7 @@ class EditMemory:
             text_layer=index["text_layer"],
             visual_layer=index["visual_layer"],
             model_type=index["model_type"],
-            text_keys=index.get("text_keys", "all"),
+            text_keys=index["text_keys"],
             device=device,
         )
         memory.read(directory)
@@ -400,7 +400,6 @@ class EditMemory:
         directory = Path(directory)
         index_path, states_path = directory / INDEX_FILE, directory / STATES_FILE
         index = _read_index(index_path)
-        index.setdefault("text_keys", "all")
         for name in ("hidden_size", "text_layer", "visual_layer", "model_type", "text_keys"):
             if index[name] != getattr(self, name):
                 raise ValueError(
@@ -481,6 +480,8 @@ def _read_index(path: Path) -> dict[str, Any]:
     index = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(index, dict) or index.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not an edit memory index of format {READABLE_FORMATS}")
+    if index["format"] == 1:
+        index.setdefault("text_keys", "all")  # format 1 always stored every position
     required = (
         "hidden_size",
         "text_layer",
