@@ -28,39 +28,81 @@ def test_best_threshold_counts_right_decisions_and_prefers_the_widest_gap():
     assert accuracy == 1.0 and tau <= 0.9
 
 
+class Memory(list):
+    """Stored records; ids are their record indices."""
+
+    @property
+    def ids(self):
+        return [record.index for record in self]
+
+
 class StandIn:
     """An editor whose gate similarity is 0.9 for its edit's rephrased question (T-Gen) or
-    rephrased image (V-Gen), and 0.4 for everything else."""
+    rephrased image (V-Gen), and 0.4 for everything else; with several edits stored, the
+    nearest is the related one, else the first (`unrelated` raises what the others score)."""
 
-    def __init__(self):
-        self.memory, self.applied, self.asked = [], [], []
+    def __init__(self, unrelated=0.4):
+        self.memory, self.applied, self.asked = Memory(), [], []
+        self.unrelated = unrelated
 
     def apply(self, records, task, images):
         self.memory.extend(records)
-        self.applied.append(records[0].index)
+        self.applied.append([record.index for record in records])
 
     def restore(self):
         self.memory.clear()
 
     def explain(self, image, prompt):
-        assert len(self.memory) == 1
-        record = self.memory[0]
-        related = prompt.startswith(record.rephrase) or (
-            prompt.startswith(record.src) and image is not None
-        )
         self.asked.append(prompt)
-        return GateDecision(edit_id=0, similarity=0.9 if related else 0.4, gate_open=True, edited=True)
+        for record in self.memory:
+            if prompt.startswith(record.rephrase) or (
+                prompt.startswith(record.src) and image is not None
+            ):
+                return GateDecision(record.index, 0.9, True, True)
+        first = self.memory[0].index
+        return GateDecision(first, 0.4 if len(self.memory) == 1 else self.unrelated, True, True)
 
 
 def test_choose_tau_edits_each_record_alone(tiny_train):
     editor = StandIn()
     choice = choose_tau(editor, tiny_train, [0, 2, 4])
-    assert editor.applied == [0, 2, 4] and editor.memory == []
+    assert editor.applied == [[0], [2], [4]] and editor.memory == []
     assert len(editor.asked) == 3 * 4  # t_gen, v_gen, m_loc, t_loc (no hard fields here)
     assert 0.4 < choice.tau < 0.9 and choice.accuracy == 1.0 and choice.edits == 3
     assert choice.pass_rates == {"t_gen": 1.0, "v_gen": 1.0, "m_loc": 0.0, "t_loc": 0.0}
+    assert choice.mode == "single"
     with pytest.raises(ValueError, match="at least one"):
         choose_tau(editor, tiny_train, [])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        choose_tau(editor, tiny_train, [0], mode="together")
+
+
+def test_choose_tau_sequential_stores_every_edit_at_once(tiny_train):
+    """With all edits stored, unrelated inputs meet every edit and score higher (0.7 here, a
+    stand-in for the nearest of many): the threshold rises above them; alone they score 0.4."""
+    single = choose_tau(StandIn(unrelated=0.7), tiny_train, [0, 2, 4])
+    editor = StandIn(unrelated=0.7)
+    together = choose_tau(editor, tiny_train, [0, 2, 4], mode="sequential")
+    assert editor.applied == [[0, 2, 4]] and editor.memory == []
+    assert together.mode == "sequential" and together.edits == 3 and together.accuracy == 1.0
+    assert 0.4 < single.tau < 0.7 < together.tau < 0.9
+    assert together.pass_rates == {"t_gen": 1.0, "v_gen": 1.0, "m_loc": 0.0, "t_loc": 0.0}
+
+
+def test_choose_tau_sequential_leaves_out_inputs_nearest_to_another_edit(tiny_train):
+    """A T-Gen/V-Gen input whose nearest edit is another record's is wrong whatever tau is."""
+
+    class Misrouted(StandIn):
+        def explain(self, image, prompt):
+            decision = super().explain(image, prompt)
+            if decision.similarity == 0.9 and decision.edit_id == 2:
+                return GateDecision(0, 0.3, True, True)  # record 2's inputs go to edit 0
+            return decision
+
+    choice = choose_tau(Misrouted(), tiny_train, [0, 2, 4], mode="sequential")
+    # Counted, record 2's 0.3 would sit below every unrelated input: no tau gets all right.
+    assert choice.accuracy == 1.0 and 0.4 < choice.tau < 0.9
+    assert choice.pass_rates == {"t_gen": 1.0, "v_gen": 1.0, "m_loc": 0.0, "t_loc": 0.0}
 
 
 def test_choose_tau_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_train):
@@ -87,5 +129,27 @@ def test_choose_tau_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_train):
         with pytest.raises(ValueError, match="holds 1 edits"):
             choose_tau(editor, tiny_train, [0])
         assert len(editor.memory) == 1  # refused, not cleared
+    finally:
+        editor.detach()
+
+
+def test_choose_tau_sequential_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_train):
+    """All edits stored at once: an input's similarity is to its nearest edit, so a block input
+    scores at least what it scores against its own record's edit alone; the memory is emptied."""
+    model, processor = tiny_factory(tiny_vlm.name)
+    editor = DualEditor(model, processor, get_backbone(model),
+                        config=DualEditConfig(text_layer=2, visual_layer=3, width=16, heads=2,
+                                              gate_key="prompt_end_and_image"))
+    try:
+        choice = choose_tau(editor, tiny_train, [0, 1, 2], mode="sequential")
+        assert len(editor.memory) == 0 and choice.mode == "sequential" and choice.edits == 3
+        assert 0.0 <= choice.accuracy <= 1.0 and -1.0 <= choice.tau <= 1.0
+        editor.apply([tiny_train[i] for i in (0, 1, 2)], "vqa", tiny_train.images)
+        together = editor.explain(tiny_train.images(tiny_train[1].m_loc), tiny_train[1].m_loc_q)
+        editor.restore()
+        editor.apply([tiny_train[1]], "vqa", tiny_train.images)
+        alone = editor.explain(tiny_train.images(tiny_train[1].m_loc), tiny_train[1].m_loc_q)
+        editor.restore()
+        assert together.similarity >= alone.similarity - 1e-6
     finally:
         editor.detach()

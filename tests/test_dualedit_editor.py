@@ -128,7 +128,7 @@ def test_base_weights_and_hooks_are_left_exactly(tiny_vlm, tiny_images, make):
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image"])
+@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image", "prompt_end_and_image"])
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order, gate_key):
     editor = make(tau=0.999, gate_key=gate_key)
@@ -238,7 +238,7 @@ def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm,
     assert ctx.open.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image"])
+@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image", "prompt_end_and_image"])
 def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, gate_key):
     backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
     # Released text positions and text keys: the seed was chosen for them (its edit flips the
@@ -323,6 +323,56 @@ def test_prompt_end_image_key_is_the_mean_of_the_prompt_end_and_image_cosines(
                 expected = (cos_end + cos_image) / 2
             else:
                 expected = cos_end / 2**0.5
+            assert ctx.similarity[row].item() == pytest.approx(expected.item(), abs=1e-5)
+        assert not ctx.open.any()
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_prompt_end_and_image_key_is_the_smaller_of_the_two_cosines(
+    tiny_vlm, tiny_images, make, padding
+):
+    """Per input of a padded batch, the min key's similarity is the smaller of the prompt-end
+    cosine and the image-mean cosine (computed here by hand); a text-only input against an
+    image edit scores at most 0; the same edit given per input (the training path) scores the
+    same as when looked up in the memory."""
+    import torch.nn.functional as F
+
+    editor = make(text_layer=2, visual_layer=4, gate_key="prompt_end_and_image", tau=0.999)
+    add_edit(editor, tiny_images)
+    same_question = Sample("green.png", RELATED.prompt, RELATED.target)
+    samples = [same_question, UNRELATED, Sample(None, RELATED.prompt, RELATED.target)]
+    edit = editor.memory.states([0])
+    for group in (samples[:2], samples[2:]):
+        if padding == "right":
+            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = batch.prompt_end
+        else:
+            prompts = [Sample(s.image, s.prompt, "") for s in group]
+            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = None
+        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        with torch.no_grad(), editor.disabled():
+            with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2]) as capture:
+                h = capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))[2]
+        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
+            tiny_vlm.backbone.forward_logits(*inputs)
+        given = edit.select(torch.zeros(len(group), dtype=torch.long))
+        with (
+            torch.no_grad(),
+            editor.session(batch.input_ids, batch.attention_mask, end, edits=given) as trained,
+        ):
+            tiny_vlm.backbone.forward_logits(*inputs)
+        torch.testing.assert_close(trained.similarity, ctx.similarity)
+        for row in range(len(group)):
+            pe = h[row, int(batch.prompt_end[row])]
+            cos_end = F.cosine_similarity(pe, edit.keys["prompt_end"][0], dim=0)
+            image = batch.image_mask[row].bool() & batch.attention_mask[row].bool()
+            if image.any():
+                mean = h[row][image].mean(dim=0)
+                cos_image = F.cosine_similarity(mean, edit.keys["image_mean"][0], dim=0)
+                expected = torch.minimum(cos_end, cos_image)
+            else:
+                expected = torch.minimum(cos_end, torch.tensor(0.0))
             assert ctx.similarity[row].item() == pytest.approx(expected.item(), abs=1e-5)
         assert not ctx.open.any()
 

@@ -110,6 +110,23 @@ def test_text_keys_are_saved_and_old_files_load_as_all(tiny_llava, tmp_path):
     assert old.config.text_keys == "all"
 
 
+def test_gate_key_prompt_end_and_image_is_saved_and_loaded(tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    first = DualEditor(model, processor, gate_key="prompt_end_and_image", tau=0.5)
+    first.save_pretrained(tmp_path / "adapters")
+    first.detach()
+    meta = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert meta["config"]["gate_key"] == "prompt_end_and_image"
+    loaded = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    loaded.detach()
+    assert loaded.config.gate_key == "prompt_end_and_image" and loaded.config.tau == 0.5
+    other = DualEditor.from_pretrained(
+        model, processor, tmp_path / "adapters", gate_key="prompt_end_image"
+    )
+    other.detach()
+    assert other.config.gate_key == "prompt_end_image"
+
+
 def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_images, tmp_path):
     llava, llava_processor = tiny_llava
     editor = DualEditor(llava, llava_processor)

@@ -227,3 +227,107 @@ def test_format_1_files_load_without_the_image_part(tmp_path):
     assert similarity.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="needs the key part\\(s\\) \\['image_mean'\\]"):
         loaded.lookup(torch.ones(1, 2 * HIDDEN), "prompt_end_image")
+
+
+def test_prompt_end_and_image_lookup_is_the_smaller_of_the_two_cosines():
+    """Both parts must match: the similarity is min(prompt-end cosine, image cosine), and the
+    nearest edit is chosen by it. An input without an image has image cosine 0 against an edit
+    with one and 1 against an edit without one."""
+    from dualedit.editors.dualedit.keys import gate_vectors
+
+    m = memory()
+    stored = [edit(seed)[2] for seed in range(5)]
+    stored[4] = {**stored[4], "image_mean": torch.zeros(HIDDEN)}  # a text-only edit
+    for seed in range(5):
+        m.add(*edit(seed)[:2], stored[seed])
+    g = torch.Generator().manual_seed(11)
+    end, image = torch.randn(3, HIDDEN, generator=g), torch.randn(3, HIDDEN, generator=g)
+    image[2] = 0.0  # an input without an image
+    query = gate_vectors({"prompt_end": end, "image_mean": image}, "prompt_end_and_image")
+    cos_end = F.cosine_similarity(
+        end[:, None], torch.stack([k["prompt_end"] for k in stored])[None], dim=-1
+    )  # [3, 5]
+    cos_image = torch.nan_to_num(F.cosine_similarity(
+        image[:, None], torch.stack([k["image_mean"] for k in stored])[None], dim=-1
+    ))  # [3, 5]; 0 where one side has no image
+    cos_image[2, 4] = 1.0  # neither has an image
+    brute = torch.minimum(cos_end, cos_image)
+    positions, similarity = m.lookup(query, "prompt_end_and_image")
+    assert positions.tolist() == brute.argmax(dim=1).tolist()
+    torch.testing.assert_close(similarity, brute.max(dim=1).values)
+    assert positions[2].item() == 4 and similarity[2] == pytest.approx(cos_end[2, 4].item())
+
+
+def test_prompt_end_and_image_keeps_out_an_input_that_matches_only_the_image():
+    """Same image, an unrelated question (orthogonal prompt-end state): the mean key scores it
+    0.5, above a threshold of 0.4; the min key scores it 0, and the question alone likewise."""
+    from dualedit.editors.dualedit.keys import gate_vectors
+
+    m = memory()
+    text, visual, keys = edit(0)
+    keys["prompt_end"] = torch.eye(HIDDEN)[0]
+    m.add(text, visual, keys)
+    image = keys["image_mean"][None]
+    other_question = torch.eye(HIDDEN)[1][None]
+    parts = {"prompt_end": other_question, "image_mean": image}
+    _, mean = m.lookup(gate_vectors(parts, "prompt_end_image"), "prompt_end_image")
+    _, both = m.lookup(gate_vectors(parts, "prompt_end_and_image"), "prompt_end_and_image")
+    assert mean.item() == pytest.approx(0.5, abs=1e-6) and mean.item() >= 0.4
+    assert both.item() == pytest.approx(0.0, abs=1e-6)
+    same_question = {"prompt_end": keys["prompt_end"][None], "image_mean": -image}
+    _, question_only = m.lookup(
+        gate_vectors(same_question, "prompt_end_and_image"), "prompt_end_and_image"
+    )
+    assert question_only.item() == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_similarity_rows_agree_with_the_matrix():
+    """The per-row similarity (edits given per input, as in training) is the matrix diagonal."""
+    from dualedit.editors.dualedit.config import GATE_KEYS
+    from dualedit.editors.dualedit.keys import (
+        gate_vectors,
+        similarity_matrix,
+        similarity_rows,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    names = ("prompt_end", "last_position", "image_mean")
+    parts = [{p: torch.randn(4, HIDDEN, generator=g) for p in names} for _ in range(2)]
+    parts[0]["image_mean"][1] = 0.0
+    for kind in GATE_KEYS:
+        a, b = gate_vectors(parts[0], kind), gate_vectors(parts[1], kind)
+        torch.testing.assert_close(
+            similarity_rows(a, b, kind), similarity_matrix(a, b, kind).diagonal()
+        )
+
+
+def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
+    """The min key reads the stored parts: a saved and loaded memory looks up the same, and a
+    format-1 file (no image part) refuses it by name."""
+    from safetensors.torch import load_file, save_file
+
+    from dualedit.editors.dualedit.keys import gate_vectors
+
+    m = memory()
+    for seed in range(3):
+        m.add(*edit(seed))
+    query = gate_vectors(
+        {"prompt_end": torch.randn(2, HIDDEN), "image_mean": torch.randn(2, HIDDEN)},
+        "prompt_end_and_image",
+    )
+    m.save(tmp_path / "new")
+    loaded = EditMemory.load(tmp_path / "new")
+    for got, want in zip(
+        loaded.lookup(query, "prompt_end_and_image"), m.lookup(query, "prompt_end_and_image")
+    ):
+        torch.testing.assert_close(got, want)
+    index = json.loads((tmp_path / "new" / "memory.json").read_text())
+    index["format"] = 1
+    del index["text_keys"]
+    (tmp_path / "new" / "memory.json").write_text(json.dumps(index))
+    tensors = load_file(str(tmp_path / "new" / "memory.safetensors"))
+    del tensors["key.image_mean"]
+    save_file(tensors, str(tmp_path / "new" / "memory.safetensors"))
+    old = EditMemory.load(tmp_path / "new")
+    with pytest.raises(ValueError, match="'prompt_end_and_image' needs the key part"):
+        old.lookup(query, "prompt_end_and_image")

@@ -253,6 +253,18 @@ def test_user_errors(tiny_factory, tiny_train, tmp_path):
             val_fraction=1.5,
             progress=False,
         )
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        train_dualedit(
+            model,
+            processor,
+            tiny_train,
+            config=CONFIG,
+            settings=settings(),
+            out_dir=tmp_path / "refused",
+            calibration="together",
+            progress=False,
+        )
+    assert not (tmp_path / "refused").exists()  # refused before any training
     eval_file = tiny_train.path.parent / "vqa_eval.json"
     eval_file.write_text(tiny_train.path.read_text())
     with pytest.raises(ValueError, match="vqa_eval.json: the eval split"):

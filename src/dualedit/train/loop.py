@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
-from dualedit.editors.dualedit.calibrate import TauChoice, choose_tau
+from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES, TauChoice, choose_tau
 from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
 from dualedit.train.checkpoint import (
@@ -71,6 +71,7 @@ def train_dualedit(
     progress: bool = True,
     accelerator: Accelerator | None = None,
     calibrate_tau: bool = True,
+    calibration: str = "single",
 ) -> TrainResult:
     """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
 
@@ -96,6 +97,9 @@ def train_dualedit(
         calibrate_tau: after training, choose the gate threshold on the validation edits
             (`calibrate.choose_tau`) and save it in the best adapters' config (the configured
             tau is kept when False). Logged and returned as `TrainResult.tau`.
+        calibration: how the validation edits are stored while tau is chosen: "single" (one
+            at a time) or "sequential" (all at once, as the sequential protocol holds them);
+            see `calibrate.choose_tau`.
 
     Returns:
         A `TrainResult` (best score and step, folders, timing).
@@ -111,6 +115,8 @@ def train_dualedit(
         >>> editor = DualEditor.from_pretrained(model, processor, result.best_dir)
     """
     started = time.perf_counter()
+    if calibration not in CALIBRATION_MODES:  # checked before hours of training, not after
+        raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}")
     settings = settings if settings is not None else TrainSettings()
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
@@ -240,7 +246,7 @@ def train_dualedit(
     best_dir = out_dir / BEST_DIR if state.best_step is not None else None
     tau = None
     if calibrate_tau and best_dir is not None and main:
-        tau = _calibrate_tau(model, processor, best_dir, train_dataset, val_idx)
+        tau = _calibrate_tau(model, processor, best_dir, train_dataset, val_idx, calibration)
     accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,
@@ -259,14 +265,19 @@ def train_dualedit(
 
 
 def _calibrate_tau(
-    model: nn.Module, processor: Any, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]
+    model: nn.Module,
+    processor: Any,
+    best_dir: Path,
+    dataset: MMEditDataset,
+    val_idx: list[int],
+    mode: str = "single",
 ) -> TauChoice:
     """Choose tau on the validation edits and save it into `best_dir`'s config."""
     editor = DualEditor.from_pretrained(model, processor, best_dir)
     was_training = model.training
     model.eval()
     try:
-        choice = choose_tau(editor, dataset, val_idx)
+        choice = choose_tau(editor, dataset, val_idx, mode=mode)
     finally:
         editor.detach()
         model.train(was_training)
@@ -275,8 +286,8 @@ def _calibrate_tau(
         calibrated.save_pretrained(best_dir)
     finally:
         calibrated.detach()
-    logger.info("gate threshold chosen on %d validation edits: tau %.4f (accuracy %.3f, pass rates %s)",
-                choice.edits, choice.tau, choice.accuracy,
+    logger.info("gate threshold chosen on %d validation edits (%s): tau %.4f (accuracy %.3f, "
+                "pass rates %s)", choice.edits, choice.mode, choice.tau, choice.accuracy,
                 {k: round(v, 3) for k, v in choice.pass_rates.items()})
     return choice
 

@@ -7,6 +7,10 @@ alone and measures the gate similarity of inputs that must pass (its T-Gen and V
 of inputs that must not (its M-Loc, hard M-Loc and T-Loc inputs), then takes the threshold with
 the most right decisions (ties: the midpoint of the widest gap). The gate key's layer sits
 below every adapter's output, so the similarities do not depend on the trained weights.
+
+With `mode="sequential"` all held-out edits are stored at once, as in the sequential protocol,
+and each input is scored against its nearest stored edit: an unrelated input then meets every
+stored edit, not one, and the threshold rises to keep it out.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from dualedit.data.prompts import record_samples
 
 if TYPE_CHECKING:
     from dualedit.data.mmedit import MMEditDataset
+    from dualedit.data.records import EditRecord
     from dualedit.editors.dualedit.editor import DualEditor
 
 #: Inputs that must pass the gate of their own edit, and inputs that must not.
 PASS_KINDS: tuple[str, ...] = ("t_gen", "v_gen")
 BLOCK_KINDS: tuple[str, ...] = ("m_loc", "m_loc_hard", "t_loc")
+#: "single": each held-out edit alone in the memory; "sequential": all of them at once.
+CALIBRATION_MODES: tuple[str, ...] = ("single", "sequential")
 
 
 @dataclass(frozen=True)
@@ -36,12 +43,14 @@ class TauChoice:
         accuracy: fraction of right decisions (pass kinds >= tau, block kinds < tau), 0-1.
         pass_rates: per input kind, the fraction whose similarity reaches tau (0-1).
         edits: how many edits it was chosen on.
+        mode: how they were stored ("single" or "sequential", see `choose_tau`).
     """
 
     tau: float
     accuracy: float
     pass_rates: dict[str, float]
     edits: int
+    mode: str = "single"
 
 
 def best_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> tuple[float, float]:
@@ -68,33 +77,65 @@ def best_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> tuple[fl
     return round(float(candidates[pick]), 6), best / (len(pos) + len(neg))
 
 
-def choose_tau(editor: DualEditor, dataset: MMEditDataset, indices: Sequence[int]) -> TauChoice:
+def choose_tau(
+    editor: DualEditor,
+    dataset: MMEditDataset,
+    indices: Sequence[int],
+    *,
+    mode: str = "single",
+) -> TauChoice:
     """Choose `tau` on the records `indices` of `dataset` (held-out edits, never eval records).
 
-    Each record is edited alone and the memory is emptied after each; an editor that already
-    holds edits is refused (a ValueError) rather than lose them.
+    Args:
+        editor: a DualEditor with an empty memory (refused otherwise rather than lose edits).
+        dataset, indices: the held-out records.
+        mode: "single" = each record is edited alone and the memory emptied after each;
+            "sequential" = every record's edit is stored at once and each input is scored
+            against its nearest stored edit. There, a T-Gen/V-Gen input whose nearest edit is
+            not its own is wrong whatever tau is and is left out of the choice (and of
+            `pass_rates`); an M-Loc input may meet an edit of the very fact it asks when the
+            held-out edits are not distinct facts, which only makes tau stricter.
 
     Raises:
-        ValueError: no indices, or the editor's memory is not empty.
+        ValueError: no indices, an unknown mode, or the editor's memory is not empty.
     """
     if not indices:
         raise ValueError("choose_tau needs at least one held-out edit")
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"choose_tau: mode must be one of {CALIBRATION_MODES}, got {mode!r}")
     if len(editor.memory):
         raise ValueError(f"choose_tau needs an empty edit memory; this editor holds "
                          f"{len(editor.memory)} edits")
     sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
-    for index in indices:
-        record = dataset[index]
-        editor.apply([record], dataset.task, dataset.images)
+
+    def measure(record: EditRecord, own: object) -> None:
+        for kind, sample in record_samples(record, dataset.task).items():
+            if kind in sims:
+                image = None if sample.image is None else dataset.images(sample.image)
+                decision = editor.explain(image, sample.prompt)
+                if kind in PASS_KINDS and decision.edit_id != own:
+                    continue  # another edit is nearest: no threshold makes it right
+                sims[kind].append(decision.similarity)
+
+    if mode == "single":
+        for index in indices:
+            record = dataset[index]
+            editor.apply([record], dataset.task, dataset.images)
+            try:
+                measure(record, editor.memory.ids[0])
+            finally:
+                editor.restore()
+    else:
+        records = [dataset[index] for index in indices]
+        editor.apply(records, dataset.task, dataset.images)
         try:
-            for kind, sample in record_samples(record, dataset.task).items():
-                if kind in sims:
-                    image = None if sample.image is None else dataset.images(sample.image)
-                    sims[kind].append(editor.explain(image, sample.prompt).similarity)
+            ids = editor.memory.ids  # insertion order: one per record
+            for record, own in zip(records, ids, strict=True):
+                measure(record, own)
         finally:
             editor.restore()
     positives = torch.tensor([s for k in PASS_KINDS for s in sims[k]])
     negatives = torch.tensor([s for k in BLOCK_KINDS for s in sims[k]])
     tau, accuracy = best_threshold(positives, negatives)
     rates = {k: sum(s >= tau for s in v) / len(v) for k, v in sims.items() if v}
-    return TauChoice(tau=tau, accuracy=accuracy, pass_rates=rates, edits=len(indices))
+    return TauChoice(tau=tau, accuracy=accuracy, pass_rates=rates, edits=len(indices), mode=mode)

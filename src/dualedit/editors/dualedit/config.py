@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from dualedit.editors.dualedit.keys import KIND_PARTS
+
 #: The paper's gate thresholds (DualEdit, COLM 2025) per `config.model_type`.
 DEFAULT_TAU: dict[str, float] = {"llava": 0.6, "blip-2": 0.8}
 #: Width of the adapters' attention space in the released code (for 2560- and 4096-wide models).
 DEFAULT_WIDTH = 1024
 GATE_SCOPES: tuple[str, ...] = ("both", "text")
-GATE_KEYS: tuple[str, ...] = ("prompt_end", "last_position", "prompt_end_image")
+GATE_KEYS: tuple[str, ...] = tuple(KIND_PARTS)
 TEXT_KEYS: tuple[str, ...] = ("all", "text", "answer")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -56,6 +58,8 @@ class DualEditConfig:
             the default: on 100 eval edits of the built-in world's LLaVA, the best single
             threshold separates T-Gen/V-Gen inputs from M-Loc, hard M-Loc and T-Loc inputs with
             accuracy 99.0 at layer 1 (prompt_end alone: 96.4, V-Gen passing only 90 %).
+            "prompt_end_and_image": the same two parts, but the similarity is the smaller of the
+            two cosines (question and image must both match; nearest edit chosen by it).
         text_prompt_end: True (default) = the text adapter also edits the input's last prompt
             token (the position whose output predicts the first answer token); False = it stops
             just before it, as in the released code, so the first answer token changes only

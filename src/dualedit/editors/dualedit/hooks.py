@@ -18,7 +18,8 @@ the chosen edit) lives in a `CallContext`, never on modules or in module globals
 Per input, on the first pass of a call (the prompt pass in generate()):
 - the gate key is read from the text layer's output (keys.py): at the input's last prompt token
   ("prompt_end"), at its last non-pad position ("last_position"), or the last prompt token
-  combined with the mean over the image positions ("prompt_end_image");
+  combined with the mean over the image positions ("prompt_end_image": mean of the two cosines;
+  "prompt_end_and_image": the smaller of the two);
 - the nearest stored edit is chosen by cosine similarity (or the edits are given by the caller);
 - with the gate on, an input whose similarity is below tau is left unedited.
 The decision holds for the rest of the call. Text adapter positions: after the image (or from
@@ -49,7 +50,12 @@ from dualedit.editors.dualedit.auto import (
     stack_call,
 )
 from dualedit.editors.dualedit.config import DualEditConfig
-from dualedit.editors.dualedit.keys import KIND_PARTS, gate_vectors, key_parts
+from dualedit.editors.dualedit.keys import (
+    KIND_PARTS,
+    gate_vectors,
+    key_parts,
+    similarity_rows,
+)
 from dualedit.editors.dualedit.memory import EditMemory, EditStates
 
 logger = logging.getLogger(__name__)
@@ -452,7 +458,7 @@ class DualEditHooks:
             ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
             ctx.states = ctx.edits
             edit_keys = {k: part.to(h.device) for k, part in ctx.edits.keys.items()}
-            similarity = (keys * gate_vectors(edit_keys, key_kind)).sum(dim=-1)  # [batch]
+            similarity = similarity_rows(keys, gate_vectors(edit_keys, key_kind), key_kind)
         ctx.similarity = similarity
         if ctx.gate:
             ctx.open = similarity >= self.config.tau  # [batch]

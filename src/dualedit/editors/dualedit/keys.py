@@ -9,6 +9,11 @@ an image). A gate key kind (`DualEditConfig.gate_key`) is a unit vector built fr
 concatenation of the normalised last-prompt-token state and the normalised image mean, so the
 cosine of two inputs with images is the mean of the two cosines, and an input without an image
 scores at most 1/sqrt(2) against an edit with one (and the other way round).
+"prompt_end_and_image" is built from the same two parts but its similarity is the *minimum* of
+the two part cosines (`similarity_matrix`): the question and the image must both match. Its
+vector is the normalised prompt_end followed by the normalised image mean and one "no image"
+slot, so two inputs without an image have image cosine 1 and an input without an image against
+an edit with one has image cosine 0 (never edited by an image edit).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "prompt_end": ("prompt_end",),
     "last_position": ("last_position",),
     "prompt_end_image": ("prompt_end", "image_mean"),
+    "prompt_end_and_image": ("prompt_end", "image_mean"),
 }
+#: Kinds whose similarity is the minimum of the part cosines, not one cosine of whole vectors.
+MIN_KINDS: frozenset[str] = frozenset({"prompt_end_and_image"})
 
 
 def key_parts(
@@ -58,7 +66,9 @@ def key_parts(
 
 
 def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """Unit gate vectors of `kind` from key parts: [batch, hidden] or [batch, 2 * hidden].
+    """Gate vectors of `kind` from key parts: unit [batch, hidden] or [batch, 2 * hidden]
+    ("prompt_end_image"); for "prompt_end_and_image" [batch, 2 * hidden + 1], two unit parts
+    (compare them with `similarity_matrix` / `similarity_rows`, not with a dot product).
 
     Raises:
         ValueError: an unknown kind, or a part the kind needs is missing or unknown (NaN, as in
@@ -79,7 +89,46 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
             dim=-1,
         )  # [batch, 2 * hidden]
         return F.normalize(both, dim=-1)
+    if kind == "prompt_end_and_image":
+        image = parts["image_mean"].float()
+        no_image = (image == 0).all(dim=-1, keepdim=True).to(image.dtype)  # [batch, 1]
+        return torch.cat(
+            [F.normalize(parts["prompt_end"].float(), dim=-1),
+             F.normalize(torch.cat([image, no_image], dim=-1), dim=-1)],
+            dim=-1,
+        )  # [batch, 2 * hidden + 1]
     return F.normalize(parts[kind].float(), dim=-1)
+
+
+def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
+    """Gate similarity of every query to every stored key: [batch, d], [n, d] -> [batch, n].
+
+    Both are gate vectors of `kind` (`gate_vectors`); queries are normalised here (per part for
+    the min kinds), so a raw single-part key works too. Keys must already be unit (per part).
+    """
+    if kind in MIN_KINDS:
+        q_end, q_image = _split(queries)
+        k_end, k_image = _split(keys)
+        return torch.minimum(q_end @ k_end.T, q_image @ k_image.T)  # [batch, n]
+    return F.normalize(queries.float(), dim=-1) @ keys.T  # [batch, n]
+
+
+def similarity_rows(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
+    """Gate similarity of each query to the key of the same row: [batch, d] x2 -> [batch]."""
+    if kind in MIN_KINDS:
+        q_end, q_image = _split(queries)
+        k_end, k_image = _split(keys)
+        return torch.minimum((q_end * k_end).sum(-1), (q_image * k_image).sum(-1))
+    return (F.normalize(queries.float(), dim=-1) * keys).sum(dim=-1)
+
+
+def _split(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A min kind's [.., 2 * hidden + 1] vectors -> unit prompt-end and image parts."""
+    hidden = (vectors.shape[-1] - 1) // 2
+    return (
+        F.normalize(vectors[..., :hidden].float(), dim=-1),
+        F.normalize(vectors[..., hidden:].float(), dim=-1),
+    )
 
 
 def text_key_positions(

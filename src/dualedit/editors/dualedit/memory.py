@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dualedit.editors.dualedit.config import TEXT_KEYS
-from dualedit.editors.dualedit.keys import KEY_PARTS, gate_vectors
+from dualedit.editors.dualedit.keys import KEY_PARTS, gate_vectors, similarity_matrix
 from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -271,7 +270,8 @@ class EditMemory:
         ]
 
     def lookup(self, keys: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The most similar stored edit (cosine) for each input key.
+        """The most similar stored edit for each input key (cosine; for a min kind such as
+        "prompt_end_and_image", the smaller of the part cosines, see `keys.similarity_matrix`).
 
         Args:
             keys: [batch, d] input gate vectors of `kind` (`keys.gate_vectors`; a raw
@@ -286,14 +286,13 @@ class EditMemory:
         """
         if not self._ids:
             raise ValueError("lookup in an empty edit memory")
-        matrix = self.key_matrix(kind, keys.device)  # [n_edits, d], unit rows
-        queries = F.normalize(keys.float(), dim=-1)  # [batch, d]
-        similarity = queries @ matrix.T  # [batch, n_edits]
+        matrix = self.key_matrix(kind, keys.device)  # [n_edits, d], unit rows (or parts)
+        similarity = similarity_matrix(keys, matrix, kind)  # [batch, n_edits]
         best, positions = similarity.max(dim=-1)  # [batch], [batch]
         return positions, best
 
     def key_matrix(self, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """The stacked unit gate vectors of `kind` of the stored edits: [n_edits, d] float32.
+        """The stacked gate vectors of `kind` of the stored edits: [n_edits, d] float32.
 
         Raises:
             ValueError: an unknown kind, or edits that lack a part the kind needs.
