@@ -63,3 +63,47 @@ def test_editor_options_parse_as_json_or_text():
     assert parse_options(args.editor_option) == {"tau": 0.7, "gate_key": "last_position", "gate": False}
     with pytest.raises(ValueError, match="'tau': expected KEY=VALUE"):
         parse_options(["tau"])
+
+
+def test_world_entities_option_and_too_many_eval_edits(tmp_path, capsys):
+    out = tmp_path / "world"
+    assert main(["-q", "world", "--out", str(out), "--entities", "150", *TINY_WORLD]) == 0
+    world = json.loads((out / "world.json").read_text())
+    assert len(world["entities"]) == 150 and "heart" in world["attributes"]["shape"]
+    assert world["counts"]["renderings_per_entity"] == 2
+    capsys.readouterr()
+    # 8 entities have 48 E-VQA facts: editing all leaves none for the locality questions.
+    args = ["-q", "world", "--out", str(tmp_path / "small"), "--entities", "8", "--eval-vqa", "48",
+            "--train-vqa", "6", "--eval-caption", "2", "--train-caption", "2", "--renderings", "1"]
+    assert main(args) == 2
+    assert "48 eval edits leave no unedited fact" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+
+
+def test_world_renderings_default_is_the_library_default(monkeypatch, tmp_path):
+    import dualedit.world
+
+    seen = {}
+    monkeypatch.setattr(dualedit.world, "build_world", lambda out, **kw: seen.update(kw) or out)
+    assert main(["-q", "world", "--out", str(tmp_path / "w")]) == 0
+    assert "renderings_per_entity" not in seen and seen["n_entities"] == 48
+
+
+def test_pretrain_step_options_replace_the_arch_defaults_only_when_given(monkeypatch, tmp_path):
+    import importlib
+
+    # The package exports a function of the same name as the module.
+    pretrain_module = importlib.import_module("dualedit.small_vlm.pretrain")
+
+    calls = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **kw: calls.append(kw) or {})
+    base = ["-q", "pretrain", "--world", str(tmp_path), "--arch", "blip2", "--out", str(tmp_path / "m")]
+    assert main(base) == 0
+    assert calls[-1]["settings"] is None  # the defaults: cached default models stay valid
+    assert main(base + ["--steps", "4000", "--vision-steps", "3000"]) == 0
+    settings = calls[-1]["settings"]
+    default = pretrain_module.DEFAULT_SETTINGS["blip2"]
+    assert (settings.steps, settings.vision_steps) == (4000, 3000)
+    assert settings.vision_lr == default.vision_lr and settings.lr == default.lr
+    assert main(base + ["--steps", "1500"]) == 0
+    assert (calls[-1]["settings"].steps, calls[-1]["settings"].vision_steps) == (1500, default.vision_steps)

@@ -141,8 +141,11 @@ def test_plan_edits_refuses_more_eval_edits_than_exist():
     with pytest.raises(ValueError, match="caption: n_eval=5 .*distinct facts"):
         plan_edits(world, 0, "caption", n_train=0, n_eval=5)
     world = make_catalogue(0, n_entities=8, text_subjects_per_relation=4)
-    # 8 entities: 8 facts per kind, so 6 kinds round-robin give at most 48 eval edits.
-    assert len(plan_edits(world, 0, "vqa", n_train=0, n_eval=48).eval) == 48
+    # 8 entities: 8 facts per kind, 48 in all; the locality questions need unedited ones, so
+    # 7 per kind (42) is the most: every kind keeps one unedited fact about another entity.
+    assert len(plan_edits(world, 0, "vqa", n_train=0, n_eval=42).eval) == 42
+    with pytest.raises(ValueError, match="vqa_eval: 48 eval edits leave no unedited fact .*48 E-VQA facts"):
+        plan_edits(world, 0, "vqa", n_train=0, n_eval=48)
     with pytest.raises(ValueError, match="vqa: n_eval=49 .*kind 'name'"):
         plan_edits(world, 0, "vqa", n_train=0, n_eval=49)
 

@@ -15,16 +15,19 @@ from pathlib import Path
 def _cmd_world(args: argparse.Namespace) -> int:
     from dualedit.world import build_world
 
+    # Only what was given: build_world's own defaults hold for the rest.
+    optional = {"renderings_per_entity": args.renderings}
     out = build_world(
         args.out,
         seed=args.seed,
         image_size=args.image_size,
+        n_entities=args.entities,
         n_train_vqa=args.train_vqa,
         n_eval_vqa=args.eval_vqa,
         n_train_caption=args.train_caption,
         n_eval_caption=args.eval_caption,
-        renderings_per_entity=args.renderings,
         progress=not args.quiet,
+        **{k: v for k, v in optional.items() if v is not None},
     )
     print(f"world written to {out}")
     return 0
@@ -33,9 +36,18 @@ def _cmd_world(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dualedit.small_vlm.pretrain import pretrain
 
+    import dataclasses
+
+    from dualedit.small_vlm.pretrain import DEFAULT_SETTINGS
+
+    # Given step counts replace the arch's defaults (and so enter the cache key); none given:
+    # exactly the default settings, so models cached with them are reused.
+    steps = {"steps": args.steps, "vision_steps": args.vision_steps}
+    given = {k: v for k, v in steps.items() if v is not None}
+    settings = dataclasses.replace(DEFAULT_SETTINGS[args.arch], **given) if given else None
     metrics = pretrain(
         args.world, args.arch, args.out, seed=args.seed, progress=not args.quiet, force=args.force,
-        threads=args.threads,
+        settings=settings, threads=args.threads,
     )
     acc = metrics.get("heldout_accuracy", {})
     print(f"model written to {args.out}")
@@ -214,11 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--entities", type=int, default=48,
+                   help="named entities, at most 256 (above 144: 8 shapes and 8 colors instead of 6); "
+                        "each has 6 E-VQA facts")
     p.add_argument("--train-vqa", type=int, default=1000)
     p.add_argument("--eval-vqa", type=int, default=200)
     p.add_argument("--train-caption", type=int, default=500)
     p.add_argument("--eval-caption", type=int, default=48, help="at most one per entity")
-    p.add_argument("--renderings", type=int, default=None, help="corpus renderings per entity")
+    p.add_argument("--renderings", type=int, default=None,
+                   help="corpus renderings per entity (default 120)")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("pretrain", help="pretrain a small VLM on a world")
@@ -229,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 2; use 1 when another job shares the CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="language-side steps (default: the arch's, llava 400, blip2 1000; more for "
+                        "worlds of more entities)")
+    p.add_argument("--vision-steps", type=int, default=None,
+                   help="vision warm-up steps (default: the arch's, llava 2400, blip2 2000)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("data", help="data tools")

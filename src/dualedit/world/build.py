@@ -148,7 +148,10 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, *, image_size: int = 
         out_dir: target folder; must not exist, be empty, or hold a previous world.
         seed: the same seed gives byte-identical files; another seed another world.
         image_size: side of the square RGB PNGs in pixels.
-        n_entities: named entities (unique shape/color/pattern combinations), <= 144.
+        n_entities: named entities (unique shape/color/pattern combinations), <= 256; above
+            144 the world has 8 shapes and 8 colors instead of 6 (catalogue.make_catalogue).
+            A world of E entities has 6E distinct E-VQA facts: n_eval_vqa must leave some
+            unedited for the locality questions.
         n_train_vqa, n_eval_vqa: E-VQA edit records per split.
         n_train_caption, n_eval_caption: E-IC edit records per split (eval: at most one per
             entity, so at most n_entities).
@@ -209,7 +212,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, *, image_size: int = 
         "caption_template": CAPTION_TEMPLATE,
         "text_relations": world["text_relations"],
         "text_facts": world["text_facts"],
-        "render": {"color_rgb": {k: list(v) for k, v in COLOR_RGB.items()},
+        # The colors of this world only (worlds of <= 144 entities never list the extra ones).
+        "render": {"color_rgb": {k: list(COLOR_RGB[k]) for k in world["attributes"]["color"]},
                    "pattern_rgb": list(PATTERN_RGB), "background_rgb": [list(c) for c in BACKGROUND_RGB],
                    "scale_range": list(SCALE_RANGE), "max_angle": MAX_ANGLE},
         # What each edit record is about (records keep exactly the MMEdit fields).

@@ -19,6 +19,13 @@ import numpy as np
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "diamond")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 PATTERNS: tuple[str, ...] = ("solid", "striped", "hollow", "checkered")
+# Worlds of more than BASE_MAX_ENTITIES entities also use these (8 x 8 x 4 = MAX_ENTITIES). They
+# exist only there, so every smaller world (its names, layout, files) stays byte-identical to the
+# worlds that cached models were trained on.
+EXTRA_SHAPES: tuple[str, ...] = ("heart", "arrow")
+EXTRA_COLORS: tuple[str, ...] = ("cyan", "pink")
+BASE_MAX_ENTITIES = len(SHAPES) * len(COLORS) * len(PATTERNS)
+MAX_ENTITIES = (len(SHAPES) + len(EXTRA_SHAPES)) * (len(COLORS) + len(EXTRA_COLORS)) * len(PATTERNS)
 
 # Hidden attributes: facts about an entity that no pixel shows.
 MATERIALS: tuple[str, ...] = ("wood", "glass", "stone", "metal", "paper", "clay", "silk", "wool")
@@ -185,8 +192,19 @@ def answer_of(entity: dict, kind: str) -> str:
     return entity[kind]
 
 
-def _fixed_words() -> set[str]:
-    texts: list[str] = [*SHAPES, *COLORS, *PATTERNS, *MATERIALS, *CAPTION_PROMPTS,
+def visible_values(n_entities: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The shapes and colors of a world of `n_entities`: the base six of each up to
+    BASE_MAX_ENTITIES, eight of each above.
+
+    Example: `visible_values(48) == (SHAPES, COLORS)`.
+    """
+    if n_entities <= BASE_MAX_ENTITIES:
+        return SHAPES, COLORS
+    return SHAPES + EXTRA_SHAPES, COLORS + EXTRA_COLORS
+
+
+def _fixed_words(shapes: tuple[str, ...], colors: tuple[str, ...]) -> set[str]:
+    texts: list[str] = [*shapes, *colors, *PATTERNS, *MATERIALS, *CAPTION_PROMPTS,
                         *PROTOCOL_TEXTS]
     for templates in QUESTION_TEMPLATES.values():
         texts.extend(templates)
@@ -219,20 +237,22 @@ def _invent_words(rng: np.random.Generator, n: int, syllables: tuple[int, ...], 
     raise RuntimeError(f"could not invent {n} distinct words")  # unreachable with these pools
 
 
-def _visible_combinations(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+def _visible_combinations(rng: np.random.Generator, n: int, shape_values: tuple[str, ...],
+                          color_values: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """`n` distinct (shape, color, pattern) triples, as balanced over each attribute as possible.
 
-    Round p (0..3) lists every (shape s, color c) pair once, grouped by diagonal d = c - s mod 6,
-    with pattern (2 * (s mod 2) + (d mod 2) + p) mod 4: a diagonal uses every shape and color
-    once, and an even diagonal followed by an odd one uses every pattern three times. Diagonals
-    alternate even/odd, so any prefix of whole diagonal pairs (12, 24, 36, 48, ...) is exactly
-    balanced; the 4 rounds give each pair 4 different patterns, so all triples are distinct.
+    With k shapes and k colors (k even; 6 or 8): round p (0..3) lists every (shape s, color c)
+    pair once, grouped by diagonal d = c - s mod k, with pattern (2 * (s mod 2) + (d mod 2) + p)
+    mod 4: a diagonal uses every shape and color once, and an even diagonal followed by an odd
+    one uses every pattern k / 2 times. Diagonals alternate even/odd, so any prefix of whole
+    diagonal pairs (2k, 4k, ...; 12, 24, 36, 48 for k = 6) is exactly balanced; the 4 rounds
+    give each pair 4 different patterns, so all triples are distinct.
     """
-    n_s, n_c = len(SHAPES), len(COLORS)
+    n_s, n_c = len(shape_values), len(color_values)
     if n_s != n_c or n_s % 2 or len(PATTERNS) != 4:
         raise RuntimeError("the diagonal layout needs as many shapes as colors (even) and 4 patterns")
-    shapes = [SHAPES[i] for i in rng.permutation(n_s)]
-    colors = [COLORS[i] for i in rng.permutation(n_c)]
+    shapes = [shape_values[i] for i in rng.permutation(n_s)]
+    colors = [color_values[i] for i in rng.permutation(n_c)]
     patterns = [PATTERNS[i] for i in rng.permutation(len(PATTERNS))]
     combos: list[tuple[str, str, str]] = []
     for p in range(len(PATTERNS)):
@@ -271,7 +291,9 @@ def make_catalogue(seed: int, n_entities: int = 48, text_subjects_per_relation: 
 
     Args:
         seed: any int; the same seed gives the same catalogue.
-        n_entities: how many entities (at most len(SHAPES) * len(COLORS) * len(PATTERNS)).
+        n_entities: how many entities, at most MAX_ENTITIES (256). Up to BASE_MAX_ENTITIES
+            (144) they combine the 6 SHAPES, 6 COLORS and 4 PATTERNS; above, EXTRA_SHAPES and
+            EXTRA_COLORS join (8 x 8 x 4), drawn on a layout of their own.
         text_subjects_per_relation: invented subjects per text relation (4 relations).
 
     Returns:
@@ -284,17 +306,17 @@ def make_catalogue(seed: int, n_entities: int = 48, text_subjects_per_relation: 
         >>> sorted(cat["entities"][0])
         ['caption', 'color', 'material', 'name', 'origin', 'pattern', 'shape']
     """
-    max_entities = len(SHAPES) * len(COLORS) * len(PATTERNS)
-    if not 2 <= n_entities <= max_entities:
-        raise ValueError(f"n_entities must be in [2, {max_entities}], got {n_entities}")
+    if not 2 <= n_entities <= MAX_ENTITIES:
+        raise ValueError(f"n_entities must be in [2, {MAX_ENTITIES}], got {n_entities}")
     if text_subjects_per_relation < 2:
         raise ValueError(f"text_subjects_per_relation must be >= 2, got {text_subjects_per_relation}")
+    shapes, colors = visible_values(n_entities)
     rng = np.random.default_rng([seed, 0])
-    taken = _fixed_words()
+    taken = _fixed_words(shapes, colors)
 
     names = _invent_words(rng, n_entities, (1, 2), taken)
     origins = _invent_words(rng, N_ORIGINS, (2,), taken)
-    combos = _visible_combinations(rng, n_entities)
+    combos = _visible_combinations(rng, n_entities, shapes, colors)
     materials = _balanced(rng, MATERIALS, n_entities)
     entity_origins = _balanced(rng, origins, n_entities)
     entities = []
@@ -318,8 +340,8 @@ def make_catalogue(seed: int, n_entities: int = 48, text_subjects_per_relation: 
         for subject, answer in zip(subjects, _balanced(rng, answers, len(subjects))):
             facts.append({"relation": relation, "subject": subject, "answer": answer})
 
-    attributes = {"name": [e["name"] for e in entities], "shape": list(SHAPES),
-                  "color": list(COLORS), "pattern": list(PATTERNS), "material": list(MATERIALS),
+    attributes = {"name": [e["name"] for e in entities], "shape": list(shapes),
+                  "color": list(colors), "pattern": list(PATTERNS), "material": list(MATERIALS),
                   "origin": origins}
     return {"entities": entities, "attributes": attributes, "text_facts": facts,
             "text_relations": relations}

@@ -129,15 +129,15 @@ def _unrelated_entity(rng: np.random.Generator, entities: list[dict], index: int
 
 
 def _unedited_fact(rng: np.random.Generator, entities: list[dict], index: int, avoid: set[int],
-                   edited: frozenset) -> tuple[int, str]:
+                   edited: frozenset) -> tuple[int, str] | None:
     """An (entity, VQA kind) that no edit of the split changes, about an entity other than `index`
-    and outside `avoid` when one exists."""
+    and outside `avoid` when one exists; None when every such fact is edited."""
     others = [j for j in range(len(entities)) if j != index]
     for pool in ([j for j in others if j not in avoid], others):
         facts = [(j, kind) for j in pool for kind in VQA_KINDS if (j, kind) not in edited]
         if facts:
             return _choice(rng, facts)
-    return _choice(rng, others), _choice(rng, VQA_KINDS)
+    return None
 
 
 def _text_locality(rng: np.random.Generator, world: dict) -> tuple[str, str]:
@@ -183,7 +183,12 @@ def _record(rng: np.random.Generator, world: dict, triple: Triple, split: str, k
 
     similar = similar_entities(entities, triple.entity)
     if edited:
-        m_entity, m_kind = _unedited_fact(rng, entities, triple.entity, avoid | set(similar), edited)
+        fact = _unedited_fact(rng, entities, triple.entity, avoid | set(similar), edited)
+        if fact is None:
+            raise ValueError(f"{split}: {len(edited)} eval edits leave no unedited fact for the M-Loc "
+                             f"question of record {k} (the world has {len(VQA_KINDS) * len(entities)} "
+                             f"E-VQA facts); use fewer eval edits or more entities")
+        m_entity, m_kind = fact
     else:
         m_entity = _unrelated_entity(rng, entities, triple.entity, avoid)
         m_kind = _choice(rng, VQA_KINDS)
@@ -194,8 +199,11 @@ def _record(rng: np.random.Generator, world: dict, triple: Triple, split: str, k
         # The hard question asks the edit's own kind: take a look-alike whose fact is unedited.
         hard_pool = ([j for j in similar if (j, triple.kind) not in edited]
                      or [j for j in range(len(entities))
-                         if j != triple.entity and (j, triple.kind) not in edited]
-                     or hard_pool)
+                         if j != triple.entity and (j, triple.kind) not in edited])
+        if not hard_pool:
+            raise ValueError(f"{split}: the eval edits change the {triple.kind!r} fact of every "
+                             f"entity ({len(entities)}); no unedited one is left for the hard M-Loc "
+                             f"question of record {k}; use fewer eval edits or more entities")
     hard_entity = _choice(rng, hard_pool)
     if triple.kind == CAPTION_KIND:
         # Real E-IC m_loc is a VQA question, so the hard variant is one too.

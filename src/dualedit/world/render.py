@@ -27,6 +27,10 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "yellow": (245, 220, 20),
     "purple": (160, 40, 210),
     "orange": (250, 130, 0),
+    # Only in worlds of more than 144 entities (catalogue.EXTRA_COLORS); world.json lists the
+    # colors its world uses.
+    "cyan": (0, 205, 215),
+    "pink": (255, 125, 200),
 }
 # The second color of striped and checkered fills.
 PATTERN_RGB: tuple[int, int, int] = (245, 245, 245)
@@ -51,6 +55,17 @@ _STAR = tuple(
     for k in range(10) for r in ((1.0, 0.48)[k % 2],)
 )
 _CROSS_W = 0.36
+# The classic heart curve (x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), centred
+# on its bounding box and scaled to circumradius 1: lobes on top, point at the bottom.
+_HEART_T = tuple(2 * math.pi * k / 48 for k in range(48))
+_HEART_XY = tuple((16 * math.sin(t) ** 3,
+                   13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t) + 2.539)
+                  for t in _HEART_T)
+_HEART = tuple((x / 18.23, y / 18.23) for x, y in _HEART_XY)
+# Pointing up: a wide head over a shaft, so its lower half is narrow where a triangle is wide.
+_ARROW_W = 0.32
+_ARROW = ((0.0, 1.0), (0.82, 0.12), (_ARROW_W, 0.12), (_ARROW_W, -0.94), (-_ARROW_W, -0.94),
+          (-_ARROW_W, 0.12), (-0.82, 0.12))
 SHAPE_VERTICES: dict[str, tuple[tuple[float, float], ...]] = {
     "square": ((-0.7, -0.7), (0.7, -0.7), (0.7, 0.7), (-0.7, 0.7)),
     "triangle": tuple((math.cos(a), math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)),
@@ -59,6 +74,9 @@ SHAPE_VERTICES: dict[str, tuple[tuple[float, float], ...]] = {
               (0.95, -_CROSS_W), (_CROSS_W, -_CROSS_W), (_CROSS_W, -0.95), (-_CROSS_W, -0.95),
               (-_CROSS_W, -_CROSS_W), (-0.95, -_CROSS_W), (-0.95, _CROSS_W), (-_CROSS_W, _CROSS_W)),
     "star": _STAR,
+    # Only in worlds of more than 144 entities (catalogue.EXTRA_SHAPES).
+    "heart": _HEART,
+    "arrow": _ARROW,
 }
 SHAPES_DRAWN = ("circle",) + tuple(SHAPE_VERTICES)
 
