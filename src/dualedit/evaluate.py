@@ -20,7 +20,8 @@ from dualedit.eval.results import Results
 
 
 def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load a VLM folder the transformers way (`AutoModelForImageTextToText` + `AutoProcessor`).
+    """Load a VLM folder the transformers way (`AutoModelForImageTextToText` + `AutoProcessor`,
+    with the PIL image backend).
 
     Returns:
         (model in eval mode on `device`, processor)
@@ -28,7 +29,7 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
     Raises:
         FileNotFoundError: `path` has no config.json.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -36,6 +37,10 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
+    # The PIL image backend, as the small VLMs were pretrained with: where torchvision is
+    # installed, transformers would otherwise pick its backend, whose resize gives other pixels.
+    if not type(processor.image_processor).__name__.endswith("Pil"):
+        processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     return model, processor
 
 

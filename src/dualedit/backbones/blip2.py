@@ -116,12 +116,9 @@ class Blip2Backbone(Backbone):
         decoder = model.language_model.model.decoder
         attention_mask = attention_mask.to(hidden_states.device)
         position_ids = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
-        causal_mask = create_causal_mask(
-            config=decoder.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=None,
-        )
+        # The cache goes positionally: its keyword is `past_key_values` up to transformers 5.17
+        # and `cache` in later releases.
+        causal_mask = create_causal_mask(decoder.config, hidden_states, attention_mask, None)
         return {"attention_mask": causal_mask, "position_ids": position_ids}
 
     def head_logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -64,11 +64,13 @@ class LlavaBackbone(Backbone):
         language_model = model.model.language_model
         seq = hidden_states.shape[1]
         position_ids = torch.arange(seq, device=hidden_states.device)[None]  # [1, seq]
+        # The cache goes positionally: its keyword is `past_key_values` up to transformers 5.17
+        # and `cache` in later releases.
         causal_mask = create_causal_mask(
-            config=language_model.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask.to(hidden_states.device),
-            cache=None,
+            language_model.config,
+            hidden_states,
+            attention_mask.to(hidden_states.device),
+            None,
             position_ids=position_ids,
         )
         return {
