@@ -162,6 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         progress=not args.quiet,
         calibrate_tau=args.tau is None,
+        calibration=args.calibration,
     )
     print(
         f"trained {result.steps} steps ({result.stop_reason}); best validation score "
@@ -170,7 +171,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.tau is not None:
         rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.tau.pass_rates.items())
         print(f"gate threshold tau {result.tau.tau:.4f} chosen on {result.tau.edits} validation "
-              f"edits (right decisions {100 * result.tau.accuracy:.1f}%; pass rates: {rates})")
+              f"edits ({result.tau.mode}; right decisions {100 * result.tau.accuracy:.1f}%; "
+              f"pass rates: {rates})")
     return 0
 
 
@@ -303,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=None,
                    help="gate threshold saved with the adapters (default: chosen on the "
                         "validation edits after training)")
-    p.add_argument("--gate-key", choices=["prompt_end", "last_position", "prompt_end_image"],
-                   default=None, help="gate key saved with the adapters")
+    p.add_argument("--gate-key", default=None, help="gate key saved with the adapters",
+                   choices=["prompt_end", "last_position", "prompt_end_image",
+                            "prompt_end_and_image"])
+    p.add_argument("--calibration", choices=["single", "sequential"], default="single",
+                   help="how the validation edits are stored while tau is chosen: one at a "
+                   "time, or all at once as in the sequential protocol")
     p.add_argument("--text-keys", choices=["all", "text", "answer"], default=None,
                    help="edit positions the text adapter attends to (text: non-image; "
                    "answer: last prompt token and target)")
