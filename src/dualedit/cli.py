@@ -176,6 +176,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from dualedit.data.mmedit import load_split
+    from dualedit.evaluate import load_vlm
+    from dualedit.train import calibrate_adapters
+
+    model, processor = load_vlm(args.model)
+    choice = calibrate_adapters(
+        model,
+        processor,
+        args.editor,
+        load_split(args.data, args.task, "train"),
+        out_dir=args.out,
+        val_edits=args.val_edits,
+        mode=args.calibration,
+        gate_key=args.gate_key,
+    )
+    rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in choice.pass_rates.items())
+    print(f"gate threshold tau {choice.tau:.4f} chosen on {choice.edits} validation edits "
+          f"({choice.mode}; right decisions {100 * choice.accuracy:.1f}%; pass rates: {rates}); "
+          f"adapters saved in {args.out or args.editor}")
+    return 0
+
+
 def _cmd_edit(args: argparse.Namespace) -> int:
     from dualedit.editing import edit_and_ask
 
@@ -318,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text adapter stops before the last prompt token, as released")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="choose the gate threshold of trained adapters on "
+                       "the validation edits of the train split")
+    p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
+    p.add_argument("--editor", required=True, type=Path, help="trained adapters (save_pretrained)")
+    p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
+    p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the calibrated adapters (default: --editor, in place)")
+    p.add_argument("--val-edits", type=int, default=None,
+                   help="validation edits training held out (default: train's default)")
+    p.add_argument("--calibration", choices=["single", "sequential"], default="single",
+                   help="validation edits stored one at a time, or all at once")
+    p.add_argument("--gate-key", default=None, help="choose tau for this gate key (saved)",
+                   choices=["prompt_end", "last_position", "prompt_end_image",
+                            "prompt_end_and_image"])
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("edit", help="apply one edit and print answers before and after")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")

@@ -6,8 +6,10 @@ data.py        validation split, seeded data order, EditBatch (the samples of n 
 losses.py      edit_pass (edit states, reference and edited logits from one frozen prefix), loss
 checkpoint.py  resumable checkpoint (safetensors + JSON, atomic)
 loop.py        train_dualedit
+calibration.py tau of trained adapters on the validation edits (end of training, or later)
 """
 
+from dualedit.train.calibration import calibrate_adapters
 from dualedit.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from dualedit.train.data import EditBatch, encode_edits_batch, split_indices, step_records
 from dualedit.train.loop import train_dualedit
@@ -21,6 +23,7 @@ __all__ = [
     "PassOutput",
     "TrainResult",
     "TrainSettings",
+    "calibrate_adapters",
     "edit_pass",
     "edit_states_from_prefix",
     "encode_edits_batch",

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
-from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES, TauChoice, choose_tau
+from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES
 from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
+from dualedit.train.calibration import calibrate_on
 from dualedit.train.checkpoint import (
     LoopState,
     has_checkpoint,
@@ -246,7 +247,7 @@ def train_dualedit(
     best_dir = out_dir / BEST_DIR if state.best_step is not None else None
     tau = None
     if calibrate_tau and best_dir is not None and main:
-        tau = _calibrate_tau(model, processor, best_dir, train_dataset, val_idx, calibration)
+        tau = calibrate_on(model, processor, best_dir, train_dataset, val_idx, calibration)
     accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,
@@ -262,34 +263,6 @@ def train_dualedit(
         log_path=out_dir / LOG_FILE,
         tau=tau,
     )
-
-
-def _calibrate_tau(
-    model: nn.Module,
-    processor: Any,
-    best_dir: Path,
-    dataset: MMEditDataset,
-    val_idx: list[int],
-    mode: str = "single",
-) -> TauChoice:
-    """Choose tau on the validation edits and save it into `best_dir`'s config."""
-    editor = DualEditor.from_pretrained(model, processor, best_dir)
-    was_training = model.training
-    model.eval()
-    try:
-        choice = choose_tau(editor, dataset, val_idx, mode=mode)
-    finally:
-        editor.detach()
-        model.train(was_training)
-    calibrated = DualEditor.from_pretrained(model, processor, best_dir, tau=choice.tau)
-    try:
-        calibrated.save_pretrained(best_dir)
-    finally:
-        calibrated.detach()
-    logger.info("gate threshold chosen on %d validation edits (%s): tau %.4f (accuracy %.3f, "
-                "pass rates %s)", choice.edits, choice.mode, choice.tau, choice.accuracy,
-                {k: round(v, 3) for k, v in choice.pass_rates.items()})
-    return choice
 
 
 # -- starting and resuming -----------------------------------------------------------------------
