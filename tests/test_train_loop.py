@@ -47,6 +47,7 @@ def hook_counts(model, processor):
     its own output-capturing hooks on a first forward)."""
     backbone = get_backbone(model)
     batch = image_batch(SimpleNamespace(processor=processor, backbone=backbone))
+    batch = batch.to(next(model.parameters()).device)
     with torch.no_grad():
         backbone.forward_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
     return {
@@ -74,7 +75,8 @@ def test_trains_adapters_only_and_keeps_the_best(tiny_factory, tiny_vlm, tiny_tr
         progress=False,
     )
     # The base model: byte-identical weights, its requires_grad flags and train/eval mode back.
-    after = model.state_dict()
+    # (Training moves it to accelerate's device, the GPU where there is one.)
+    after = {k: v.cpu() for k, v in model.state_dict().items()}
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
@@ -109,7 +111,7 @@ def test_trains_adapters_only_and_keeps_the_best(tiny_factory, tiny_vlm, tiny_tr
             assert all(torch.equal(trained[k], saved_last[k]) for k in saved_last)
     finally:
         editor.detach()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_factory, tiny_vlm, tiny_train, tmp_path):

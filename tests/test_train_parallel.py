@@ -81,6 +81,9 @@ def test_two_processes_match_one(name, tmp_path):
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            # A CPU test on any machine: with a GPU visible, accelerate's barrier names
+            # device LOCAL_RANK, which a one-GPU machine lacks for rank 1.
+            "CUDA_VISIBLE_DEVICES": "",
         }
         cmd = [sys.executable, __file__, "--worker", name, str(data), str(tmp_path / "two")]
         procs.append(
