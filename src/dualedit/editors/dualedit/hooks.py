@@ -453,7 +453,6 @@ class DualEditHooks:
         if ctx.edits is None:
             chosen, similarity = self.memory.lookup(keys, key_kind)  # [batch], [batch]
             ctx.chosen = chosen
-            ctx.states = self.memory.states(chosen, device=h.device)
         else:
             ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
             ctx.states = ctx.edits
@@ -467,7 +466,11 @@ class DualEditHooks:
         ctx.active = bool(ctx.open.any()) or (
             self.config.use_visual and self.config.gate_scope == "text"
         )
-        logger.debug("DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist())
+        if ctx.active and ctx.states is None:
+            # Gathered only when some input is edited: a closed gate costs no copy.
+            ctx.states = self.memory.states(ctx.chosen, device=h.device)
+        if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only if shown
+            logger.debug("DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist())
 
 
 def _fit(mask: torch.Tensor, seq: int) -> torch.Tensor:
