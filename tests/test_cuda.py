@@ -60,8 +60,9 @@ def test_bfloat16_on_cuda_edits_and_generates_with_the_cache(arch, tiny_factory,
         assert next(editor.adapters.parameters()).device.type == "cuda"
         editor.edit(tiny_images(EDIT[0]), EDIT[1], EDIT[2])
         assert editor.memory.states([0]).text.device.type == "cuda"
+        questions = [Sample(s.image, s.prompt, "") for s in (RELATED, UNRELATED)]
         prompts = encode_prompts(
-            [Sample(RELATED.image, RELATED.prompt, ""), Sample(UNRELATED.image, UNRELATED.prompt, "")],
+            questions,
             processor,
             editor.backbone,
             tiny_images,

@@ -470,7 +470,9 @@ class DualEditHooks:
             # Gathered only when some input is edited: a closed gate costs no copy.
             ctx.states = self.memory.states(ctx.chosen, device=h.device)
         if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only if shown
-            logger.debug("DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist())
+            logger.debug(
+                "DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist()
+            )
 
 
 def _fit(mask: torch.Tensor, seq: int) -> torch.Tensor:
