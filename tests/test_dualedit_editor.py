@@ -128,7 +128,10 @@ def test_base_weights_and_hooks_are_left_exactly(tiny_vlm, tiny_images, make):
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image", "prompt_end_and_image"])
+@pytest.mark.parametrize(
+    "gate_key",
+    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups"],
+)
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order, gate_key):
     editor = make(tau=0.999, gate_key=gate_key)
@@ -238,7 +241,10 @@ def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm,
     assert ctx.open.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("gate_key", ["prompt_end", "prompt_end_image", "prompt_end_and_image"])
+@pytest.mark.parametrize(
+    "gate_key",
+    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups"],
+)
 def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, gate_key):
     backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
     # Released text positions and text keys: the seed was chosen for them (its edit flips the
@@ -321,6 +327,54 @@ def test_prompt_end_image_key_is_the_mean_of_the_prompt_end_and_image_cosines(
                 mean = h[row][image].mean(dim=0)
                 cos_image = F.cosine_similarity(mean, edit.keys["image_mean"][0], dim=0)
                 expected = (cos_end + cos_image) / 2
+            else:
+                expected = cos_end / 2**0.5
+            assert ctx.similarity[row].item() == pytest.approx(expected.item(), abs=1e-5)
+        assert not ctx.open.any()
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_prompt_end_image_groups_key_by_hand(tiny_vlm, tiny_images, make, padding):
+    """Per input of a padded batch: the mean of the prompt-end cosine and the mean over
+    IMAGE_GROUPS contiguous groups of image positions of the group-mean cosines (text layer),
+    computed here by hand; a text-only input scores its prompt-end cosine / sqrt(2)."""
+    import torch.nn.functional as F
+
+    from dualedit.editors.dualedit.keys import IMAGE_GROUPS
+
+    editor = make(text_layer=2, visual_layer=4, gate_key="prompt_end_image_groups", tau=0.999)
+    add_edit(editor, tiny_images)
+    edit_groups = editor.memory.states([0]).keys["image_groups"][0].view(IMAGE_GROUPS, -1)
+    edit_end = editor.memory.states([0]).keys["prompt_end"][0]
+    same_question = Sample("green.png", RELATED.prompt, RELATED.target)
+    samples = [same_question, UNRELATED, Sample(None, RELATED.prompt, RELATED.target)]
+    for group in (samples[:2], samples[2:]):
+        if padding == "right":
+            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = batch.prompt_end
+        else:
+            prompts = [Sample(s.image, s.prompt, "") for s in group]
+            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
+            end = None
+        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        with torch.no_grad(), editor.disabled(), LayerCapture(
+            tiny_vlm.model, tiny_vlm.backbone, [2]
+        ) as capture:
+            h = capture.run(lambda inputs=inputs: tiny_vlm.backbone.forward_logits(*inputs))[2]
+        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
+            tiny_vlm.backbone.forward_logits(*inputs)
+        for row in range(len(group)):
+            pe = h[row, int(batch.prompt_end[row])]
+            cos_end = F.cosine_similarity(pe, edit_end, dim=0)
+            image = batch.image_mask[row].bool() & batch.attention_mask[row].bool()
+            if image.any():
+                chunks = h[row][image].tensor_split(IMAGE_GROUPS)  # equal counts here
+                assert len({len(c) for c in chunks}) == 1
+                cos_groups = torch.stack([
+                    F.cosine_similarity(c.mean(dim=0), edit_groups[k], dim=0)
+                    for k, c in enumerate(chunks)
+                ]).mean()
+                expected = (cos_end + cos_groups) / 2
             else:
                 expected = cos_end / 2**0.5
             assert ctx.similarity[row].item() == pytest.approx(expected.item(), abs=1e-5)

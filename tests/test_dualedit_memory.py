@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dualedit.editors.dualedit import EditMemory
+from dualedit.editors.dualedit.keys import IMAGE_GROUPS
 
 HIDDEN = 8
+# Bytes of one edit's key parts: three float32 parts of HIDDEN and the image groups.
+KEY_BYTES = (3 + IMAGE_GROUPS) * HIDDEN * 4
 
 
 def memory(**kwargs):
@@ -24,6 +27,7 @@ def edit(seed, n=5, dtype=torch.float32):
         "prompt_end": torch.randn(HIDDEN, generator=g),
         "last_position": text[-1].float(),
         "image_mean": torch.randn(HIDDEN, generator=g),
+        "image_groups": torch.randn(IMAGE_GROUPS * HIDDEN, generator=g),
     }
     return text, visual, keys
 
@@ -38,8 +42,8 @@ def test_add_list_remove_clear_and_stable_ids():
     assert [e.id for e in info] == [0, 1, "fact-17"]
     assert (info[0].prompt, info[0].target, info[0].image) == ("what is it?", " blue", "red.png")
     assert (info[1].text_positions, info[1].visual_positions) == (3, 3)
-    # 3 positions x 8 x 4 bytes, twice (two layers), plus three float32 key parts of 8.
-    assert info[1].nbytes == 2 * 3 * HIDDEN * 4 + 3 * HIDDEN * 4 == m.nbytes(1)
+    # 3 positions x 8 x 4 bytes, twice (two layers), plus the float32 key parts.
+    assert info[1].nbytes == 2 * 3 * HIDDEN * 4 + KEY_BYTES == m.nbytes(1)
     assert m.total_bytes() == sum(e.nbytes for e in info)
     m.remove(0)
     assert m.ids == [1, "fact-17"] and 0 not in m and "fact-17" in m
@@ -54,7 +58,7 @@ def test_shared_states_are_counted_once():
     m = memory()
     text, _, keys = edit(0)
     eid = m.add(text, text, keys)
-    assert m.nbytes(eid) == 5 * HIDDEN * 4 + 3 * HIDDEN * 4
+    assert m.nbytes(eid) == 5 * HIDDEN * 4 + KEY_BYTES
 
 
 @pytest.mark.parametrize(
@@ -64,6 +68,7 @@ def test_shared_states_are_counted_once():
         (lambda t, v, k: (t, v[:0], k), "visual states have shape \\(0, 8\\)"),
         (lambda t, v, k: (t, v, {"prompt_end": k["prompt_end"]}), "missing gate key"),
         (lambda t, v, k: (t, v, {**k, "last_position": k["prompt_end"][:3]}), "gate key"),
+        (lambda t, v, k: (t, v, {**k, "image_groups": k["prompt_end"]}), "'image_groups' has"),
     ],
 )
 def test_bad_edits_are_rejected(change, message):
@@ -291,9 +296,12 @@ def test_similarity_rows_agree_with_the_matrix():
     )
 
     g = torch.Generator().manual_seed(3)
-    names = ("prompt_end", "last_position", "image_mean")
-    parts = [{p: torch.randn(4, HIDDEN, generator=g) for p in names} for _ in range(2)]
+    widths = {"prompt_end": 1, "last_position": 1, "image_mean": 1, "image_groups": IMAGE_GROUPS}
+    parts = [
+        {p: torch.randn(4, w * HIDDEN, generator=g) for p, w in widths.items()} for _ in range(2)
+    ]
     parts[0]["image_mean"][1] = 0.0
+    parts[0]["image_groups"][1] = 0.0
     for kind in GATE_KEYS:
         a, b = gate_vectors(parts[0], kind), gate_vectors(parts[1], kind)
         torch.testing.assert_close(
@@ -331,3 +339,81 @@ def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
     old = EditMemory.load(tmp_path / "new")
     with pytest.raises(ValueError, match="'prompt_end_and_image' needs the key part"):
         old.lookup(query, "prompt_end_and_image")
+
+
+def test_image_groups_are_the_normalised_means_of_contiguous_image_positions():
+    """Per row: the image positions in order, cut into IMAGE_GROUPS groups (rank * groups //
+    count), each group's mean normalised; zero without an image; padding and text ignored."""
+    from dualedit.editors.dualedit.keys import key_parts
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 16, HIDDEN, generator=g)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, 2:10] = True  # 8 image positions: groups of 2
+    mask[1, 1:11] = True  # 10 positions: groups of 3, 2, 3, 2
+    parts = key_parts(h, torch.tensor([12, 13, 3]), torch.tensor([15, 15, 5]), mask)
+    groups = parts["image_groups"].view(3, IMAGE_GROUPS, HIDDEN)
+    assert IMAGE_GROUPS == 4  # the expected cuts below
+    cuts_per_row = {0: [(2, 4), (4, 6), (6, 8), (8, 10)], 1: [(1, 4), (4, 6), (6, 9), (9, 11)]}
+    for row, cuts in cuts_per_row.items():
+        for k, (a, b) in enumerate(cuts):
+            expected = F.normalize(h[row, a:b].mean(dim=0), dim=-1)
+            torch.testing.assert_close(groups[row, k], expected)
+    assert torch.equal(groups[2], torch.zeros(IMAGE_GROUPS, HIDDEN))
+
+
+def test_prompt_end_image_groups_lookup_is_the_mean_of_question_and_group_cosines():
+    from dualedit.editors.dualedit.keys import gate_vectors
+
+    m = memory()
+    stored = [edit(seed)[2] for seed in range(4)]
+    for seed in range(4):
+        m.add(*edit(seed))
+    g = torch.Generator().manual_seed(9)
+    end = torch.randn(2, HIDDEN, generator=g)
+    groups = F.normalize(torch.randn(2, IMAGE_GROUPS, HIDDEN, generator=g), dim=-1)
+    query = gate_vectors({"prompt_end": end, "image_groups": groups.flatten(1)},
+                         "prompt_end_image_groups")
+    ends = torch.stack([k["prompt_end"] for k in stored])  # [4, hidden]
+    edit_groups = F.normalize(
+        torch.stack([k["image_groups"] for k in stored]).view(4, IMAGE_GROUPS, HIDDEN), dim=-1
+    )  # stored parts need not be unit per group; the gate compares directions
+    cos_end = F.cosine_similarity(end[:, None], ends[None], dim=-1)  # [2, 4]
+    cos_groups = torch.einsum("qkh,ekh->qek", groups, edit_groups).mean(dim=-1)  # [2, 4]
+    positions, similarity = m.lookup(query, "prompt_end_image_groups")
+    brute = (cos_end + cos_groups) / 2
+    assert positions.tolist() == brute.argmax(dim=1).tolist()
+    torch.testing.assert_close(similarity, brute.max(dim=1).values)
+
+
+def test_edits_and_files_without_image_groups_refuse_only_the_group_key(tmp_path):
+    """An edit given without the part, and a format-2 file (written before it existed), load;
+    the kinds that need the groups name the missing part, the others work."""
+    from safetensors.torch import load_file, save_file
+
+    from dualedit.editors.dualedit.keys import gate_vectors
+
+    m = memory()
+    text, visual, keys = edit(0)
+    del keys["image_groups"]
+    m.add(text, visual, keys)
+    with pytest.raises(ValueError, match="needs the key part\\(s\\) \\['image_groups'\\]"):
+        m.lookup(torch.ones(1, (1 + IMAGE_GROUPS) * HIDDEN), "prompt_end_image_groups")
+    assert m.lookup(keys["prompt_end"][None], "prompt_end")[1].item() == pytest.approx(1.0)
+    full = memory()
+    full.add(*edit(0))
+    full.save(tmp_path)
+    index = json.loads((tmp_path / "memory.json").read_text())
+    assert index["format"] == 3
+    index["format"] = 2
+    (tmp_path / "memory.json").write_text(json.dumps(index))
+    tensors = load_file(str(tmp_path / "memory.safetensors"))
+    del tensors["key.image_groups"]
+    save_file(tensors, str(tmp_path / "memory.safetensors"))
+    old = EditMemory.load(tmp_path)
+    with pytest.raises(ValueError, match="needs the key part\\(s\\) \\['image_groups'\\]"):
+        old.lookup(torch.ones(1, (1 + IMAGE_GROUPS) * HIDDEN), "prompt_end_image_groups")
+    keys = edit(0)[2]
+    parts = {"prompt_end": keys["prompt_end"][None], "image_mean": keys["image_mean"][None]}
+    similarity = old.lookup(gate_vectors(parts, "prompt_end_image"), "prompt_end_image")[1]
+    assert similarity.item() == pytest.approx(1.0)

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation edits after training)")
     p.add_argument("--gate-key", default=None, help="gate key saved with the adapters",
                    choices=["prompt_end", "last_position", "prompt_end_image",
-                            "prompt_end_and_image"])
+                            "prompt_end_and_image", "prompt_end_image_groups"])
     p.add_argument("--calibration", choices=["single", "sequential"], default="single",
                    help="how the validation edits are stored while tau is chosen: one at a "
                    "time, or all at once as in the sequential protocol")
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation edits stored one at a time, or all at once")
     p.add_argument("--gate-key", default=None, help="choose tau for this gate key (saved)",
                    choices=["prompt_end", "last_position", "prompt_end_image",
-                            "prompt_end_and_image"])
+                            "prompt_end_and_image", "prompt_end_image_groups"])
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("edit", help="apply one edit and print answers before and after")

@@ -60,6 +60,9 @@ class DualEditConfig:
             accuracy 99.0 at layer 1 (prompt_end alone: 96.4, V-Gen passing only 90 %).
             "prompt_end_and_image": the same two parts, but the similarity is the smaller of the
             two cosines (question and image must both match; nearest edit chosen by it).
+            "prompt_end_image_groups": like "prompt_end_image" with the image mean replaced by
+            the means of 4 contiguous groups of image positions (keys.py); better for BLIP-2's
+            query slots, no gain on LLaVA's patches (measured on the built-in world).
         text_prompt_end: True (default) = the text adapter also edits the input's last prompt
             token (the position whose output predicts the first answer token); False = it stops
             just before it, as in the released code, so the first answer token changes only

@@ -26,15 +26,24 @@ import torch
 from safetensors.torch import load_file
 
 from dualedit.editors.dualedit.config import TEXT_KEYS
-from dualedit.editors.dualedit.keys import KEY_PARTS, gate_vectors, similarity_matrix
+from dualedit.editors.dualedit.keys import (
+    KEY_PARTS,
+    KIND_PARTS,
+    REQUIRED_PARTS,
+    gate_vectors,
+    part_width,
+    similarity_matrix,
+)
 from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 EditId = int | str
-MEMORY_FORMAT = 2
-# Format 1: no "text_keys" (always "all") and no "image_mean" key part.
-READABLE_FORMATS = (1, 2)
+MEMORY_FORMAT = 3
+# Format 1: no "text_keys" (always "all") and no "image_mean" key part; format 2: no
+# "image_groups" key part. Parts a file lacks are unknown (NaN) for its edits.
+READABLE_FORMATS = (1, 2, 3)
+PART_SINCE_FORMAT = {"image_mean": 2, "image_groups": 3}
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
 MAX_ID_LENGTH = 64
@@ -67,7 +76,7 @@ class EditStates:
     Attributes:
         text: [batch, m_text, hidden] text-layer states; text_mask [batch, m_text] bool.
         visual: [batch, m_visual, hidden] visual-layer states; visual_mask [batch, m_visual] bool.
-        keys: {part: [batch, hidden] float32} gate key parts of the edits (keys.KEY_PARTS).
+        keys: {part: [batch, width] float32} gate key parts of the edits (keys.KEY_PARTS).
     """
 
     text: torch.Tensor
@@ -186,7 +195,9 @@ class EditMemory:
         Args:
             text: [m, hidden] text-layer states of the edit sample (padding already trimmed).
             visual: [m, hidden] visual-layer states (may be the same tensor when the layers agree).
-            keys: {part: [hidden]} for each of keys.KEY_PARTS (gate key parts).
+            keys: {part: [width]} gate key parts (keys.KEY_PARTS, width = hidden size times
+                `keys.part_width`); those of keys.REQUIRED_PARTS at least, the others are
+                unknown (NaN) when not given and the key kinds built from them refuse this edit.
             edit_id: a short string id (<= 64 characters) or None for the next int id.
             prompt, target, image: description kept for `list` and saved with the memory.
 
@@ -197,16 +208,19 @@ class EditMemory:
         shared = visual is text
         text = self._check_states("text", text, edit_id)
         visual = text if shared else self._check_states("visual", visual, edit_id)
-        missing = sorted(set(KEY_PARTS) - set(keys))
+        missing = sorted(set(REQUIRED_PARTS) - set(keys))
         if missing:
             raise ValueError(f"edit {edit_id!r}: missing gate key(s) {missing}")
         checked = {}
         for kind in KEY_PARTS:
-            key = keys[kind]
-            if key.shape != (self.hidden_size,):
+            width = self.hidden_size * part_width(kind)
+            key = keys.get(kind)
+            if key is None:
+                key = torch.full((width,), float("nan"), device=keys["prompt_end"].device)
+            if key.shape != (width,):
                 raise ValueError(
                     f"edit {edit_id!r}: gate key {kind!r} has shape {tuple(key.shape)}, "
-                    f"expected ({self.hidden_size},)"
+                    f"expected ({width},)"
                 )
             checked[kind] = key.detach().float().to(self._store_device(key))
         self._position[edit_id] = len(self._ids)
@@ -303,8 +317,8 @@ class EditMemory:
         cached = self._key_cache.get(cache_key)
         if cached is None:
             parts = {
-                part: torch.stack([k.to(device) for k in self._keys[part]])  # [n, hidden]
-                for part in KEY_PARTS
+                part: torch.stack([k.to(device) for k in self._keys[part]])  # [n, width]
+                for part in KIND_PARTS.get(kind, ())
             }
             cached = gate_vectors(parts, kind)  # [n, d]
             self._key_cache[cache_key] = cached
@@ -345,7 +359,7 @@ class EditMemory:
             tensors[f"key.{kind}"] = (
                 torch.stack([k.cpu() for k in self._keys[kind]])
                 if self._ids
-                else torch.zeros((0, self.hidden_size))
+                else torch.zeros((0, self.hidden_size * part_width(kind)))
             )
         tensors = {name: t.contiguous() for name, t in tensors.items()}
         index = {
@@ -409,9 +423,12 @@ class EditMemory:
             raise FileNotFoundError(f"edit memory file {states_path} not found")
         tensors = load_file(str(states_path))
         wanted = {"text", "visual"} | {f"key.{kind}" for kind in KEY_PARTS}
-        if index["format"] == 1 and "key.image_mean" not in tensors:
-            # Unknown for edits stored before the part existed: NaN, refused by gate_vectors.
-            tensors["key.image_mean"] = torch.full_like(tensors["key.prompt_end"], float("nan"))
+        for part, since in PART_SINCE_FORMAT.items():
+            if index["format"] < since and f"key.{part}" not in tensors:
+                # Unknown for edits stored before the part existed: NaN, refused by gate_vectors.
+                rows = tensors["key.prompt_end"].shape[0]
+                width = self.hidden_size * part_width(part)
+                tensors[f"key.{part}"] = torch.full((rows, width), float("nan"))
         if set(tensors) != wanted:
             raise ValueError(
                 f"{states_path}: missing {sorted(wanted - set(tensors))}, "
