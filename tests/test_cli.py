@@ -107,3 +107,17 @@ def test_pretrain_step_options_replace_the_arch_defaults_only_when_given(monkeyp
     assert settings.vision_lr == default.vision_lr and settings.lr == default.lr
     assert main(base + ["--steps", "1500"]) == 0
     assert (calls[-1]["settings"].steps, calls[-1]["settings"].vision_steps) == (1500, default.vision_steps)
+
+
+def test_demo_train_steps_replace_only_the_budget(monkeypatch, tmp_path, capsys):
+    import dualedit.demo
+
+    calls = []
+    monkeypatch.setattr(dualedit.demo, "run_demo", lambda **kw: calls.append(kw) or "table")
+    assert main(["-q", "demo", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["train_settings"] is None  # the demo's own budget
+    assert main(["-q", "demo", "--out", str(tmp_path), "--train-steps", "3000"]) == 0
+    settings = calls[-1]["train_settings"]
+    assert settings.max_steps == 3000
+    assert settings.lr == dualedit.demo.DEMO_TRAIN_SETTINGS.lr
+    assert settings.batch_size == dualedit.demo.DEMO_TRAIN_SETTINGS.batch_size

@@ -1,4 +1,5 @@
-"""The demo end to end at a tiny scale: world -> tiny pretraining -> none and ft-l -> table."""
+"""The demo end to end at a tiny scale: world -> tiny pretraining -> none, ft-l and DualEdit (a
+few adapter training steps) -> table."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import torch
 
 from dualedit.demo import cached_world, run_demo
 from dualedit.small_vlm.pretrain import TrainSettings
+from dualedit.train import TrainSettings as AdapterSettings
 from dualedit.world import FORMAT_VERSION, WORLD_FILE
 
 WORLD = dict(
     n_train_vqa=4, n_eval_vqa=3, n_train_caption=2, n_eval_caption=2,
     renderings_per_entity=1, heldout_per_entity=1,
 )
+ADAPTERS = AdapterSettings(batch_size=1, max_steps=2, eval_every=2, val_edits=1, log_every=1)
 PRETRAIN = dict(
     size="tiny",
     settings=TrainSettings(steps=2, vision_steps=2, batch_size=8, text_batch_size=4,
@@ -23,19 +26,24 @@ PRETRAIN = dict(
 
 def test_demo_table_has_both_methods_backbones_and_datasets(tmp_path):
     kwargs = dict(cache_dir=tmp_path / "cache", progress=False, world_options=WORLD,
-                  pretrain_options=PRETRAIN)
+                  pretrain_options=PRETRAIN, train_settings=ADAPTERS)
     table = run_demo(tmp_path / "out", **kwargs)
     rows = [line.split("|")[1:4] for line in table.splitlines()[2:]]
     labels = [tuple(cell.strip() for cell in row) for row in rows]
     assert sorted(labels) == sorted(
         (method, f"{arch}-seed0", dataset)
-        for method in ("none", "ft-l")
+        for method in ("none", "ft-l", "dualedit")
         for arch in ("llava", "blip2")
         for dataset in ("E-VQA eval", "E-IC eval")
     ), table
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(summary["runs"]) == 8
+    assert len(summary["runs"]) == 12
     assert set(summary["pretraining"]) == {"llava", "blip2"}
+    # The DualEdit rows used adapters trained for the given budget, one run per (arch, dataset).
+    adapters = summary["dualedit_adapters"]
+    assert set(adapters) == {f"{a}-{t}" for a in ("llava", "blip2") for t in ("vqa", "caption")}
+    assert all(a["steps"] == 2 and a["best_step"] == 2 for a in adapters.values())
+    assert all((tmp_path / "cache" / "adapters" / f"{k}-seed0" / "best").is_dir() for k in adapters)
     for run in summary["runs"]:
         if run["method"] == "none":
             means = run["runs"][0]["means"]

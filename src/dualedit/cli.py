@@ -6,6 +6,7 @@ Every subcommand imports what it needs lazily so that `dualedit --help` is insta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -222,7 +223,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dualedit.demo import run_demo
+    from dualedit.demo import DEMO_TRAIN_SETTINGS, run_demo
 
     table = run_demo(
         out_dir=args.out,
@@ -233,6 +234,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         archs=args.archs,
         progress=not args.quiet,
         threads=args.threads,
+        train_settings=(
+            None if args.train_steps is None
+            else dataclasses.replace(DEMO_TRAIN_SETTINGS, max_steps=args.train_steps)
+        ),
     )
     print(table)
     print(f"results written to {Path(args.out) / 'results.json'}")
@@ -376,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="default: ~/.cache/dualedit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
-    p.add_argument("--methods", nargs="+", default=None, help="default: none ft-l; add dualedit to train and evaluate DualEdit adapters")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="default: none ft-l dualedit (DualEdit trains its adapters first)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="DualEdit adapter training steps per backbone and dataset (default: the "
+                   "demo's budget, 600); a cached run trains on to a larger budget")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the whole demo (default: torch's; 1 when the CPU is shared)")
