@@ -562,3 +562,20 @@ def test_options_are_validated(tiny_llava):
     assert not any(
         hooks for layer in model.model.language_model.layers for hooks in [layer._forward_hooks]
     )
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_edit_runs_in_eval_mode_and_gives_the_mode_back(tiny_vlm, tiny_images, make, start_training):
+    editor = make()
+    layer = tiny_vlm.backbone.layer(tiny_vlm.model, 0)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    tiny_vlm.model.train(start_training)
+    try:
+        add_edit(editor, tiny_images)
+    finally:
+        handle.remove()
+        modes = {m.training for m in tiny_vlm.model.modules()}
+        tiny_vlm.model.eval()  # the shared fixture's mode
+    assert seen == [False]  # the capture pass ran without dropout
+    assert modes == {start_training}

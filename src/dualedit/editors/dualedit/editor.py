@@ -390,8 +390,11 @@ class DualEditor(Editor):
         t, v = self.config.text_layer, self.config.visual_layer
         out: list[Any] = [None] * len(samples)
         size = self.options.batch_size
+        # model.eval() walks every submodule (~4 ms on the small VLMs, a sixth of a forward):
+        # only a model in training mode is switched, and switched back after.
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             for rows in group_by_image(samples).values():
                 for start in range(0, len(rows), size):
@@ -415,7 +418,8 @@ class DualEditor(Editor):
                     for row, i in enumerate(chunk):
                         out[i] = _edit_states(outputs, t, v, batch, row, self.config.text_keys)
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return out
 
     # -- files --------------------------------------------------------------------------------
