@@ -34,7 +34,7 @@ from common import Variant  # noqa: E402
 
 from dualedit.data.prompts import encode, encode_prompts, record_samples  # noqa: E402
 from dualedit.editors.dualedit import DualEditor  # noqa: E402
-from dualedit.editors.dualedit.keys import KEY_PARTS  # noqa: E402
+from dualedit.editors.dualedit.keys import KEY_PARTS, part_width  # noqa: E402
 
 TARGET_RATIO = 1.10
 EDIT_COUNTS = (1, 100, 10_000)
@@ -59,7 +59,10 @@ def filled_editor(setup: common.Setup, n_edits: int, image: Any, prompt: str, ta
     visual = states.visual[0][states.visual_mask[0]]  # [m, hidden]
     generator = torch.Generator().manual_seed(common.SEED)
     hidden = text.shape[-1]
-    keys = {k: torch.randn(n_edits - 1, hidden, generator=generator) for k in KEY_PARTS}
+    keys = {
+        k: torch.randn(n_edits - 1, hidden * part_width(k), generator=generator)
+        for k in KEY_PARTS
+    }
     for i in range(n_edits - 1):
         editor.memory.add(text, visual, {k: keys[k][i].to(text.device) for k in KEY_PARTS})
     editor.detach()

@@ -16,6 +16,15 @@ def test_paper_defaults_for_a_32_layer_model():
     assert llava.dtype == "float32" and llava.resolved
     blip2 = DualEditConfig().resolve(32, 2560, "blip-2", torch.bfloat16)
     assert blip2.tau == 0.8 and blip2.dtype == "bfloat16" and blip2.torch_dtype == torch.bfloat16
+    assert blip2.gate_key == "prompt_end_image_groups" and blip2.resolved
+
+
+def test_gate_key_defaults_per_architecture_and_an_explicit_one_wins():
+    assert DualEditConfig().gate_key is None and not DualEditConfig(tau=0.5).resolved
+    other = DualEditConfig(tau=0.5).resolve(8, 64, "idefics")
+    assert other.gate_key == "prompt_end_image"
+    given = DualEditConfig(gate_key="last_position").resolve(8, 64, "blip-2")
+    assert given.gate_key == "last_position"
 
 
 def test_small_models_get_a_small_width_and_middle_layers():

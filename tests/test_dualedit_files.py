@@ -127,6 +127,26 @@ def test_gate_key_prompt_end_and_image_is_saved_and_loaded(tiny_llava, tmp_path)
     assert other.config.gate_key == "prompt_end_image"
 
 
+@pytest.mark.parametrize("arch", ["llava", "blip2"])
+def test_gate_key_files_without_it_load_as_prompt_end_image(arch, tiny_factory, tmp_path):
+    """The default gate key is per architecture now; a file that names none keeps the key it
+    was saved under, "prompt_end_image", not the new default."""
+    model, processor = tiny_factory(arch)
+    first = DualEditor(model, processor, tau=0.5)
+    expected = "prompt_end_image_groups" if arch == "blip2" else "prompt_end_image"
+    assert first.config.gate_key == expected
+    first.save_pretrained(tmp_path / "adapters")
+    first.detach()
+    path = tmp_path / "adapters" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["config"]["gate_key"] == expected
+    del meta["config"]["gate_key"]
+    path.write_text(json.dumps(meta))
+    old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    old.detach()
+    assert old.config.gate_key == "prompt_end_image"
+
+
 def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_images, tmp_path):
     llava, llava_processor = tiny_llava
     editor = DualEditor(llava, llava_processor)

@@ -82,6 +82,8 @@ def read_adapter_config(
     # Files written before the field existed hold adapters trained the released way.
     fields.setdefault("text_prompt_end", False)
     fields.setdefault("text_keys", "all")
+    # Before gate_key defaulted per architecture, a file without it meant this one.
+    fields.setdefault("gate_key", "prompt_end_image")
     return DualEditConfig.from_dict(fields, where=str(path))
 
 
