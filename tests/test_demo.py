@@ -69,3 +69,28 @@ def test_cached_world_is_reused_and_drawn_again_when_its_format_is_stale(tmp_pat
     meta_path.write_text(json.dumps(meta))
     cached_world(tmp_path, 0, progress=False, world_options=WORLD)
     assert json.loads(meta_path.read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_demo_adapters_of_another_recipe_are_trained_again(tmp_path, tiny_factory, monkeypatch):
+    import dualedit.demo as demo
+    from test_train_data import write_tiny_mmedit
+
+    from dualedit.editors.dualedit import DualEditConfig
+
+    write_tiny_mmedit(tmp_path / "world", n=6)  # vqa/vqa_train.json and images/
+    world = tmp_path / "world"
+    model_and_processor = tiny_factory("llava")
+    settings = AdapterSettings(batch_size=2, max_steps=2, eval_every=2, val_edits=2, log_every=1)
+    args = (tmp_path / "cache", "llava", "vqa", 0, world, model_and_processor, False, settings)
+    monkeypatch.setattr(demo, "DEMO_ADAPTER_CONFIG", DualEditConfig(text_layer=1, visual_layer=2))
+    first = demo.cached_adapters(*args)
+    assert first.resumed_from is None and first.steps == 2
+    again = demo.cached_adapters(*args)  # the same recipe: the finished run is reused
+    assert again.resumed_from == 2
+    monkeypatch.setattr(
+        demo, "DEMO_ADAPTER_CONFIG", DualEditConfig(text_layer=1, visual_layer=2, use_visual=False)
+    )
+    other = demo.cached_adapters(*args)  # a stale cache entry is replaced, not an error
+    assert other.resumed_from is None and other.steps == 2
+    saved = json.loads((other.best_dir / "adapter_config.json").read_text())
+    assert saved["config"]["use_visual"] is False

@@ -10,7 +10,12 @@ calibration.py tau of trained adapters on the validation edits (end of training,
 """
 
 from dualedit.train.calibration import calibrate_adapters
-from dualedit.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from dualedit.train.checkpoint import (
+    CheckpointMismatch,
+    LoopState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dualedit.train.data import EditBatch, encode_edits_batch, split_indices, step_records
 from dualedit.train.loop import train_dualedit
 from dualedit.train.losses import METRICS, PassOutput, edit_pass, edit_states_from_prefix
@@ -18,6 +23,7 @@ from dualedit.train.settings import TrainResult, TrainSettings
 
 __all__ = [
     "METRICS",
+    "CheckpointMismatch",
     "EditBatch",
     "LoopState",
     "PassOutput",

@@ -65,6 +65,11 @@ class LoopState:
         }
 
 
+class CheckpointMismatch(ValueError):
+    """A run folder's checkpoint belongs to another run (other config, data or trajectory
+    settings): resuming it would mix two runs."""
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR
 

@@ -33,6 +33,7 @@ from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
 from dualedit.train.calibration import calibrate_on
 from dualedit.train.checkpoint import (
+    CheckpointMismatch,
     LoopState,
     has_checkpoint,
     load_checkpoint,
@@ -332,7 +333,7 @@ def _check_resume(saved: dict[str, Any], meta: dict[str, Any], out_dir: Path) ->
                 f"now {meta['dataset'][key]!r}"
             )
     if problems:
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{out_dir}: the checkpoint belongs to another run ({'; '.join(problems)}); use another "
             "out_dir or resume=False"
         )
