@@ -62,6 +62,27 @@ def base_logits(vlm, editor, batch):
         return vlm.backbone.forward_logits(*inputs)
 
 
+def gate_pass(vlm, editor, images, group, padding, layer=2):
+    """Encode `group` (right padding: prompt + target, teacher forcing; left: the prompts alone,
+    as for generate), read the text layer's states with the editor off, then run the edited
+    forward. Returns (batch, prompt_end given to the session or None, states [batch, seq,
+    hidden], the call context)."""
+    if padding == "right":
+        batch = encode(group, vlm.processor, vlm.backbone, images)
+        end = batch.prompt_end
+    else:
+        prompts = [Sample(s.image, s.prompt, "") for s in group]
+        batch = encode_prompts(prompts, vlm.processor, vlm.backbone, images)
+        end = None
+    inputs = (vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    with torch.no_grad(), editor.disabled():
+        with LayerCapture(vlm.model, vlm.backbone, [layer]) as capture:
+            h = capture.run(lambda: vlm.backbone.forward_logits(*inputs))[layer]
+    with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
+        vlm.backbone.forward_logits(*inputs)
+    return batch, end, h, ctx
+
+
 def as_bytes(t):
     return t.detach().cpu().contiguous().view(-1).view(torch.uint8).clone()
 
@@ -305,19 +326,7 @@ def test_prompt_end_image_key_is_the_mean_of_the_prompt_end_and_image_cosines(
     groups = [samples[:2], samples[2:]]
     edit = editor.memory.states([0])
     for group in groups:
-        if padding == "right":
-            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = batch.prompt_end
-        else:
-            prompts = [Sample(s.image, s.prompt, "") for s in group]
-            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = None
-        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
-        with torch.no_grad(), editor.disabled():
-            with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2]) as capture:
-                h = capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))[2]
-        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
-            tiny_vlm.backbone.forward_logits(*inputs)
+        batch, end, h, ctx = gate_pass(tiny_vlm, editor, tiny_images, group, padding)
         ends = batch.prompt_end
         for row in range(len(group)):
             pe = h[row, int(ends[row])]
@@ -349,20 +358,7 @@ def test_prompt_end_image_groups_key_by_hand(tiny_vlm, tiny_images, make, paddin
     same_question = Sample("green.png", RELATED.prompt, RELATED.target)
     samples = [same_question, UNRELATED, Sample(None, RELATED.prompt, RELATED.target)]
     for group in (samples[:2], samples[2:]):
-        if padding == "right":
-            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = batch.prompt_end
-        else:
-            prompts = [Sample(s.image, s.prompt, "") for s in group]
-            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = None
-        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
-        with torch.no_grad(), editor.disabled(), LayerCapture(
-            tiny_vlm.model, tiny_vlm.backbone, [2]
-        ) as capture:
-            h = capture.run(lambda inputs=inputs: tiny_vlm.backbone.forward_logits(*inputs))[2]
-        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
-            tiny_vlm.backbone.forward_logits(*inputs)
+        batch, end, h, ctx = gate_pass(tiny_vlm, editor, tiny_images, group, padding)
         for row in range(len(group)):
             pe = h[row, int(batch.prompt_end[row])]
             cos_end = F.cosine_similarity(pe, edit_end, dim=0)
@@ -397,25 +393,15 @@ def test_prompt_end_and_image_key_is_the_smaller_of_the_two_cosines(
     samples = [same_question, UNRELATED, Sample(None, RELATED.prompt, RELATED.target)]
     edit = editor.memory.states([0])
     for group in (samples[:2], samples[2:]):
-        if padding == "right":
-            batch = encode(group, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = batch.prompt_end
-        else:
-            prompts = [Sample(s.image, s.prompt, "") for s in group]
-            batch = encode_prompts(prompts, tiny_vlm.processor, tiny_vlm.backbone, tiny_images)
-            end = None
-        inputs = (tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
-        with torch.no_grad(), editor.disabled():
-            with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2]) as capture:
-                h = capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))[2]
-        with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
-            tiny_vlm.backbone.forward_logits(*inputs)
+        batch, end, h, ctx = gate_pass(tiny_vlm, editor, tiny_images, group, padding)
         given = edit.select(torch.zeros(len(group), dtype=torch.long))
         with (
             torch.no_grad(),
             editor.session(batch.input_ids, batch.attention_mask, end, edits=given) as trained,
         ):
-            tiny_vlm.backbone.forward_logits(*inputs)
+            tiny_vlm.backbone.forward_logits(
+                tiny_vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values
+            )
         torch.testing.assert_close(trained.similarity, ctx.similarity)
         for row in range(len(group)):
             pe = h[row, int(batch.prompt_end[row])]
