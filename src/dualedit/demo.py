@@ -88,9 +88,10 @@ def cached_adapters(
     """DualEdit adapters for (arch, task), trained on the world's train split
     (`settings`, default `DEMO_TRAIN_SETTINGS`; the seed is the demo's).
 
-    A killed run in the cache resumes from its checkpoint; a finished one returns at once, or
-    trains on when `settings` has a larger step budget than it ran. The result's `best_dir` holds
-    the best adapters by validation.
+    A killed run in the cache resumes from its checkpoint; a finished one trains no step (tau is
+    chosen again on the validation edits, as every `train_dualedit` call ends), or trains on when
+    `settings` has a larger step budget than it ran. The result's `best_dir` holds the best
+    adapters by validation.
     """
     from dualedit.data.mmedit import load_split
 

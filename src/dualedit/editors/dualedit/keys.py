@@ -117,19 +117,13 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
             f"gate key {kind!r} needs the key part(s) {missing}, which these edits lack (edits "
             "stored before the part existed: add them again)"
         )
-    if kind in ("prompt_end_image", "prompt_end_image_groups"):
-        if kind == "prompt_end_image":
-            image = parts["image_mean"].float()
-        else:
-            groups = parts["image_groups"].float()
-            # Each group a unit direction: the image cosine is the mean of the group cosines.
-            image = F.normalize(groups.unflatten(-1, (IMAGE_GROUPS, -1)), dim=-1).flatten(-2)
-        both = torch.cat(
-            [F.normalize(parts["prompt_end"].float(), dim=-1),
-             F.normalize(image.float(), dim=-1)],
-            dim=-1,
-        )  # [batch, 2 * hidden] or [batch, (1 + IMAGE_GROUPS) * hidden]
-        return F.normalize(both, dim=-1)
+    if kind == "prompt_end_image":
+        return _mean_of_cosines(parts["prompt_end"], parts["image_mean"].float())
+    if kind == "prompt_end_image_groups":
+        groups = parts["image_groups"].float()
+        # Each group a unit direction: the image cosine is the mean of the group cosines.
+        image = F.normalize(groups.unflatten(-1, (IMAGE_GROUPS, -1)), dim=-1).flatten(-2)
+        return _mean_of_cosines(parts["prompt_end"], image)
     if kind == "prompt_end_and_image":
         image = parts["image_mean"].float()
         no_image = (image == 0).all(dim=-1, keepdim=True).to(image.dtype)  # [batch, 1]
@@ -139,6 +133,15 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
             dim=-1,
         )  # [batch, 2 * hidden + 1]
     return F.normalize(parts[kind].float(), dim=-1)
+
+
+def _mean_of_cosines(prompt_end: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """[batch, hidden], [batch, w] -> unit [batch, hidden + w]: both parts normalised, then
+    concatenated and normalised, so a dot product is the mean of the two part cosines."""
+    both = torch.cat(
+        [F.normalize(prompt_end.float(), dim=-1), F.normalize(image, dim=-1)], dim=-1
+    )
+    return F.normalize(both, dim=-1)
 
 
 def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
