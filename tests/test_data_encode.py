@@ -129,6 +129,25 @@ def test_encode_record_samples(tiny_vlm, tiny_images):
     assert text.target_ids[0][text.target_mask[0]].tolist() == ids("a man")
 
 
+def test_prompt_tokens_from_the_tokenizer_match_the_processor(tiny_vlm, tiny_images, monkeypatch):
+    # encode finds the prompt's end from the tokenizer alone (one processor call per sample);
+    # forcing the processor path for the prompt must give the same batch, image and text-only.
+    import dualedit.data.prompts as prompts
+
+    proc, backbone = tiny_vlm.processor, tiny_vlm.backbone
+    text_only = [Sample(None, s.prompt, s.target) for s in SAMPLES]
+    fast = [encode(batch, proc, backbone, tiny_images) for batch in (SAMPLES, text_only)]
+    calls = []
+    real = prompts._prompt_prefix
+    monkeypatch.setattr(prompts, "_prompt_prefix", lambda *a: calls.append(real(*a)))
+    slow = [encode(batch, proc, backbone, tiny_images) for batch in (SAMPLES, text_only)]
+    assert len(calls) == 6 and all(c is not None for c in calls)  # the fast path applied
+    for a, b in zip(fast, slow, strict=True):
+        for field in ("input_ids", "attention_mask", "target_mask", "target_ids", "prompt_end"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert torch.equal(a.image_mask, b.image_mask)
+
+
 def test_encode_errors(tiny_vlm, tiny_images):
     proc, backbone = tiny_vlm.processor, tiny_vlm.backbone
     with pytest.raises(ValueError, match="mix image and text-only"):

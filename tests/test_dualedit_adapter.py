@@ -107,6 +107,30 @@ def test_apply_adapter_touches_only_the_selected_positions():
     assert apply_adapter(adapter, h, empty, h_e, e_mask) is h
 
 
+def test_inputs_sharing_an_edit_match_one_copy_per_input():
+    # Two distinct edits (the second padded), four inputs: edit_index maps inputs to edits, and
+    # the result equals giving every input its own copy of its edit's states.
+    adapter = randomised(CrossAttentionAdapter(16, 8, 2))
+    h = states(7, 4, 6, 16)
+    mask = torch.tensor(
+        [[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]],
+        dtype=torch.bool,
+    )
+    h_e = states(8, 2, 5, 16)
+    e_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    edit_index = torch.tensor([1, 0, 0, 1])
+    shared = apply_adapter(adapter, h, mask, h_e, e_mask, edit_index)
+    copies = apply_adapter(adapter, h, mask, h_e[edit_index], e_mask[edit_index])
+    torch.testing.assert_close(shared, copies)
+    assert torch.equal(shared[~mask], h[~mask])
+    # Rows 0 and 3 use edit 1: replacing edit 0's states changes row 1 only.
+    other = h_e.clone()
+    other[0] = states(9, 5, 16)
+    changed = apply_adapter(adapter, h, mask, other, e_mask, edit_index)
+    assert torch.equal(changed[[0, 3]], shared[[0, 3]])
+    assert not torch.allclose(changed[1], shared[1])
+
+
 def test_gradients_reach_only_the_adapter():
     adapter = CrossAttentionAdapter(16, 8, 2)
     h = states(5, 2, 4, 16)

@@ -231,9 +231,11 @@ def encode(
 ) -> EncodedBatch:
     """Tokenise prompt + target for teacher forcing, right padding.
 
-    The prompt text (`backbone.prompt_text`) and prompt + target are tokenised separately by the
-    processor; the target tokens are those after the prompt's tokens, which must be a prefix of
-    the full tokens.
+    Prompt + target is tokenised by the processor (which expands the image placeholders and
+    processes the image, once); the prompt's tokens are its tokenizer's, with the placeholders
+    expanded to the model's count, when they are a prefix of the full tokens (else the processor
+    tokenises the prompt too, see `_prompt_prefix`). The target tokens are those after the
+    prompt's tokens, which must be a prefix of the full tokens.
 
     Args:
         samples: all with an image or all without (see `group_by_image`).
@@ -260,8 +262,10 @@ def encode(
     for i, sample in enumerate(samples):
         image = _load(load_image, sample, i) if has_image else None
         text = backbone.prompt_text(sample.prompt, has_image)
-        prompt_ids, _ = _tokenize(processor, text, image)
         full_ids, pixel_values = _tokenize(processor, text + sample.target, image)
+        prompt_ids = _prompt_prefix(processor, backbone, text, full_ids, has_image)
+        if prompt_ids is None:
+            prompt_ids, _ = _tokenize(processor, text, image)
         _check_split(prompt_ids, full_ids, sample, i, processor)
         _check_image_tokens(full_ids, backbone, has_image, i)
         rows.append(full_ids)
@@ -352,6 +356,36 @@ def _tokenize(
         return out["input_ids"][0].tolist(), None
     out = processor(text=text, images=image, return_tensors="pt")
     return out["input_ids"][0].tolist(), out["pixel_values"]  # pixel_values [1, 3, H, W]
+
+
+def _prompt_prefix(
+    processor: Any, backbone: Backbone, text: str, full_ids: list[int], has_image: bool
+) -> list[int] | None:
+    """The prompt's tokens as a prefix of `full_ids`, from the tokenizer alone, or None.
+
+    The processor's text work is mostly argument checking and its image work is repeated for
+    every call, so the prompt (tokenised only to find where the target starts) skips both: the
+    tokenizer's ids of `text`, with the image placeholders counted as the model's number of image
+    tokens, must match `full_ids` on every non-placeholder token and on the placeholder count.
+    Anything else (a processor that does more than expand placeholders) returns None, and the
+    caller asks the processor.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        ids = list(tokenizer(text)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot run alone: use the processor
+        return None
+    if not has_image:
+        return ids if full_ids[: len(ids)] == ids else None
+    placeholder = backbone.image_token_id(backbone.config)
+    expected = backbone.num_image_tokens(backbone.config)
+    n = len(ids) - ids.count(placeholder) + expected
+    prefix = full_ids[:n]
+    if prefix.count(placeholder) != expected:
+        return None
+    if [t for t in prefix if t != placeholder] != [t for t in ids if t != placeholder]:
+        return None
+    return prefix
 
 
 def _check_split(

@@ -8,9 +8,8 @@ projection starts at zero, so a fresh adapter is an exact identity (`h + 0`).
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -61,30 +60,40 @@ class CrossAttentionAdapter(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out.weight.dtype
 
-    def delta(self, h: torch.Tensor, h_edit: torch.Tensor, edit_mask: torch.Tensor) -> torch.Tensor:
+    def delta(
+        self,
+        h: torch.Tensor,
+        h_edit: torch.Tensor,
+        edit_mask: torch.Tensor,
+        edit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The update the adapter adds to `h`, in `h`'s dtype.
 
         Args:
             h: [batch, n, hidden] queries (the selected positions of the layer output).
-            h_edit: [batch, m, hidden] the edit sample's states at this layer.
-            edit_mask: [batch, m] bool, False on padding of `h_edit`.
+            h_edit: [u, m, hidden] edit samples' states at this layer.
+            edit_mask: [u, m] bool, False on padding of `h_edit`.
+            edit_rows: [batch] long, the row of `h_edit` each query row attends to; None: row i
+                attends to row i (u == batch). Rows that share an edit share its keys and
+                values, which are projected once per edit, not once per row.
 
         Returns:
             [batch, n, hidden].
         """
         batch, n, _ = h.shape
-        m = h_edit.shape[1]
+        u, m, _ = h_edit.shape
         heads, head_dim = self.heads, self.width // self.heads
         x = self.norm_query(h.to(self.dtype))  # [b, n, hidden]
-        e = self.norm_edit(h_edit.to(self.dtype))  # [b, m, hidden]
+        e = self.norm_edit(h_edit.to(self.dtype))  # [u, m, hidden]
         q = self.query(x).view(batch, n, heads, head_dim).transpose(1, 2)  # [b, heads, n, d]
-        k = self.key(e).view(batch, m, heads, head_dim).transpose(1, 2)  # [b, heads, m, d]
-        v = self.value(e).view(batch, m, heads, head_dim).transpose(1, 2)  # [b, heads, m, d]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # [b, heads, n, m]
-        padding = ~edit_mask.to(torch.bool)[:, None, None, :]  # [b, 1, 1, m]
-        scores = scores.masked_fill(padding, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [b, heads, n, m]
-        mixed = (weights @ v).transpose(1, 2).reshape(batch, n, self.width)  # [b, n, width]
+        k = self.key(e).view(u, m, heads, head_dim).transpose(1, 2)  # [u, heads, m, d]
+        v = self.value(e).view(u, m, heads, head_dim).transpose(1, 2)  # [u, heads, m, d]
+        attend = edit_mask.to(torch.bool)[:, None, None, :]  # [u, 1, 1, m]
+        if edit_rows is not None:
+            k, v, attend = (t.index_select(0, edit_rows) for t in (k, v, attend))  # [b, ...]
+        # One fused kernel (scaled by 1/sqrt(d), softmax over the unpadded edit positions).
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [b, heads, n, d]
+        mixed = mixed.transpose(1, 2).reshape(batch, n, self.width)  # [b, n, width]
         return self.out(mixed).to(h.dtype)  # [b, n, hidden]
 
     def forward(

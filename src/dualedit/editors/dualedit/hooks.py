@@ -76,7 +76,9 @@ class CallContext:
         open: [batch] bool, the gate decision per input.
         similarity: [batch] float32, cosine similarity to the chosen edit (NaN without edits).
         chosen: [batch] long, memory position of each input's edit (-1: edits given / none).
-        states: the chosen edits' states, one per input.
+        states: the chosen edits' states: one per input, or one per distinct edit with
+            `edit_index`.
+        edit_index: [batch] long, the row of `states` each input uses (None: row i, its own).
         automatic: opened by the hooks from a plain model call (not by `call(...)`).
     """
 
@@ -91,6 +93,7 @@ class CallContext:
     similarity: torch.Tensor | None = None
     chosen: torch.Tensor | None = None
     states: EditStates | None = None
+    edit_index: torch.Tensor | None = None
     automatic: bool = False
 
 
@@ -130,16 +133,19 @@ def apply_adapter(
     mask: torch.Tensor,
     h_edit: torch.Tensor,
     edit_mask: torch.Tensor,
+    edit_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`h` with the adapter applied at the positions of `mask` only (a new tensor).
 
     Only the selected positions are gathered (padded per input to the largest count), so a text
-    adapter on a few prompt tokens does not pay for the image positions.
+    adapter on a few prompt tokens does not pay for the image positions; only the edits of the
+    rows with something to edit are projected, each once however many rows share it.
 
     Args:
         h: [batch, seq, hidden] layer output.
         mask: [batch, seq] bool, positions to edit.
-        h_edit: [batch, m, hidden] each input's edit states; edit_mask [batch, m] bool.
+        h_edit: [u, m, hidden] edit states; edit_mask [u, m] bool.
+        edit_index: [batch] long, the row of `h_edit` each input uses; None: row i uses row i.
 
     Returns:
         [batch, seq, hidden], equal to `h` bit for bit outside `mask`.
@@ -157,9 +163,13 @@ def apply_adapter(
     queries = h.index_select(0, rows).gather(
         1, order[:, :, None].expand(-1, -1, hidden)
     )  # [r, n, hidden]
-    delta = adapter.delta(
-        queries, h_edit.index_select(0, rows), edit_mask.index_select(0, rows)
-    )  # [r, n, hidden]
+    if edit_index is not None:
+        edit_rows = edit_index.index_select(0, rows)  # [r]
+    elif rows.numel() == h_edit.shape[0]:
+        edit_rows = None  # every row is edited, each with its own edit
+    else:
+        edit_rows = rows
+    delta = adapter.delta(queries, h_edit, edit_mask, edit_rows)  # [r, n, hidden]
     row_index = rows[:, None].expand(-1, n)[valid]  # [k]
     pos_index = order[valid]  # [k]
     update = torch.index_put(torch.zeros_like(h), (row_index, pos_index), delta[valid])
@@ -387,6 +397,7 @@ class DualEditHooks:
         attention_mask = _fit(ctx.attention_mask, seq).to(device)  # [batch, seq]
         gate_open = ctx.open.to(device)[:, None]  # [batch, 1]
         states = ctx.states
+        edit_index = None if ctx.edit_index is None else ctx.edit_index.to(device)  # [batch]
         edited = h
         if index == self.config.text_layer and self.config.use_text:
             mask = text_positions(
@@ -402,6 +413,7 @@ class DualEditHooks:
                 mask,
                 states.text.to(device),
                 states.text_mask.to(device),
+                edit_index,
             )
         if index == self.config.visual_layer and self.config.use_visual:
             mask = image_mask & attention_mask
@@ -413,6 +425,7 @@ class DualEditHooks:
                 mask,
                 states.visual.to(device),
                 states.visual_mask.to(device),
+                edit_index,
             )
         return None if edited is h else replace_layer_output(output, edited)
 
@@ -467,8 +480,10 @@ class DualEditHooks:
             self.config.use_visual and self.config.gate_scope == "text"
         )
         if ctx.active and ctx.states is None:
-            # Gathered only when some input is edited: a closed gate costs no copy.
-            ctx.states = self.memory.states(ctx.chosen, device=h.device)
+            # Gathered only when some input is edited (a closed gate costs no copy), and each
+            # distinct edit once: inputs that share an edit share its states.
+            distinct, ctx.edit_index = torch.unique(ctx.chosen, return_inverse=True)
+            ctx.states = self.memory.states(distinct, device=h.device)
         if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only if shown
             logger.debug(
                 "DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist()
