@@ -172,8 +172,8 @@ def apply_adapter(
     delta = adapter.delta(queries, h_edit, edit_mask, edit_rows)  # [r, n, hidden]
     row_index = rows[:, None].expand(-1, n)[valid]  # [k]
     pos_index = order[valid]  # [k]
-    update = torch.index_put(torch.zeros_like(h), (row_index, pos_index), delta[valid])
-    return torch.where(mask[:, :, None], h + update, h)  # [batch, seq, hidden]
+    # h + delta at the selected positions (each at most once), h itself everywhere else.
+    return h.index_put((row_index, pos_index), delta[valid], accumulate=True)  # [b, seq, hidden]
 
 
 class DualEditHooks:
