@@ -28,7 +28,10 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"{args.results}: no single-protocol run (n_edits null)")
     records = runs[0]["records"]
-    metrics = [k for k in records[0] if k != "index"]
+    metrics = [
+        k for k, v in records[0].items()
+        if k != "index" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     by_kind: dict[str, list[dict]] = collections.defaultdict(list)
     for record in records:
         i = record["index"]

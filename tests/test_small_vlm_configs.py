@@ -84,6 +84,21 @@ def test_save_load_round_trip_gives_identical_logits(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+def test_input_and_output_embeddings_are_tied_unless_asked(arch, tmp_path):
+    # Tied: one matrix, before and after a save/load; untied: two, of the same shape.
+    tokenizer = build_tokenizer(WORDS, arch)
+    tied = build_model(arch, tokenizer, "tiny", 32)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    tied.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, tied.get_input_embeddings().weight)
+    untied = build_model(arch, tokenizer, "tiny", 32, tie_embeddings=False)
+    out, inp = untied.get_output_embeddings().weight, untied.get_input_embeddings().weight
+    assert out is not inp and out.shape == inp.shape and not torch.equal(out, inp)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 def test_seed_decides_the_initial_weights(arch):
     a, _ = _built(arch, seed=0)
     b, _ = _built(arch, seed=0)

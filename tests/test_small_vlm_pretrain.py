@@ -224,10 +224,13 @@ def test_cache_hits_and_misses(tiny_world, tmp_path, monkeypatch):
     pretrain(tiny_world, "blip2", out, size="tiny", seed=1,
              settings=dataclasses.replace(QUICK, steps=5), progress=False)
     assert len(runs) == 3
+    untied = pretrain(tiny_world, "blip2", out, size="tiny", seed=1, tie_embeddings=False,
+                      settings=dataclasses.replace(QUICK, steps=5), progress=False)
+    assert len(runs) == 4 and untied["settings"]["tie_embeddings"] is False
     monkeypatch.setattr(pretrain_module, "PRETRAIN_VERSION", pretrain_module.PRETRAIN_VERSION + 1)
     pretrain(tiny_world, "blip2", out, size="tiny", seed=1,
              settings=dataclasses.replace(QUICK, steps=5), progress=False)
-    assert len(runs) == 4
+    assert len(runs) == 5
 
 
 def test_cache_follows_the_world_files(tiny_world, tmp_path, monkeypatch):

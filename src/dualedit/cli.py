@@ -48,7 +48,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(DEFAULT_SETTINGS[args.arch], **given) if given else None
     metrics = pretrain(
         args.world, args.arch, args.out, seed=args.seed, progress=not args.quiet, force=args.force,
-        settings=settings, threads=args.threads,
+        settings=settings, threads=args.threads, tie_embeddings=not args.untied_embeddings,
     )
     acc = metrics.get("heldout_accuracy", {})
     print(f"model written to {args.out}")
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "worlds of more entities)")
     p.add_argument("--vision-steps", type=int, default=None,
                    help="vision warm-up steps (default: the arch's, llava 2400, blip2 2000)")
+    p.add_argument("--untied-embeddings", action="store_true",
+                   help="separate input and output token embeddings (as LLaVA-1.5's Vicuna); "
+                        "the default ties them, see dualedit.small_vlm.configs.TIE_EMBEDDINGS")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("data", help="data tools")

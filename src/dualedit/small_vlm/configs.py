@@ -37,6 +37,17 @@ from dualedit.small_vlm.tokenizer import ARCHES, IMAGE
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 INIT_STD = 0.02
+#: Both small language models tie their input and output token embeddings (OPT does by default,
+#: Llama 3.2 1B / 3B do; LLaVA-1.5's Vicuna does not). In the built-in world an answer word
+#: such as an entity's name is read as an input almost nowhere (it ends its sentence), so an
+#: untied input embedding barely learns which word it is: in the untied small LLaVA the 48 names'
+#: input embeddings have a mean cosine of 0.63 to each other (0.29 for their output embeddings),
+#: and DualEdit's adapters, which read the target from those input-side states, edited names in
+#: 0-24 % of E-VQA records where other kinds reached 94-100 % (docs/experiments/
+#: dualedit_small_models.md, session 4). A real model reads every token as an input too.
+#: `build_model(..., tie_embeddings=False)` / `dualedit pretrain --untied-embeddings` give the
+#: untied variant.
+TIE_EMBEDDINGS = True
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
     }
 
 
-def _llava_config(ids: dict, size: VLMSize, image_size: int) -> LlavaConfig:
+def _llava_config(ids: dict, size: VLMSize, image_size: int, tie: bool) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate,
         num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
@@ -148,17 +159,17 @@ def _llava_config(ids: dict, size: VLMSize, image_size: int) -> LlavaConfig:
         num_attention_heads=size.text_heads, num_key_value_heads=size.text_heads,
         max_position_embeddings=size.max_positions, bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-        tie_word_embeddings=False, initializer_range=INIT_STD,
+        tie_word_embeddings=tie, initializer_range=INIT_STD,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=ids["image_token_id"],
         vision_feature_select_strategy="default", vision_feature_layer=-1,
         image_seq_length=num_image_tokens("llava", size, image_size),
-        projector_hidden_act="gelu", tie_word_embeddings=False,
+        projector_hidden_act="gelu", tie_word_embeddings=tie,
     )
 
 
-def _blip2_config(ids: dict, size: VLMSize, image_size: int) -> Blip2Config:
+def _blip2_config(ids: dict, size: VLMSize, image_size: int, tie: bool) -> Blip2Config:
     vision = dict(
         hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate,
         num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
@@ -178,7 +189,7 @@ def _blip2_config(ids: dict, size: VLMSize, image_size: int) -> Blip2Config:
         ffn_dim=size.text_intermediate, word_embed_proj_dim=size.text_hidden,
         max_position_embeddings=size.max_positions, bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-        dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True, init_std=INIT_STD,
+        dropout=0.0, attention_dropout=0.0, tie_word_embeddings=tie, init_std=INIT_STD,
     )
     return Blip2Config(
         vision_config=vision, qformer_config=qformer, text_config=text,
@@ -217,6 +228,7 @@ def build_model(
     image_size: int = 32,
     *,
     seed: int = 0,
+    tie_embeddings: bool = TIE_EMBEDDINGS,
 ) -> PreTrainedModel:
     """A freshly initialised small VLM, deterministic in `seed`.
 
@@ -226,6 +238,8 @@ def build_model(
         size: a `VLMSize`, a preset name from `SIZES`, or None for the default.
         image_size: square input side in pixels, a multiple of `size.patch_size`.
         seed: seeds the initial weights.
+        tie_embeddings: the language model's output embedding is its input embedding (see
+            `TIE_EMBEDDINGS`).
 
     Returns:
         `LlavaForConditionalGeneration` or `Blip2ForConditionalGeneration` in train mode, float32,
@@ -240,10 +254,11 @@ def build_model(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
+        tie = tie_embeddings
         if arch == "llava":
-            model = LlavaForConditionalGeneration(_llava_config(ids, size, image_size))
+            model = LlavaForConditionalGeneration(_llava_config(ids, size, image_size, tie))
         else:
-            model = Blip2ForConditionalGeneration(_blip2_config(ids, size, image_size))
+            model = Blip2ForConditionalGeneration(_blip2_config(ids, size, image_size, tie))
             # transformers zero-initialises the queries; identical queries would start as
             # identical Q-Former outputs, so give each its own direction.
             with torch.no_grad():

@@ -38,6 +38,7 @@ import dualedit
 from dualedit.backbones.registry import get_backbone
 from dualedit.numerics import cpu_threads, flush_denormals
 from dualedit.small_vlm.configs import (
+    TIE_EMBEDDINGS,
     build_model,
     build_processor,
     num_image_tokens,
@@ -295,6 +296,7 @@ def pretrain(
     force: bool = False,
     settings: TrainSettings | None = None,
     threads: int | None = None,
+    tie_embeddings: bool = TIE_EMBEDDINGS,
 ) -> dict:
     """Pretrain a small VLM of `arch` on the world in `world_dir`; cached in `out_dir`.
 
@@ -309,6 +311,8 @@ def pretrain(
         settings: optimisation settings; None for `DEFAULT_SETTINGS[arch]`.
         threads: torch CPU threads; None for `settings.num_threads`. Not part of the cache key
             (on a machine shared with another job, 1 thread avoids spin-waiting between threads).
+        tie_embeddings: tie the language model's input and output embeddings (`configs.
+            TIE_EMBEDDINGS`: the default; False gives the untied variant, as LLaVA-1.5's Vicuna).
 
     Returns:
         the metrics dict also written to `pretrain_metrics.json`: `heldout_accuracy` (task ->
@@ -333,6 +337,7 @@ def pretrain(
         "arch": arch,
         "size": size.to_dict(),
         "seed": seed,
+        "tie_embeddings": bool(tie_embeddings),
         # Threads change the speed, not what is learned: a model trained with 1 is reused with 2.
         "train_settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "num_threads"},
     }
@@ -343,7 +348,9 @@ def pretrain(
             return cached
 
     with cpu_threads(settings.num_threads), flush_denormals():
-        metrics, model, processor = _run(world_dir, arch, size, seed, progress, settings)
+        metrics, model, processor = _run(
+            world_dir, arch, size, seed, progress, settings, tie_embeddings
+        )
     metrics["settings"] = key
     _write_atomic(out_dir, model, processor, metrics)
     logger.info("%s model written to %s in %.0f s", arch, out_dir, metrics["train_seconds"])
@@ -358,7 +365,15 @@ def _timed(clock: dict, name: str, start: tuple[float, float]) -> tuple[float, f
     return now
 
 
-def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: TrainSettings):
+def _run(
+    world_dir: Path,
+    arch: str,
+    size,
+    seed: int,
+    progress: bool,
+    settings: TrainSettings,
+    tie_embeddings: bool,
+):
     clock: dict[str, float] = {}
     begin = mark = (time.perf_counter(), time.process_time())
     train_lines = read_corpus(world_dir / "corpus" / "train.jsonl")
@@ -366,7 +381,7 @@ def _run(world_dir: Path, arch: str, size, seed: int, progress: bool, settings: 
     image_size = _image_size(world_dir, train_lines)
     tokenizer = build_world_tokenizer(world_dir, arch)
     processor = build_processor(arch, tokenizer, size, image_size)
-    model = build_model(arch, tokenizer, size, image_size, seed=seed)
+    model = build_model(arch, tokenizer, size, image_size, seed=seed, tie_embeddings=tie_embeddings)
     backbone = get_backbone(model)
     n_image = num_image_tokens(arch, size, image_size)
     train_pixels, train_index = load_images(world_dir / "images", train_lines, processor, progress)
