@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: none ft-l dualedit (DualEdit trains its adapters first)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="DualEdit adapter training steps per backbone and dataset (default: the "
-                   "demo's budget, 300); a cached run trains on to a larger budget")
+                   "demo's budget, 600); a cached run trains on to a larger budget")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the whole demo (default: torch's; 1 when the CPU is shared)")
