@@ -94,3 +94,8 @@ def test_demo_adapters_of_another_recipe_are_trained_again(tmp_path, tiny_factor
     assert other.resumed_from is None and other.steps == 2
     saved = json.loads((other.best_dir / "adapter_config.json").read_text())
     assert saved["config"]["use_visual"] is False
+    # The same recipe over other base weights (the cached model was pretrained again): the run
+    # trained on the old model is replaced, not resumed.
+    retrained = (*args[:5], tiny_factory("llava", seed=1), *args[6:])
+    fresh = demo.cached_adapters(*retrained)
+    assert fresh.resumed_from is None and fresh.steps == 2

@@ -17,7 +17,12 @@ from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.editors.dualedit import DualEditor
 from dualedit.train import TrainSettings, train_dualedit
-from dualedit.train.checkpoint import STATE_FILE, checkpoint_dir
+from dualedit.train.checkpoint import (
+    STATE_FILE,
+    CheckpointMismatch,
+    checkpoint_dir,
+    weights_fingerprint,
+)
 
 CONFIG = {"text_layer": 2, "visual_layer": 3, "width": 16, "heads": 2}
 
@@ -220,6 +225,44 @@ def test_checkpoint_of_another_run_is_refused(tiny_factory, tiny_train, tmp_path
         progress=False,
     )
     assert more.resumed_from == 3 and more.steps == 4
+    # The same path and settings, other base weights (a model trained again under the same
+    # folder): refused, and so is a checkpoint that predates the fingerprint.
+    other, _ = tiny_factory("blip2", seed=1)
+    with pytest.raises(CheckpointMismatch, match="base model weights"):
+        train_dualedit(
+            other,
+            processor,
+            tiny_train,
+            config=CONFIG,
+            settings=settings(max_steps=5),
+            out_dir=tmp_path,
+            progress=False,
+        )
+    meta_path = checkpoint_dir(tmp_path) / STATE_FILE
+    meta = json.loads(meta_path.read_text())
+    assert len(meta["meta"]["base_weights"]) == 16
+    del meta["meta"]["base_weights"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match="base model weights: checkpoint None"):
+        train_dualedit(
+            model,
+            processor,
+            tiny_train,
+            config=CONFIG,
+            settings=settings(max_steps=5),
+            out_dir=tmp_path,
+            progress=False,
+        )
+
+
+def test_weights_fingerprint_follows_every_parameter(tiny_factory):
+    model, _ = tiny_factory("llava")
+    before = weights_fingerprint(model)
+    assert before == weights_fingerprint(model) and len(before) == 16
+    last = list(model.parameters())[-1]
+    with torch.no_grad():
+        last.view(-1)[0] += 1e-3
+    assert weights_fingerprint(model) != before
 
 
 def test_user_errors(tiny_factory, tiny_train, tmp_path):

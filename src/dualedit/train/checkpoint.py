@@ -10,6 +10,7 @@ committed checkpoint. Older tensor files are removed after the commit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -68,6 +69,25 @@ class LoopState:
 class CheckpointMismatch(ValueError):
     """A run folder's checkpoint belongs to another run (other config, data or trajectory
     settings): resuming it would mix two runs."""
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters (names, shapes, dtypes, and each tensor's sum and sum
+    of absolute values in float64): another checkpoint saved under the same path, such as a
+    pretrained model of the demo's cache trained again, gets another fingerprint. One reduction
+    per tensor, on the tensor's own device.
+
+    Example:
+        >>> weights_fingerprint(model)
+        '3f0c9a1b2d4e5f60'
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            values = p.detach().double()
+            sums = torch.stack([values.sum(), values.abs().sum()]).cpu().tolist()
+            digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{sums[0]!r}|{sums[1]!r};".encode())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:

@@ -39,6 +39,7 @@ from dualedit.train.checkpoint import (
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
+    weights_fingerprint,
 )
 from dualedit.train.data import (
     EditBatch,
@@ -309,6 +310,7 @@ def _run_meta(
         "config": editor.config.to_dict(),
         "model_type": model.config.model_type,
         "base_model": str(getattr(model.config, "name_or_path", "") or ""),
+        "base_weights": weights_fingerprint(model),
         "hidden_size": editor.backbone.hidden_size(model),
         "depth": editor.backbone.depth(model),
         "dataset": {"path": str(dataset.path), "task": dataset.task, "records": len(dataset)},
@@ -326,6 +328,13 @@ def _check_resume(saved: dict[str, Any], meta: dict[str, Any], out_dir: Path) ->
     for key in ("config", "model_type", "hidden_size", "depth", "val_edits"):
         if saved.get(key) != meta[key]:
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, now {meta[key]!r}")
+    # A checkpoint written before the fingerprint existed cannot show it trained on this model.
+    if saved.get("base_weights") != meta["base_weights"]:
+        problems.append(
+            f"base model weights: checkpoint {saved.get('base_weights')}, now "
+            f"{meta['base_weights']} (the model at {meta['base_model'] or 'this path'} is not the "
+            "one the checkpoint was trained on)"
+        )
     for key in ("task", "records"):
         if saved["dataset"].get(key) != meta["dataset"][key]:
             problems.append(
