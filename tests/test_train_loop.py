@@ -185,74 +185,38 @@ def test_early_stopping_with_patience(tiny_factory, tiny_train, tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(tiny_factory, tiny_train, tmp_path):
     model, processor = tiny_factory("blip2")
-    train_dualedit(
-        model,
-        processor,
-        tiny_train,
-        config=CONFIG,
-        settings=settings(max_steps=3),
-        out_dir=tmp_path,
-        progress=False,
-    )
+
+    def run(base=model, config=CONFIG, **overrides):
+        return train_dualedit(
+            base,
+            processor,
+            tiny_train,
+            config=config,
+            settings=settings(**overrides),
+            out_dir=tmp_path,
+            progress=False,
+        )
+
+    run(max_steps=3)
     with pytest.raises(ValueError, match=r"settings.lr: checkpoint 0.01, now 0.02"):
-        train_dualedit(
-            model,
-            processor,
-            tiny_train,
-            config=CONFIG,
-            settings=settings(lr=2e-2),
-            out_dir=tmp_path,
-            progress=False,
-        )
+        run(lr=2e-2)
     with pytest.raises(ValueError, match="config: checkpoint"):
-        train_dualedit(
-            model,
-            processor,
-            tiny_train,
-            config={**CONFIG, "width": 8},
-            settings=settings(),
-            out_dir=tmp_path,
-            progress=False,
-        )
+        run(config={**CONFIG, "width": 8})
     # Budget and checkpoint frequency may change between a run and its resume.
-    more = train_dualedit(
-        model,
-        processor,
-        tiny_train,
-        config=CONFIG,
-        settings=settings(max_steps=4, checkpoint_every=1),
-        out_dir=tmp_path,
-        progress=False,
-    )
+    more = run(max_steps=4, checkpoint_every=1)
     assert more.resumed_from == 3 and more.steps == 4
     # The same path and settings, other base weights (a model trained again under the same
     # folder): refused, and so is a checkpoint that predates the fingerprint.
     other, _ = tiny_factory("blip2", seed=1)
     with pytest.raises(CheckpointMismatch, match="base model weights"):
-        train_dualedit(
-            other,
-            processor,
-            tiny_train,
-            config=CONFIG,
-            settings=settings(max_steps=5),
-            out_dir=tmp_path,
-            progress=False,
-        )
+        run(base=other, max_steps=5)
     meta_path = checkpoint_dir(tmp_path) / STATE_FILE
     meta = json.loads(meta_path.read_text())
     assert len(meta["meta"]["base_weights"]) == 16
     del meta["meta"]["base_weights"]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointMismatch, match="base model weights: checkpoint None"):
-        train_dualedit(
-            model,
-            processor,
-            tiny_train,
-            config=CONFIG,
-            settings=settings(max_steps=5),
-            out_dir=tmp_path,
-            progress=False,
-        )
+        run(max_steps=5)
 
 
 def test_weights_fingerprint_follows_every_parameter(tiny_factory):
