@@ -66,7 +66,9 @@ def cached_world(
 #: (best at the last step in all four) and BLIP-2 E-VQA between Rel 91.5 and 97.0 from run to
 #: run. `dualedit demo --train-steps N` trains the cached runs on to N.
 DEMO_TRAIN_STEPS = 600
-DEMO_TRAIN_SETTINGS = TrainSettings(lr=5e-3, batch_size=8, max_steps=DEMO_TRAIN_STEPS, eval_every=300)
+DEMO_TRAIN_SETTINGS = TrainSettings(
+    lr=5e-3, batch_size=8, max_steps=DEMO_TRAIN_STEPS, eval_every=300
+)
 #: The adapters of the demo, for the small 6-layer models: text adapter on layer 0 (LLaVA E-VQA
 #: held-out Rel 85.5 there vs 50.5 on layer 1 after 3000 steps) and visual adapter on layer 1.
 #: The visual adapter is what multi-token answers need: LLaVA E-IC after 600 steps, Rel 39.1 ->

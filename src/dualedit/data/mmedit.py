@@ -38,7 +38,7 @@ class ImageStore:
     Callable: `store(path)` is `store.load(path)`, so a store can be passed as `load_image`.
 
     Example:
-        >>> store = ImageStore("/data/mmedit/images")
+        >>> store = ImageStore("data/mmedit/images")
         >>> store("val2014/COCO_val2014_000000526675.jpg").size
         (640, 480)
     """

@@ -254,11 +254,14 @@ def build_model(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        tie = tie_embeddings
         if arch == "llava":
-            model = LlavaForConditionalGeneration(_llava_config(ids, size, image_size, tie))
+            model = LlavaForConditionalGeneration(
+                _llava_config(ids, size, image_size, tie_embeddings)
+            )
         else:
-            model = Blip2ForConditionalGeneration(_blip2_config(ids, size, image_size, tie))
+            model = Blip2ForConditionalGeneration(
+                _blip2_config(ids, size, image_size, tie_embeddings)
+            )
             # transformers zero-initialises the queries; identical queries would start as
             # identical Q-Former outputs, so give each its own direction.
             with torch.no_grad():

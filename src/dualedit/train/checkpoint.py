@@ -73,9 +73,9 @@ class CheckpointMismatch(ValueError):
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's parameters (names, shapes, dtypes, and each tensor's sum and sum
-    of absolute values in float64): another checkpoint saved under the same path, such as a
-    pretrained model of the demo's cache trained again, gets another fingerprint. One reduction
-    per tensor, on the tensor's own device.
+    of absolute values, accumulated in float64 without a float64 copy of the tensor): another
+    checkpoint saved under the same path, such as a pretrained model of the demo's cache trained
+    again, gets another fingerprint. Two reductions per tensor, on the tensor's own device.
 
     Example:
         >>> weights_fingerprint(model)
@@ -84,8 +84,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-            values = p.detach().double()
-            sums = torch.stack([values.sum(), values.abs().sum()]).cpu().tolist()
+            total = p.sum(dtype=torch.float64)
+            absolute = torch.linalg.vector_norm(p, ord=1, dtype=torch.float64)
+            sums = torch.stack([total, absolute]).cpu().tolist()
             digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{sums[0]!r}|{sums[1]!r};".encode())
     return digest.hexdigest()[:16]
 
