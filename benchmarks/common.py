@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-import dualedit
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.data.mmedit import MMEditDataset, load_split
 from dualedit.demo import default_cache_dir
 from dualedit.io import atomic_write_text
+from dualedit.version import versions
 
 logger = logging.getLogger("benchmarks")
 
@@ -118,9 +118,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "dualedit": getattr(dualedit, "__version__", _version("dualedit")),
+        **versions(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -132,15 +130,6 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_start": load_average(),
     }
     return info
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 # -- models -----------------------------------------------------------------------------------

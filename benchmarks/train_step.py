@@ -1,9 +1,10 @@
 """One DualEdit training step as the trainer runs it vs a naive step: time and peak memory.
 
-- efficient: what `train_dualedit` does per step (train/loop.py): `edit_pass` (the vision side and
-  the layers below m = min(t, v) run once without gradient and serve the edit states, the
-  locality reference and the edited pass; logits only at target positions), the loss, backward
-  through layers >= m only, gradient clipping, Adam step.
+- efficient: what `train_dualedit` does per step (train/loop.py with DualEdit's trainable):
+  `edit_pass` (editors/dualedit/losses.py: the vision side and the layers below m = min(t, v)
+  run once without gradient and serve the edit states, the locality reference and the edited
+  pass; logits only at target positions), the loss, backward through layers >= m only, gradient
+  clipping, Adam step.
 - naive: the full model run from scratch for each purpose, as a straightforward implementation
   would: a frozen forward of the edit samples for their states, a full reference forward of the
   locality samples without gradient, and the edited full forward of every sample (logits at all
@@ -52,9 +53,13 @@ from common import Variant  # noqa: E402
 
 from dualedit.data.prompts import EncodedBatch  # noqa: E402
 from dualedit.editors.dualedit import DualEditConfig, DualEditor  # noqa: E402
+from dualedit.editors.dualedit.losses import (  # noqa: E402
+    edit_pass,
+    edit_states_from_prefix,
+    prefix_layer,
+)
 from dualedit.train import TrainSettings  # noqa: E402
 from dualedit.train.data import EditBatch, encode_edits_batch  # noqa: E402
-from dualedit.train.losses import edit_pass, edit_states_from_prefix, prefix_layer  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
 VARIANTS = ("efficient", "naive", "naive_pruned")

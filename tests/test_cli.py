@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dualedit.cli import build_parser, main, parse_options
+from dualedit.cli import build_parser, main
+from dualedit.options import parse_option_pairs
 
 TINY_WORLD = [
     "--train-vqa", "6", "--eval-vqa", "4", "--train-caption", "4", "--eval-caption", "2",
@@ -60,9 +61,51 @@ def test_editor_options_parse_as_json_or_text():
          "--editor-option", "tau=0.7", "--editor-option", "gate_key=last_position",
          "--editor-option", "gate=false"]
     )
-    assert parse_options(args.editor_option) == {"tau": 0.7, "gate_key": "last_position", "gate": False}
+    assert parse_option_pairs(args.option) == {
+        "tau": 0.7, "gate_key": "last_position", "gate": False
+    }
     with pytest.raises(ValueError, match="'tau': expected KEY=VALUE"):
-        parse_options(["tau"])
+        parse_option_pairs(["tau"])
+    same = build_parser().parse_args(
+        ["eval", "--method", "dualedit", "--model", "m", "--data", "d", "--option", "tau=0.7"]
+    )
+    assert same.option == ["tau=0.7"]
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from dualedit.editors import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if not line.startswith(" ")]
+    assert {line[0]: line[1] for line in lines} == {
+        name: "trained" if spec.trainable else "untrained" for name, spec in METHODS.items()
+    }
+    assert "steps=20" in out and "text_layer=None" in out
+
+
+def test_a_trained_method_without_its_weights_is_refused(tmp_path, capsys):
+    args = ["-q", "eval", "--method", "dualedit", "--model", str(tmp_path / "m"),
+            "--data", str(tmp_path)]
+    assert main(args) == 2
+    assert "--editor DIR" in capsys.readouterr().err
+
+
+def test_train_refuses_untrained_methods_and_unknown_options_before_loading(tmp_path, capsys):
+    base = ["-q", "train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path),
+            "--out", str(tmp_path / "run")]
+    assert main([*base, "--method", "ft-l"]) == 2
+    assert "'ft-l' is not trained" in capsys.readouterr().err
+    assert main([*base, "--method", "dualedit", "--option", "text_layr=0"]) == 2
+    assert "['text_layr']" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text('{"text_layer": 0, "widht": 64}')
+    assert main([*base, "--method", "dualedit", "--config", str(config)]) == 2
+    assert "['widht']" in capsys.readouterr().err
+    config.write_text("[1, 2]")
+    assert main([*base, "--method", "dualedit", "--config", str(config)]) == 2
+    assert "config.json: expected a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_world_entities_option_and_too_many_eval_edits(tmp_path, capsys):
@@ -115,9 +158,6 @@ def test_demo_train_steps_replace_only_the_budget(monkeypatch, tmp_path, capsys)
     calls = []
     monkeypatch.setattr(dualedit.demo, "run_demo", lambda **kw: calls.append(kw) or "table")
     assert main(["-q", "demo", "--out", str(tmp_path)]) == 0
-    assert calls[-1]["train_settings"] is None  # the demo's own budget
+    assert calls[-1]["train_steps"] is None  # each trained method's own recipe
     assert main(["-q", "demo", "--out", str(tmp_path), "--train-steps", "3000"]) == 0
-    settings = calls[-1]["train_settings"]
-    assert settings.max_steps == 3000
-    assert settings.lr == dualedit.demo.DEMO_TRAIN_SETTINGS.lr
-    assert settings.batch_size == dualedit.demo.DEMO_TRAIN_SETTINGS.batch_size
+    assert calls[-1]["train_steps"] == 3000

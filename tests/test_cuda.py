@@ -11,8 +11,7 @@ from test_train_loop import CONFIG, settings
 from test_train_data import write_tiny_mmedit
 
 from dualedit.data.prompts import Sample, encode, encode_prompts
-from dualedit.editors.dualedit import DualEditor
-from dualedit.train import train_dualedit
+from dualedit.editors.dualedit import DualEditor, train_dualedit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -72,8 +71,8 @@ def test_bfloat16_on_cuda_edits_and_generates_with_the_cache(arch, tiny_factory,
         with torch.no_grad():
             with editor.disabled():
                 base = editor.backbone.generate(model, *inputs, **kwargs)
-            cached = editor.generate(*inputs, **kwargs)
-            uncached = editor.generate(*inputs, use_cache=False, **kwargs)
+            cached = editor.generate_from(*inputs, **kwargs)
+            uncached = editor.generate_from(*inputs, use_cache=False, **kwargs)
         assert torch.equal(cached[1], base[1])  # unrelated: gate closed, unedited
         assert torch.equal(uncached, cached)  # the KV cache keeps the prompt pass's decision
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dualedit.demo import cached_world, run_demo
@@ -39,11 +40,19 @@ def test_demo_table_has_both_methods_backbones_and_datasets(tmp_path):
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(summary["runs"]) == 12
     assert set(summary["pretraining"]) == {"llava", "blip2"}
-    # The DualEdit rows used adapters trained for the given budget, one run per (arch, dataset).
-    adapters = summary["dualedit_adapters"]
-    assert set(adapters) == {f"{a}-{t}" for a in ("llava", "blip2") for t in ("vqa", "caption")}
-    assert all(a["steps"] == 2 and a["best_step"] == 2 for a in adapters.values())
-    assert all((tmp_path / "cache" / "adapters" / f"{k}-seed0" / "best").is_dir() for k in adapters)
+    # The DualEdit rows used editors trained for the given budget, one run per (arch, dataset),
+    # each ending with the tau chosen on its validation edits.
+    trained = summary["trained"]
+    assert set(trained) == {
+        f"dualedit {a}-{t}" for a in ("llava", "blip2") for t in ("vqa", "caption")
+    }
+    assert all(a["steps"] == 2 and a["best_step"] == 2 for a in trained.values())
+    assert all(-1 <= a["finish"]["tau"] <= 1 for a in trained.values())
+    for key in trained:
+        run = key.split()[1]
+        assert (tmp_path / "cache" / "trained" / "dualedit" / f"{run}-seed0" / "best").is_dir()
+    dualedit_runs = [run for run in summary["runs"] if run["method"] == "dualedit"]
+    assert all(run["editor_options"]["pretrained"].endswith("best") for run in dualedit_runs)
     for run in summary["runs"]:
         if run["method"] == "none":
             means = run["runs"][0]["means"]
@@ -71,31 +80,32 @@ def test_cached_world_is_reused_and_drawn_again_when_its_format_is_stale(tmp_pat
     assert json.loads(meta_path.read_text())["format_version"] == FORMAT_VERSION
 
 
-def test_demo_adapters_of_another_recipe_are_trained_again(tmp_path, tiny_factory, monkeypatch):
+def test_demo_adapters_of_another_recipe_are_trained_again(tmp_path, tiny_factory):
     import dualedit.demo as demo
     from test_train_data import write_tiny_mmedit
 
-    from dualedit.editors.dualedit import DualEditConfig
+    from dualedit.editors import get_method
 
     write_tiny_mmedit(tmp_path / "world", n=6)  # vqa/vqa_train.json and images/
     world = tmp_path / "world"
     model_and_processor = tiny_factory("llava")
     settings = AdapterSettings(batch_size=2, max_steps=2, eval_every=2, val_edits=2, log_every=1)
-    args = (tmp_path / "cache", "llava", "vqa", 0, world, model_and_processor, False, settings)
-    monkeypatch.setattr(demo, "DEMO_ADAPTER_CONFIG", DualEditConfig(text_layer=1, visual_layer=2))
-    first = demo.cached_adapters(*args)
+    spec = get_method("dualedit")
+    args = (tmp_path / "cache", spec, "llava", "vqa", 0, world, model_and_processor, False,
+            settings)
+    recipe = {"text_layer": 1, "visual_layer": 2}
+    first = demo.cached_training(*args, options=recipe)
     assert first.resumed_from is None and first.steps == 2
-    again = demo.cached_adapters(*args)  # the same recipe: the finished run is reused
+    again = demo.cached_training(*args, options=recipe)  # the same recipe: the run is reused
     assert again.resumed_from == 2
-    monkeypatch.setattr(
-        demo, "DEMO_ADAPTER_CONFIG", DualEditConfig(text_layer=1, visual_layer=2, use_visual=False)
-    )
-    other = demo.cached_adapters(*args)  # a stale cache entry is replaced, not an error
-    assert other.resumed_from is None and other.steps == 2
+    other = demo.cached_training(*args, options={**recipe, "use_visual": False})
+    assert other.resumed_from is None and other.steps == 2  # a stale entry is replaced
     saved = json.loads((other.best_dir / "adapter_config.json").read_text())
-    assert saved["config"]["use_visual"] is False
+    assert saved["config"]["use_visual"] is False and saved["method"] == "dualedit"
     # The same recipe over other base weights (the cached model was pretrained again): the run
     # trained on the old model is replaced, not resumed.
-    retrained = (*args[:5], tiny_factory("llava", seed=1), *args[6:])
-    fresh = demo.cached_adapters(*retrained)
+    retrained = (*args[:6], tiny_factory("llava", seed=1), *args[7:])
+    fresh = demo.cached_training(*retrained, options={**recipe, "use_visual": False})
     assert fresh.resumed_from is None and fresh.steps == 2
+    with pytest.raises(ValueError, match="'ft-l' has no training recipe"):
+        demo.cached_training(tmp_path / "cache", get_method("ft-l"), *args[2:])

@@ -10,6 +10,7 @@ from test_train_data import write_tiny_mmedit
 
 from dualedit.backbones import get_backbone
 from dualedit.data.prompts import record_samples
+from dualedit.data.requests import edit_request, edit_requests
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
 from dualedit.editors.dualedit.calibrate import best_threshold, choose_tau
 from dualedit.editors.dualedit.decision import GateDecision
@@ -39,13 +40,19 @@ class Memory(list):
 class StandIn:
     """An editor whose gate similarity is 0.9 for its edit's rephrased question (T-Gen) or
     rephrased image (V-Gen), and 0.4 for everything else; with several edits stored, the
-    nearest is the related one, else the first (`unrelated` raises what the others score)."""
+    nearest is the related one, else the first (`unrelated` raises what the others score).
+    It is given edit requests, as every editor is, and looks their records up in `dataset`
+    to know what is related."""
 
-    def __init__(self, unrelated=0.4):
+    def __init__(self, dataset, unrelated=0.4):
+        self.records = {
+            edit_request(dataset[i], dataset.task): dataset[i] for i in range(len(dataset))
+        }
         self.memory, self.applied, self.asked = Memory(), [], []
         self.unrelated = unrelated
 
-    def apply(self, records, task, images):
+    def apply(self, requests, images):
+        records = [self.records[request] for request in requests]
         self.memory.extend(records)
         self.applied.append([record.index for record in records])
 
@@ -64,7 +71,7 @@ class StandIn:
 
 
 def test_choose_tau_edits_each_record_alone(tiny_train):
-    editor = StandIn()
+    editor = StandIn(tiny_train)
     choice = choose_tau(editor, tiny_train, [0, 2, 4])
     assert editor.applied == [[0], [2], [4]] and editor.memory == []
     assert len(editor.asked) == 3 * 4  # t_gen, v_gen, m_loc, t_loc (no hard fields here)
@@ -80,8 +87,8 @@ def test_choose_tau_edits_each_record_alone(tiny_train):
 def test_choose_tau_sequential_stores_every_edit_at_once(tiny_train):
     """With all edits stored, unrelated inputs meet every edit and score higher (0.7 here, a
     stand-in for the nearest of many): the threshold rises above them; alone they score 0.4."""
-    single = choose_tau(StandIn(unrelated=0.7), tiny_train, [0, 2, 4])
-    editor = StandIn(unrelated=0.7)
+    single = choose_tau(StandIn(tiny_train, unrelated=0.7), tiny_train, [0, 2, 4])
+    editor = StandIn(tiny_train, unrelated=0.7)
     together = choose_tau(editor, tiny_train, [0, 2, 4], mode="sequential")
     assert editor.applied == [[0, 2, 4]] and editor.memory == []
     assert together.mode == "sequential" and together.edits == 3 and together.accuracy == 1.0
@@ -99,7 +106,7 @@ def test_choose_tau_sequential_leaves_out_inputs_nearest_to_another_edit(tiny_tr
                 return GateDecision(0, 0.3, True, True)  # record 2's inputs go to edit 0
             return decision
 
-    choice = choose_tau(Misrouted(), tiny_train, [0, 2, 4], mode="sequential")
+    choice = choose_tau(Misrouted(tiny_train), tiny_train, [0, 2, 4], mode="sequential")
     # Counted, record 2's 0.3 would sit below every unrelated input: no tau gets all right.
     assert choice.accuracy == 1.0 and 0.4 < choice.tau < 0.9
     assert choice.pass_rates == {"t_gen": 1.0, "v_gen": 1.0, "m_loc": 0.0, "t_loc": 0.0}
@@ -118,14 +125,14 @@ def test_choose_tau_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_train):
         passed = {kind: [] for kind in choice.pass_rates}
         for index in (0, 1, 2):
             record = tiny_train[index]
-            editor.apply([record], "vqa", tiny_train.images)
+            editor.apply(edit_requests([record], "vqa"), tiny_train.images)
             for kind, sample in record_samples(record, "vqa").items():
                 if kind in passed:
                     image = None if sample.image is None else tiny_train.images(sample.image)
                     passed[kind].append(editor.explain(image, sample.prompt).similarity >= choice.tau)
             editor.restore()
         assert {k: sum(v) / len(v) for k, v in passed.items()} == choice.pass_rates
-        editor.apply([tiny_train[0]], "vqa", tiny_train.images)
+        editor.apply(edit_requests([tiny_train[0]], "vqa"), tiny_train.images)
         with pytest.raises(ValueError, match="holds 1 edits"):
             choose_tau(editor, tiny_train, [0])
         assert len(editor.memory) == 1  # refused, not cleared
@@ -144,10 +151,10 @@ def test_choose_tau_sequential_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_tra
         choice = choose_tau(editor, tiny_train, [0, 1, 2], mode="sequential")
         assert len(editor.memory) == 0 and choice.mode == "sequential" and choice.edits == 3
         assert 0.0 <= choice.accuracy <= 1.0 and -1.0 <= choice.tau <= 1.0
-        editor.apply([tiny_train[i] for i in (0, 1, 2)], "vqa", tiny_train.images)
+        editor.apply(edit_requests([tiny_train[i] for i in (0, 1, 2)], "vqa"), tiny_train.images)
         together = editor.explain(tiny_train.images(tiny_train[1].m_loc), tiny_train[1].m_loc_q)
         editor.restore()
-        editor.apply([tiny_train[1]], "vqa", tiny_train.images)
+        editor.apply(edit_requests([tiny_train[1]], "vqa"), tiny_train.images)
         alone = editor.explain(tiny_train.images(tiny_train[1].m_loc), tiny_train[1].m_loc_q)
         editor.restore()
         assert together.similarity >= alone.similarity - 1e-6

@@ -283,7 +283,7 @@ def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, ga
             base = backbone.generate(tiny_vlm.model, *inputs, **kwargs)
         with editor.session(prompts.input_ids, prompts.attention_mask) as ctx:
             cached = backbone.generate(tiny_vlm.model, *inputs, **kwargs)
-        uncached = editor.generate(*inputs, use_cache=False, **kwargs)
+        uncached = editor.generate_from(*inputs, use_cache=False, **kwargs)
     assert ctx.open.tolist() == [True, False]
     assert torch.equal(cached[1], base[1])  # unrelated: unedited
     assert not torch.equal(cached[0], base[0])  # related: the edit changes the answer
@@ -292,13 +292,13 @@ def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, ga
     with torch.no_grad():
         with editor.disabled():
             base_beams = backbone.generate(tiny_vlm.model, *inputs, **beam)
-        beams = editor.generate(*inputs, **beam)  # rows repeated per beam inside generate()
+        beams = editor.generate_from(*inputs, **beam)  # rows repeated per beam inside generate()
     assert torch.equal(beams[1], base_beams[1]) and not torch.equal(beams[0], base_beams[0])
     # Greedy generation agrees with a teacher-forced pass over prompt + generated tokens.
     sample = Sample(RELATED.image, RELATED.prompt, "")
     single = encode_prompts([sample], processor, backbone, tiny_images)
     with torch.no_grad():
-        new = editor.generate(
+        new = editor.generate_from(
             single.input_ids, single.attention_mask, single.pixel_values, **kwargs
         )
         full_ids = torch.cat([single.input_ids, new], dim=1)
@@ -537,7 +537,7 @@ def test_bfloat16(arch, tiny_factory, tiny_images):
 
 def test_options_are_validated(tiny_llava):
     model, processor = tiny_llava
-    with pytest.raises(TypeError, match="unknown option\\(s\\) \\['tua'\\]"):
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['tua'\\]"):
         DualEditor(model, processor, tua=0.5)
     with pytest.raises(ValueError, match="gate_scope"):
         DualEditor(model, processor, gate_scope="none")

@@ -50,7 +50,7 @@ def test_round_trip_gives_identical_outputs(tiny_vlm, tiny_images, tmp_path):
     assert list(meta) == sorted(meta)
     assert meta["model_type"] == model.config.model_type and meta["hidden_size"] == 32
     assert meta["depth"] == 6 and meta["config"]["text_layer"] == 3
-    assert set(meta["versions"]) == {"dualedit", "transformers"}
+    assert set(meta["versions"]) == {"dualedit", "transformers", "torch"}
     assert "base_model" in meta
 
     second = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")

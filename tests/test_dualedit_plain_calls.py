@@ -64,14 +64,14 @@ def test_plain_generate_is_edited_like_editor_generate(tiny_vlm, tiny_images, ed
     plain = plain_generate(tiny_vlm.model, prompts)
     assert no_leftover_state(editor)
     with torch.no_grad():
-        explicit = editor.generate(*inputs, **GREEDY)
+        explicit = editor.generate_from(*inputs, **GREEDY)
     assert torch.equal(plain, explicit)
     assert not torch.equal(plain[0], base[0])  # related: edited
     assert torch.equal(plain[1], base[1])  # unrelated: gate closed
     # Beams: generate() repeats each row per beam before the prompt pass.
     with torch.no_grad():
         beams = plain_generate(tiny_vlm.model, prompts, num_beams=2)
-        explicit_beams = editor.generate(*inputs, **{**GREEDY, "num_beams": 2})
+        explicit_beams = editor.generate_from(*inputs, **{**GREEDY, "num_beams": 2})
     assert torch.equal(beams, explicit_beams)
     # Removing the edit gives the base answers back.
     editor.remove("ball")
@@ -87,7 +87,7 @@ def test_plain_generate_from_the_processor(tiny_vlm, tiny_images, editor):
         with editor.disabled():
             base = new_tokens(tiny_vlm.model.generate(**inputs, **GREEDY), ids)
         edited = new_tokens(tiny_vlm.model.generate(**inputs, **GREEDY), ids)
-        explicit = editor.generate(ids, inputs["attention_mask"], inputs["pixel_values"], **GREEDY)
+        explicit = editor.generate_from(ids, inputs["attention_mask"], inputs["pixel_values"], **GREEDY)
     assert torch.equal(edited, explicit) and not torch.equal(edited, base)
     decision = editor.explain(tiny_images("red.png"), RELATED.prompt)
     assert decision.edit_id == "ball" and decision.gate_open and decision.edited

@@ -1,4 +1,5 @@
-"""Editor contract: registry, `none`, and `ft-l` (only its MLP trains; exact restore)."""
+"""Registry, `none`, and `ft-l` (only its MLP trains; exact restore). The contract every method
+meets is tests/test_contract.py."""
 
 import pytest
 import torch
@@ -6,7 +7,16 @@ import torch
 from dualedit.backbones import get_backbone
 from dualedit.data.prompts import encode, record_samples
 from dualedit.data.records import EditRecord
-from dualedit.editors import EDITORS, FineTuneLayer, NoEditor, editor_class, make_editor
+from dualedit.data.requests import edit_requests
+from dualedit.editors import (
+    METHODS,
+    FineTuneLayer,
+    MethodSpec,
+    NoEditor,
+    editor_class,
+    make_editor,
+    register_method,
+)
 from dualedit.eval.scorers import token_accuracy
 
 ARCHES = ["llava", "blip2"]
@@ -65,15 +75,24 @@ def rel_accuracy(model, processor, records, images):
 
 
 def test_registry():
-    assert EDITORS["none"] is NoEditor and EDITORS["ft-l"] is FineTuneLayer
+    assert METHODS["none"].editor is NoEditor and METHODS["ft-l"].editor is FineTuneLayer
     assert editor_class("ft-l") is FineTuneLayer
-    with pytest.raises(ValueError, match="unknown editor 'rome'"):
+    assert METHODS["dualedit"].trainable and not METHODS["ft-l"].trainable
+    with pytest.raises(ValueError, match="unknown method 'rome'"):
         editor_class("rome")
+
+    class Impostor(NoEditor):
+        pass
+
+    with pytest.raises(ValueError, match="taken by NoEditor"):
+        register_method(MethodSpec("none", Impostor, "another class under a taken name"))
+    with pytest.raises(ValueError, match="must equal"):
+        MethodSpec("ft-x", FineTuneLayer, "a spec whose name is not its editor's")
 
 
 def test_options_are_validated(tiny_llava):
     model, processor = tiny_llava
-    with pytest.raises(TypeError, match="unknown option\\(s\\) \\['step'\\]"):
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['step'\\]"):
         make_editor("ft-l", model, processor, step=3)
     with pytest.raises(ValueError, match="steps"):
         make_editor("ft-l", model, processor, steps=0)
@@ -81,17 +100,18 @@ def test_options_are_validated(tiny_llava):
         make_editor("ft-l", model, processor, lr=-1.0)
     with pytest.raises(ValueError, match="layer 6 out of range"):
         make_editor("ft-l", model, processor, layer=6)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="steps"):
         make_editor("none", model, processor, steps=3)
 
 
 def test_none_changes_nothing(tiny_vlm, tiny_images):
     editor = make_editor("none", tiny_vlm.model, tiny_vlm.processor)
     before = snapshot(tiny_vlm.model)
-    editor.apply(RECORDS, "vqa", tiny_images)
+    ids = editor.apply(edit_requests(RECORDS, "vqa"), tiny_images)
+    assert ids == [0, 1] and [e.target for e in editor.edits()] == ["blue", "star"]
     assert_byte_identical(tiny_vlm.model, before)
     editor.restore()
-    assert editor.batched and editor.option_dict() == {}
+    assert editor.batched and editor.config_dict() == {} and editor.edits() == []
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -109,7 +129,7 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
     before = snapshot(model)
     acc_before = rel_accuracy(model, processor, RECORDS[:1], tiny_images)
 
-    editor.apply(RECORDS[:1], "vqa", tiny_images)
+    editor.apply(edit_requests(RECORDS[:1], "vqa"), tiny_images)
     state = model.state_dict()
     changed = {name for name, t in state.items() if not torch.equal(as_bytes(t), before[name][2])}
     assert changed and changed <= mlp_names
@@ -118,7 +138,7 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
     assert all(p.grad is None for p in model.parameters())
     assert model.training
 
-    editor.apply(RECORDS[1:], "vqa", tiny_images)  # edits accumulate
+    editor.apply(edit_requests(RECORDS[1:], "vqa"), tiny_images)  # edits accumulate
     editor.restore()
     assert_byte_identical(model, before)
     assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == acc_before
@@ -129,8 +149,8 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
 def test_ft_l_fits_several_records_together(tiny_factory, tiny_images):
     model, processor = tiny_factory("blip2")
     editor = make_editor("ft-l", model, processor, layer=5, steps=25, lr=1e-2, batch_size=1)
-    assert editor.option_dict()["resolved_layer"] == 5
+    assert editor.config_dict()["layer"] == 5
     assert rel_accuracy(model, processor, RECORDS, tiny_images) != [1.0, 1.0]
-    with editor.applied(RECORDS, "vqa", tiny_images):
+    with editor.applied(edit_requests(RECORDS, "vqa"), tiny_images):
         assert rel_accuracy(model, processor, RECORDS, tiny_images) == [1.0, 1.0]
     assert rel_accuracy(model, processor, RECORDS, tiny_images) != [1.0, 1.0]

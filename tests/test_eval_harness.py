@@ -1,5 +1,6 @@
 """The harness end to end on tiny LLaVA / BLIP-2 and a tiny MMEdit-format dataset."""
 
+import contextlib
 import json
 
 import pytest
@@ -18,6 +19,7 @@ QUESTIONS = [
     ("what shape is the kite", "which shape is the kite", "blue.png", "yellow.png", "star"),
     ("how many dogs are there", "what number of dogs are there", "green.png", "red.png", "3"),
 ]
+ALTS = [question[-1] for question in QUESTIONS]
 # (loc, loc_ans, m_loc_q, m_loc_a): different per record, so that batches of them differ.
 LOCALITY = [
     ("nq question: what is the capital of the united states", "the city", "what shape is this",
@@ -96,7 +98,7 @@ def test_ft_l_single_raises_rel_and_restores(arch, tiny_factory, dataset):
     assert edited.runs[0].means["rel"] == 100.0
     assert edited.runs[0].means["gen_em"] == 100.0
     assert [r["gen_text"] for r in edited.runs[0].records] == ["blue", "star", "3"]
-    assert edited.editor_options["resolved_layer"] == 4
+    assert edited.editor_options["layer"] == 4
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the harness left the weights alone: the unedited scores come out again.
@@ -147,8 +149,13 @@ class Recorder(Editor):
         self.applied_indices, self.restores, self.inside, self.outside = [], 0, False, 0
         self.batches = []
 
-    def apply(self, records, task, images):
-        self.applied_indices.append([r.index for r in records])
+    def apply(self, requests, images, *, ids=None):
+        # The records' targets identify them: the method is given requests, not records.
+        self.applied_indices.append([ALTS.index(r.target) for r in requests])
+        return self._hold(requests, ids)
+
+    def disabled(self):
+        return contextlib.nullcontext()
 
     def restore(self):
         self.restores += 1

@@ -1,5 +1,5 @@
 """The README's "Python API" code block, run verbatim against a fake cache: a tiny saved LLaVA,
-freshly saved adapters (with non-zero outputs, so that the edit changes the answer) and a
+a freshly saved DualEdit editor (with non-zero outputs, so that the edit changes the answer) and a
 one-record world file, under a temporary HOME."""
 
 import json
@@ -36,7 +36,7 @@ def fake_cache(tmp_path, monkeypatch, tiny_factory, tiny_image_dir):
         for adapter in (editor.text_adapter, editor.visual_adapter):
             for p in adapter.out.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator))
-    editor.save_pretrained(cache / "adapters" / "llava-vqa-seed0" / "best")
+    editor.save_pretrained(cache / "trained" / "dualedit" / "llava-vqa-seed0" / "best")
     editor.detach()
     world = cache / "world-seed0"
     (world / "images" / "edit").mkdir(parents=True)
@@ -69,10 +69,11 @@ def test_readme_python_api_runs_as_written(fake_cache, tmp_path, capsys):
     runpy.run_path(str(script), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
     answers = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in lines if ":" in line}
-    assert {"before", "after", "disabled", "removed"} <= set(answers)
+    assert {"before", "after", "disabled", "removed", "ft-l"} <= set(answers)
     before = answers["before"]
     assert answers["after"].split("| target")[0].strip() != before.strip()  # the edit acts
     assert answers["disabled"] == before and answers["removed"] == before
     assert any(
         line.startswith("GateDecision(edit_id=0,") and "edited=True" in line for line in lines
     )
+    assert any(line.startswith("[EditInfo(id=0, prompt=") for line in lines)

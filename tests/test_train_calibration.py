@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 from test_train_data import write_tiny_mmedit
 
-from dualedit.cli import build_parser
+from dualedit.cli import build_parser, main
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.editors.dualedit import DualEditor
+from dualedit.editors.dualedit import DualEditor, calibrate_adapters
 from dualedit.editors.dualedit.calibrate import choose_tau
-from dualedit.train import calibrate_adapters, split_indices
+from dualedit.train import split_indices
 
 CONFIG = {"text_layer": 2, "visual_layer": 3, "width": 16, "heads": 2}
 
@@ -64,27 +64,39 @@ def test_calibrate_adapters_refuses_the_eval_split_and_bad_modes(tiny_factory, t
         calibrate_adapters(model, processor, tmp_path, tiny_train, mode="together")
 
 
-def test_cli_calibrate_passes_its_options(monkeypatch, capsys):
+def test_cli_calibrate_passes_its_options(monkeypatch, capsys, tmp_path):
+    import dataclasses
+
     import dualedit.data.mmedit
     import dualedit.evaluate
-    import dualedit.train
+    from dualedit.editors import METHODS
+    from dualedit.editors.dualedit.calibrate import TauChoice
 
     seen = {}
 
     def fake(model, processor, editor, dataset, **kwargs):
         seen.update(kwargs, editor=editor, dataset=dataset)
-        return SimpleNamespace(tau=0.9, edits=64, mode=kwargs["mode"], accuracy=1.0,
-                               pass_rates={"t_gen": 1.0})
+        return TauChoice(tau=0.9, edits=64, mode=kwargs["mode"], accuracy=1.0,
+                         pass_rates={"t_gen": 1.0})
 
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"format": 2, "method": "dualedit"}))
     monkeypatch.setattr(dualedit.evaluate, "load_vlm", lambda path: (None, None))
     monkeypatch.setattr(dualedit.data.mmedit, "load_split", lambda *a: a)
-    monkeypatch.setattr(dualedit.train, "calibrate_adapters", fake)
+    monkeypatch.setitem(METHODS, "dualedit", dataclasses.replace(METHODS["dualedit"], calibrate=fake))
     args = build_parser().parse_args(
-        ["calibrate", "--model", "m", "--editor", "a", "--data", "d", "--out", "o",
-         "--calibration", "sequential", "--gate-key", "prompt_end_and_image", "--val-edits", "5"]
+        ["calibrate", "--model", "m", "--editor", str(folder), "--data", "d", "--out", "o",
+         "--option", "mode=sequential", "--option", "gate_key=prompt_end_and_image",
+         "--val-edits", "5"]
     )
     assert args.func(args) == 0
     assert seen["mode"] == "sequential" and seen["gate_key"] == "prompt_end_and_image"
-    assert seen["val_edits"] == 5 and str(seen["out_dir"]) == "o" and str(seen["editor"]) == "a"
+    assert seen["val_edits"] == 5 and str(seen["out_dir"]) == "o"
+    assert str(seen["editor"]) == str(folder)
     assert seen["dataset"][1:] == ("vqa", "train")  # never the eval split
     assert "tau 0.9000" in capsys.readouterr().out
+    # A folder of a method without a calibration step is refused with its name.
+    (folder / "adapter_config.json").write_text(json.dumps({"format": 2, "method": "ft-l"}))
+    assert main(["-q", "calibrate", "--model", "m", "--editor", str(folder), "--data", "d"]) == 2
+    assert "'ft-l'" in capsys.readouterr().err

@@ -15,8 +15,8 @@ from test_train_data import write_tiny_mmedit
 
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.editors.dualedit import DualEditor
-from dualedit.train import TrainSettings, train_dualedit
+from dualedit.editors.dualedit import DualEditor, train_dualedit
+from dualedit.train import TrainSettings
 from dualedit.train.checkpoint import (
     STATE_FILE,
     CheckpointMismatch,

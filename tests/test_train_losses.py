@@ -10,7 +10,7 @@ from test_train_data import write_tiny_mmedit
 
 from dualedit.editors.dualedit import DualEditor
 from dualedit.train.data import encode_edits_batch
-from dualedit.train.losses import edit_pass, edit_states_from_prefix, prefix_layer
+from dualedit.editors.dualedit.losses import edit_pass, edit_states_from_prefix, prefix_layer
 
 CONFIG = {"text_layer": 2, "visual_layer": 4, "width": 16, "heads": 2}
 

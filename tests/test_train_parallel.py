@@ -43,7 +43,8 @@ def run_training(name: str, data: Path, out_dir: Path, accelerator=None):
     from conftest import TINY_BUILDERS
 
     from dualedit.data.mmedit import MMEditDataset
-    from dualedit.train import TrainSettings, train_dualedit
+    from dualedit.editors.dualedit import train_dualedit
+    from dualedit.train import TrainSettings
 
     model, processor = TINY_BUILDERS[name]()
     return train_dualedit(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -35,11 +34,7 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from dualedit.small_vlm.pretrain import pretrain
-
-    import dataclasses
-
-    from dualedit.small_vlm.pretrain import DEFAULT_SETTINGS
+    from dualedit.small_vlm.pretrain import DEFAULT_SETTINGS, pretrain
 
     # Given step counts replace the arch's defaults (and so enter the cache key); none given:
     # exactly the default settings, so models cached with them are reused.
@@ -66,39 +61,41 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_options(pairs: list[str]) -> dict:
-    """`["tau=0.7", "gate_key=last_position", "gate=false"]` -> {"tau": 0.7, ...}.
+def _method_config(args: argparse.Namespace) -> dict:
+    """The method's config fields from `--config FILE.json`, then `--option KEY=VALUE` on top."""
+    from dualedit.options import parse_option_pairs, read_json_object
 
-    Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
+    config = {} if args.config is None else read_json_object(args.config, what="--config")
+    config.update(parse_option_pairs(args.option))
+    return config
 
-    Raises:
-        ValueError: an item without "=" or with an empty key.
-    """
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--editor-option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from dualedit.editors.registry import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        kind = "trained" if spec.trainable else "untrained"
+        print(f"{name:<10} {kind:<9} {spec.summary}")
+        fields = dataclasses.fields(spec.config)
+        if fields:
+            shown = ", ".join(f"{f.name}={f.default!r}" for f in fields)
+            print(f"{'':<10} options: {shown}")
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dualedit.evaluate import run_eval
 
-    editor_options = parse_options(args.editor_option)
-    if args.editor:
-        editor_options["pretrained"] = str(args.editor)
+    options = _method_config(args)
     results = run_eval(
         model_path=args.model,
         data_root=args.data,
         task=args.task,
         split=args.split,
         method=args.method,
-        editor_options=editor_options or None,
+        editor_dir=args.editor,
+        editor_options=options or None,
+        untrained=args.untrained,
         protocol=args.protocol,
         n_values=tuple(args.n),
         scorer=args.scorer,
@@ -119,6 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _train_settings(args: argparse.Namespace):
     from dualedit.train import TrainSettings
 
+    base = TrainSettings() if args.settings is None else TrainSettings.from_json(args.settings)
     given = {
         "lr": args.lr,
         "batch_size": args.batch_size,
@@ -126,77 +124,72 @@ def _train_settings(args: argparse.Namespace):
         "eval_every": args.eval_every,
         "patience": args.patience,
         "seed": args.seed,
-        "text_loc_kl": not args.no_text_loc_kl,
+        "text_loc_kl": False if args.no_text_loc_kl else None,
     }
-    return TrainSettings(**{k: v for k, v in given.items() if v is not None})
-
-
-def _adapter_config(args: argparse.Namespace) -> dict:
-    given = {
-        "text_layer": args.text_layer,
-        "visual_layer": args.visual_layer,
-        "width": args.width,
-        "heads": args.heads,
-        "use_text": False if args.visual_only else None,
-        "use_visual": False if args.text_only else None,
-        "tau": args.tau,
-        "gate_key": args.gate_key,
-        "text_keys": args.text_keys,
-        "text_prompt_end": False if args.released_text_positions else None,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dualedit.data.mmedit import load_split
+    from dualedit.editors.registry import get_method
     from dualedit.evaluate import load_vlm
-    from dualedit.train import train_dualedit
+    from dualedit.options import parse_option_pairs
 
+    spec = get_method(args.method)
+    if not spec.trainable:
+        raise ValueError(f"method {args.method!r} is not trained (see `dualedit methods`)")
+    config = _method_config(args)
+    spec.editor.make_config(config)  # unknown or bad options fail before the model loads
+    settings = _train_settings(args)
     model, processor = load_vlm(args.model)
-    result = train_dualedit(
+    result = spec.train(
         model,
         processor,
         load_split(args.data, args.task, "train"),
-        config=_adapter_config(args),
-        settings=_train_settings(args),
+        config=config,
+        settings=settings,
         out_dir=args.out,
         resume=not args.no_resume,
         progress=not args.quiet,
-        calibrate_tau=args.tau is None,
-        calibration=args.calibration,
+        **parse_option_pairs(args.train_option, flag="--train-option"),
     )
     print(
         f"trained {result.steps} steps ({result.stop_reason}); best validation score "
-        f"{result.best_score:.2f} at step {result.best_step}; adapters in {result.best_dir}"
+        f"{result.best_score:.2f} at step {result.best_step}; editor in {result.best_dir}"
     )
-    if result.tau is not None:
-        rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.tau.pass_rates.items())
-        print(f"gate threshold tau {result.tau.tau:.4f} chosen on {result.tau.edits} validation "
-              f"edits ({result.tau.mode}; right decisions {100 * result.tau.accuracy:.1f}%; "
-              f"pass rates: {rates})")
+    if result.finish is not None:
+        print(_describe_finish(result.finish))
     return 0
+
+
+def _describe_finish(summary) -> str:
+    """One line on what a trained method's last step chose (DualEdit: the gate threshold)."""
+    describe = getattr(summary, "describe", None)
+    return describe() if callable(describe) else str(summary)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from dualedit.data.mmedit import load_split
+    from dualedit.editors.files import saved_method
+    from dualedit.editors.registry import get_method
     from dualedit.evaluate import load_vlm
-    from dualedit.train import calibrate_adapters
+    from dualedit.options import parse_option_pairs
 
+    method = saved_method(args.editor)
+    spec = get_method(method)
+    if spec.calibrate is None:
+        raise ValueError(f"method {method!r} ({args.editor}) has no calibration step")
     model, processor = load_vlm(args.model)
-    choice = calibrate_adapters(
+    choice = spec.calibrate(
         model,
         processor,
         args.editor,
         load_split(args.data, args.task, "train"),
         out_dir=args.out,
         val_edits=args.val_edits,
-        mode=args.calibration,
-        gate_key=args.gate_key,
+        **parse_option_pairs(args.option),
     )
-    rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in choice.pass_rates.items())
-    print(f"gate threshold tau {choice.tau:.4f} chosen on {choice.edits} validation edits "
-          f"({choice.mode}; right decisions {100 * choice.accuracy:.1f}%; pass rates: {rates}); "
-          f"adapters saved in {args.out or args.editor}")
+    print(f"{_describe_finish(choice)}; editor saved in {args.out or args.editor}")
     return 0
 
 
@@ -212,18 +205,23 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         questions=args.ask,
         ask_images=args.ask_image,
         max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        options=_method_config(args) or None,
     )
     print(f"edit: {args.prompt!r} -> {args.target!r}")
     for row in report:
         print(f"ask:    {row['question']!r} (image: {row['image']})")
         print(f"  before: {row['before']!r}")
-        print(f"  after:  {row['after']!r}  (gate similarity {row['similarity']:.3f}, "
-              f"{'edited' if row['edited'] else 'not edited'})")
+        if row["edited"] is None:
+            print(f"  after:  {row['after']!r}")
+        else:
+            print(f"  after:  {row['after']!r}  (gate similarity {row['similarity']:.3f}, "
+                  f"{'edited' if row['edited'] else 'not edited'})")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dualedit.demo import DEMO_TRAIN_SETTINGS, run_demo
+    from dualedit.demo import run_demo
 
     table = run_demo(
         out_dir=args.out,
@@ -234,14 +232,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         archs=args.archs,
         progress=not args.quiet,
         threads=args.threads,
-        train_settings=(
-            None if args.train_steps is None
-            else dataclasses.replace(DEMO_TRAIN_SETTINGS, max_steps=args.train_steps)
-        ),
+        train_steps=args.train_steps,
     )
     print(table)
     print(f"results written to {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _add_option_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="the method's config as a JSON object (unknown keys are refused)")
+    p.add_argument("--option", "--editor-option", dest="option", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="a config field of the method, repeatable, over --config; the value is "
+                        "read as JSON when it parses (e.g. tau=0.7, gate=false, layer=4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,14 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--require-images", action="store_true", help="a missing image is an error")
     s.set_defaults(func=_cmd_data_stats)
 
+    p = sub.add_parser("methods", help="list the registered editing methods and their options")
+    p.set_defaults(func=_cmd_methods)
+
     p = sub.add_parser("eval", help="evaluate an editing method on E-VQA or E-IC")
-    p.add_argument("--method", required=True, help="editing method: none, ft-l, dualedit")
+    p.add_argument("--method", default=None,
+                   help="a registered method (`dualedit methods`); with --editor it is read from "
+                        "the folder (and must agree when given)")
     p.add_argument("--editor", type=Path, default=None,
-                   help="trained adapters for --method dualedit (a `dualedit train` best/ folder)")
-    p.add_argument("--editor-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an editor option, repeatable; for dualedit any DualEditConfig field that "
-                        "does not shape the weights, e.g. gate_key=last_position, tau=0.7, "
-                        "gate=false, use_visual=false")
+                   help="a saved editor folder (e.g. the best/ folder of `dualedit train`)")
+    _add_option_args(p)
+    p.add_argument("--untrained", action="store_true",
+                   help="allow a trained method without --editor (scores its initialisation)")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
@@ -313,11 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and table.md")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("train", help="train DualEdit adapters on a dataset's train split")
+    p = sub.add_parser("train", help="train a trained method on a dataset's train split")
+    p.add_argument("--method", required=True, help="a trained method (`dualedit methods`)")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
     p.add_argument("--out", required=True, type=Path, help="run folder (best/, last/, checkpoint/)")
+    _add_option_args(p)
+    p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method's trainer, repeatable (dualedit: "
+                        "calibration=single|sequential, calibrate_tau=false)")
+    p.add_argument("--settings", type=Path, default=None,
+                   help="TrainSettings as a JSON object (the flags below override it)")
     p.add_argument("--steps", type=int, default=None, help="step budget")
     p.add_argument("--batch-size", type=int, default=None, help="edits per step, all processes")
     p.add_argument("--lr", type=float, default=None)
@@ -325,51 +340,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None, help="validations without improvement")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-text-loc-kl", action="store_true",
-                   help="drop the text-only KL term, as the released code does")
-    p.add_argument("--text-layer", type=int, default=None)
-    p.add_argument("--visual-layer", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    only = p.add_mutually_exclusive_group()
-    only.add_argument("--text-only", action="store_true", help="ablation: text adapter only")
-    only.add_argument("--visual-only", action="store_true", help="ablation: visual adapter only")
-    p.add_argument("--tau", type=float, default=None,
-                   help="gate threshold saved with the adapters (default: chosen on the "
-                        "validation edits after training)")
-    p.add_argument("--gate-key", default=None, help="gate key saved with the adapters",
-                   choices=["prompt_end", "last_position", "prompt_end_image",
-                            "prompt_end_and_image", "prompt_end_image_groups"])
-    p.add_argument("--calibration", choices=["single", "sequential"], default="single",
-                   help="how the validation edits are stored while tau is chosen: one at a "
-                   "time, or all at once as in the sequential protocol")
-    p.add_argument("--text-keys", choices=["all", "text", "answer"], default=None,
-                   help="edit positions the text adapter attends to (text: non-image; "
-                   "answer: last prompt token and target)")
-    p.add_argument("--released-text-positions", action="store_true",
-                   help="the text adapter stops before the last prompt token, as released")
+                   help="drop the text-only KL term, as DualEdit's released code does")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("calibrate", help="choose the gate threshold of trained adapters on "
-                       "the validation edits of the train split")
+    p = sub.add_parser("calibrate", help="run a trained method's calibration step again on a "
+                       "saved editor (dualedit: choose the gate threshold on the validation edits)")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
-    p.add_argument("--editor", required=True, type=Path, help="trained adapters (save_pretrained)")
+    p.add_argument("--editor", required=True, type=Path, help="a saved editor folder")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
     p.add_argument("--out", type=Path, default=None,
-                   help="where to save the calibrated adapters (default: --editor, in place)")
+                   help="where to save the calibrated editor (default: --editor, in place)")
     p.add_argument("--val-edits", type=int, default=None,
                    help="validation edits training held out (default: train's default)")
-    p.add_argument("--calibration", choices=["single", "sequential"], default="single",
-                   help="validation edits stored one at a time, or all at once")
-    p.add_argument("--gate-key", default=None, help="choose tau for this gate key (saved)",
-                   choices=["prompt_end", "last_position", "prompt_end_image",
-                            "prompt_end_and_image", "prompt_end_image_groups"])
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a calibration option, repeatable (dualedit: mode=single|sequential, "
+                        "gate_key=...)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("edit", help="apply one edit and print answers before and after")
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
-    p.add_argument("--editor", required=True, type=Path, help="trained adapters (save_pretrained)")
+    p.add_argument("--editor", type=Path, default=None,
+                   help="a saved editor folder (its method is read from it)")
+    p.add_argument("--method", default=None, help="an untrained method, without --editor")
+    _add_option_args(p)
     p.add_argument("--image", type=Path, default=None, help="the edit's image")
     p.add_argument("--prompt", required=True, help="the edit's prompt, as the model is asked")
     p.add_argument("--target", required=True, help="the new answer")
@@ -385,10 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="default: none ft-l dualedit (DualEdit trains its adapters first)")
+                   help="default: none ft-l dualedit (a trained method trains first, cached)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="DualEdit adapter training steps per backbone and dataset (default: the "
-                   "demo's budget, 600); a cached run trains on to a larger budget")
+                   help="training steps of each trained method per backbone and dataset "
+                   "(default: its recipe's, dualedit 600); a cached run trains on to a larger "
+                   "budget")
     p.add_argument("--archs", nargs="+", default=["llava", "blip2"], choices=["llava", "blip2"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the whole demo (default: torch's; 1 when the CPU is shared)")

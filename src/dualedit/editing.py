@@ -1,5 +1,6 @@
-"""One edit as a user runs it (`dualedit edit`): load a VLM folder and trained DualEdit adapters,
-apply the edit, ask questions, and report each answer before and after with the gate's decision.
+"""One edit as a user runs it (`dualedit edit`): load a VLM folder and an editor (a saved editor
+folder of any method, or a new editor of an untrained method), apply the edit, ask questions,
+and report each answer before and after (with the gate's decision where the method has one).
 
 Prompt choice: the user gives plain questions ("What colour is the ball?"); the model was trained
 and is scored on the protocol's VQA prompt (data/prompts.py), so the prompt it sees is
@@ -20,8 +21,8 @@ import torch
 from PIL import Image
 
 from dualedit.data.prompts import ANSWER_SUFFIX, Sample, encode_prompts, vqa_prompt
-from dualedit.editors.dualedit import DualEditor
-from dualedit.editors.dualedit.decision import decision_of
+from dualedit.editors.base import Editor
+from dualedit.editors.registry import check_editor_request, open_editor
 from dualedit.evaluate import load_vlm
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def question_prompt(question: str, task: str = "vqa") -> str:
 
 def edit_and_ask(
     model_path: PathLike,
-    editor_path: PathLike,
+    editor_path: PathLike | None,
     image: PathLike | None,
     prompt: str,
     target: str,
@@ -62,13 +63,16 @@ def edit_and_ask(
     *,
     task: str = "vqa",
     device: str = "cpu",
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply one edit and answer questions before and after it (greedy decoding).
 
     Args:
         model_path: a VLM folder (`save_pretrained`, loaded with `load_vlm`).
-        editor_path: trained DualEdit adapters (`DualEditor.save_pretrained`, e.g. a
-            `dualedit train` best/ folder).
+        editor_path: a saved editor folder of any method (`save_pretrained`, e.g. a
+            `dualedit train` best/ folder; its method is read from it), or None for a new
+            editor of the untrained `method`.
         image: the edit's image, or None for a text-only edit.
         prompt: the edit's question (made into the protocol prompt, see `question_prompt`).
         target: the new answer.
@@ -77,11 +81,14 @@ def edit_and_ask(
         max_new_tokens: the longest answer generated.
         task: "vqa" (default) or "caption": how questions become prompts.
         device: where the model runs.
+        method: the method (None: the one `editor_path` was saved by).
+        options: config fields of the method (for a folder: run-time overrides).
 
     Returns:
         One dict per question: question, prompt (what the model saw), image (str or None),
-        before, after (decoded answers), similarity (the gate's cosine similarity to the
-        nearest edit), edited (whether an adapter changed this question).
+        before, after (decoded answers), similarity (a gated method's similarity of the question
+        to the nearest edit, NaN for methods without a gate), edited (whether the method
+        changed this question; None where it cannot tell).
 
     Raises:
         FileNotFoundError: a model, adapter or image path is missing.
@@ -102,8 +109,9 @@ def edit_and_ask(
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"image {path} not found")
 
+    check_editor_request(method, editor_path)
     model, processor = load_vlm(model_path, device=device)
-    editor = DualEditor.from_pretrained(model, processor, editor_path)
+    editor = open_editor(model, processor, method=method, directory=editor_path, options=options)
     try:
         asks = list(zip(images, prompts, strict=True))
         before = [_answer(editor, img, text, n_new, edited=False) for img, text in asks]
@@ -140,8 +148,8 @@ def _ask_images(
 
 
 def _answer(
-    editor: DualEditor, image: PathLike | None, prompt: str, max_new_tokens: int, *, edited: bool
-) -> tuple[str, float, bool]:
+    editor: Editor, image: PathLike | None, prompt: str, max_new_tokens: int, *, edited: bool
+) -> tuple[str, float, bool | None]:
     """(decoded greedy answer, gate similarity, edited) for one question."""
     loaded = None
     if image is not None:
@@ -152,19 +160,18 @@ def _answer(
         next(editor.model.parameters()).device
     )
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
-    inputs = (editor.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
     with torch.no_grad():
         if not edited:
             with editor.disabled():
-                tokens = editor.backbone.generate(*inputs, **kwargs)  # [1, new]
+                tokens = editor.generate(batch, **kwargs)  # [1, new]
             return _decode(editor, tokens), float("nan"), False
-        # The model's own generate(), with the context opened here so its decision can be read.
-        with editor.session(batch.input_ids, batch.attention_mask) as ctx:
-            tokens = editor.backbone.generate(*inputs, **kwargs)  # [1, new]
-    decision = decision_of(editor, ctx, 0)
+        tokens = editor.generate(batch, **kwargs)  # [1, new]
+    decision = editor.explain(loaded, prompt)
+    if decision is None:
+        return _decode(editor, tokens), float("nan"), None
     return _decode(editor, tokens), decision.similarity, decision.edited
 
 
-def _decode(editor: DualEditor, tokens: torch.Tensor) -> str:
+def _decode(editor: Editor, tokens: torch.Tensor) -> str:
     tokenizer = getattr(editor.processor, "tokenizer", editor.processor)
     return tokenizer.decode(tokens[0], skip_special_tokens=True).strip()

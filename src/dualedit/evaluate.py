@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from dualedit.data.mmedit import load_split
-from dualedit.editors.registry import make_editor
+from dualedit.editors.registry import check_editor_request, open_editor
 from dualedit.eval.harness import evaluate
 from dualedit.eval.report import markdown_table, write_results
 from dualedit.io import atomic_write_text
@@ -51,8 +51,10 @@ def run_eval(
     data_root: str | os.PathLike,
     task: str,
     split: str = "eval",
-    method: str = "none",
+    method: str | None = "none",
+    editor_dir: str | os.PathLike | None = None,
     editor_options: dict[str, Any] | None = None,
+    untrained: bool = False,
     protocol: str = "single",
     n_values: Sequence[int] = (1, 10, 100),
     scorer: str = "paper",
@@ -64,27 +66,42 @@ def run_eval(
 ) -> Results:
     """Evaluate `method` on one dataset split and write `results.json` + `table.md` to `out_dir`.
 
+    The editor is `open_editor(method=method, directory=editor_dir, options=editor_options,
+    untrained=untrained)`: a trained method needs `editor_dir` (e.g. a `dualedit train` best/
+    folder), from which the method is read (`method` may be None then).
+
     Give either `model_path` (a save_pretrained folder) or an already loaded
     `model_and_processor` (the demo loads each model once for several runs).
     """
     if (model_path is None) == (model_and_processor is None):
         raise ValueError("give exactly one of model_path and model_and_processor")
+    check_editor_request(method, editor_dir, untrained)  # before minutes of loading
     model, processor = model_and_processor or load_vlm(model_path)
     dataset = load_split(data_root, task, split)
-    editor = make_editor(method, model, processor, **(editor_options or {}))
-    results = evaluate(
+    editor = open_editor(
         model,
         processor,
-        dataset,
-        editor,
-        protocol=protocol,
-        scorer=scorer,
-        n_values=n_values,
-        limit=limit,
-        batch_size=batch_size,
-        generation=generation,
-        progress=progress,
+        method=method,
+        directory=editor_dir,
+        options=editor_options,
+        untrained=untrained,
     )
+    try:
+        results = evaluate(
+            model,
+            processor,
+            dataset,
+            editor,
+            protocol=protocol,
+            scorer=scorer,
+            n_values=n_values,
+            limit=limit,
+            batch_size=batch_size,
+            generation=generation,
+            progress=progress,
+        )
+    finally:
+        editor.detach()  # hooks and requires_grad flags back: the model serves the next run
     if out_dir is not None:
         out = Path(out_dir)
         write_results(results, out / "results.json")

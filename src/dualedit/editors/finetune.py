@@ -1,113 +1,122 @@
 """FT-L: fine-tune one late language-model MLP on the edit samples, everything else frozen.
 
 The baseline of the DualEdit paper's Table 2 ("fine-tune a late language-model layer"). The loss
-is the mean NLL of the target tokens of each applied record's Rel sample (image, src -> alt),
-teacher-forced; Adam, a fixed number of full-batch steps, no norm constraint. Several records
+is the mean NLL of the target tokens of the applied requests (image, prompt -> target),
+teacher-forced; Adam, a fixed number of full-batch steps, no norm constraint. Several requests
 given to one `apply` are fitted together; successive `apply` calls keep fine-tuning the already
-edited weights (the sequential protocol). `restore` copies that MLP's original tensors back, so
-`state_dict()` is byte-identical to the unedited model's.
+edited weights (the sequential protocol). `restore` copies that MLP's original tensors back
+(`weights.WeightSnapshot`), so `state_dict()` is byte-identical to the unedited model's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.data.prompts import encode, record_samples
-from dualedit.data.records import EditRecord
-from dualedit.editors.base import Editor, ImageLoader
+from dualedit.data.prompts import encode
+from dualedit.data.requests import EditRequest
+from dualedit.editors.base import EditId, Editor, ImageLoader
+from dualedit.editors.spec import MethodSpec
+from dualedit.editors.weights import WeightSnapshot, frozen
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig:
+    """FT-L options.
+
+    Attributes:
+        layer: 0-based decoder layer whose MLP is fine-tuned; None = depth - 2.
+        steps: Adam steps per `apply`.
+        lr: learning rate.
+        batch_size: edit samples per forward (gradients accumulate over the batches).
+    """
+
+    layer: int | None = None
+    steps: int = 20
+    lr: float = 5e-4
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        layer = self.layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ValueError(f"ft-l option layer: expected an int or None, got {self.layer!r}")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ft-l option {name}: expected a positive int, got {value!r}")
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"ft-l option lr: expected a positive number, got {self.lr!r}")
 
 
 class FineTuneLayer(Editor):
     """FT-L on decoder layer `layer`'s MLP (default: the last-but-one decoder layer)."""
 
     name = "ft-l"
-    batched = False
+    Config = FineTuneConfig
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        """layer: 0-based decoder layer, None = depth - 2; steps: Adam steps per `apply`;
-        lr: learning rate; batch_size: Rel samples per forward (gradients accumulate)."""
+    def __init__(self, model: nn.Module, processor: Any, backbone: Backbone | None = None, **kw):
+        super().__init__(model, processor, backbone, **kw)
+        depth = self.backbone.depth(model)
+        self.layer = self.config.layer if self.config.layer is not None else max(depth - 2, 0)
+        self.module = self.backbone.mlp(model, self.layer)  # validates the layer index
+        self._snapshot: WeightSnapshot | None = None
 
-        layer: int | None = None
-        steps: int = 20
-        lr: float = 5e-4
-        batch_size: int = 8
+    def config_dict(self) -> dict[str, Any]:
+        """The config with the layer resolved (saved folders name the layer they edited)."""
+        return {**super().config_dict(), "layer": self.layer}
 
-        def __post_init__(self) -> None:
-            layer = self.layer
-            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-                raise ValueError(f"ft-l option layer: expected an int or None, got {self.layer!r}")
-            for name in ("steps", "batch_size"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"ft-l option {name}: expected a positive int, got {value!r}")
-            if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-                raise ValueError(f"ft-l option lr: expected a positive number, got {self.lr!r}")
-
-    def __init__(self, model: nn.Module, processor: Any, backbone: Backbone, **options: Any):
-        super().__init__(model, processor, backbone, **options)
-        depth = backbone.depth(model)
-        self.layer = self.options.layer if self.options.layer is not None else max(depth - 2, 0)
-        self.module = backbone.mlp(model, self.layer)  # validates the layer index
-        self._original: dict[str, torch.Tensor] | None = None
-
-    def option_dict(self) -> dict[str, Any]:
-        return {**super().option_dict(), "resolved_layer": self.layer}
-
-    def apply(self, records: Sequence[EditRecord], task: str, images: ImageLoader) -> None:
-        """Fine-tune the MLP on the Rel samples of `records` for `steps` Adam steps."""
-        if not records:
-            return
-        if self._original is None:
-            self._original = {
-                name: tensor.detach().clone()
-                for name, tensor in self.module.state_dict(keep_vars=True).items()
-            }
-        samples = [record_samples(record, task)["rel"] for record in records]
-        size = self.options.batch_size
+    def apply(
+        self,
+        requests: Sequence[EditRequest],
+        images: ImageLoader,
+        *,
+        ids: Sequence[EditId] | None = None,
+    ) -> list[EditId]:
+        """Fine-tune the MLP on the samples of `requests` for `steps` Adam steps."""
+        if not requests:
+            return []
+        samples = [request.sample() for request in requests]
+        size = self.config.batch_size
         batches = [
             encode(samples[start : start + size], self.processor, self.backbone, images)
             for start in range(0, len(samples), size)
         ]
         n_targets = sum(int(batch.target_mask.sum()) for batch in batches)
         if n_targets == 0:
-            raise ValueError(
-                f"ft-l: records {[r.index for r in records][:5]} have no target tokens to fit"
-            )
+            raise ValueError(f"ft-l: the {len(requests)} edits have no target tokens to fit")
+        new_ids = self._new_ids(len(requests), ids)  # checked before any weight changes
+        if self._snapshot is None:
+            self._snapshot = WeightSnapshot(self.module)
         params = list(self.module.parameters())
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         was_training = self.model.training
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
-            self.model.eval()  # no dropout: the edit is a deterministic function of the records
-            optimizer = torch.optim.Adam(params, lr=self.options.lr)
-            for step in range(self.options.steps):
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for batch in batches:
-                    loss = self._target_nll(batch) / n_targets
-                    loss.backward()
-                    total += loss.item()
-                optimizer.step()
-                logger.debug("ft-l layer %d step %d: target NLL %.4f", self.layer, step, total)
+            self.model.eval()  # no dropout: the edit is a deterministic function of the requests
+            with frozen(self.model, params):
+                optimizer = torch.optim.Adam(params, lr=self.config.lr)
+                for step in range(self.config.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    total = 0.0
+                    for batch in batches:
+                        loss = self._target_nll(batch) / n_targets
+                        loss.backward()
+                        total += loss.item()
+                    optimizer.step()
+                    logger.debug("ft-l layer %d step %d: target NLL %.4f", self.layer, step, total)
         finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            for p in params:
-                p.grad = None
             self.model.train(was_training)
+        self._hold(requests, new_ids)
+        return new_ids
 
     def _target_nll(self, batch: Any) -> torch.Tensor:
         """Summed NLL of the target tokens of one encoded batch."""
@@ -128,9 +137,37 @@ class FineTuneLayer(Editor):
 
     def restore(self) -> None:
         """Copy the MLP's original tensors back (byte-identical `state_dict()`)."""
-        if self._original is None:
+        if self._snapshot is not None:
+            self._snapshot.restore()
+            self._snapshot = None
+        self._held = []
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """The MLP's original tensors for the block, the edited ones after."""
+        if self._snapshot is None:
+            return contextlib.nullcontext()
+        return self._snapshot.swapped()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The edited MLP's tensors (none while nothing is edited)."""
+        if self._snapshot is None:
+            return {}
+        return {f"mlp.{name}": t for name, t in self._snapshot.current().items()}
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Write the saved MLP tensors over the model's (the originals are kept for `restore`)."""
+        super().load_state(meta, tensors, where)
+        if not tensors:
             return
-        with torch.no_grad():
-            for name, tensor in self.module.state_dict(keep_vars=True).items():
-                tensor.copy_(self._original[name])
-        self._original = None
+        if any(not name.startswith("mlp.") for name in tensors):
+            raise ValueError(f"{where}: ft-l tensors must be named mlp.*, got {sorted(tensors)}")
+        snapshot = WeightSnapshot(self.module)
+        snapshot.load({name[4:]: t for name, t in tensors.items()}, where=where)
+        self._snapshot = snapshot
+
+
+METHOD = MethodSpec(
+    name=FineTuneLayer.name,
+    editor=FineTuneLayer,
+    summary="fine-tune one late language-model MLP on the edit (Adam, fixed steps); untrained",
+)

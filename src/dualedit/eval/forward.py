@@ -1,4 +1,4 @@
-"""Running the model on protocol samples in batches, inside the editor's per-call context."""
+"""Running the edited model on protocol samples in batches (the editor owns the forward)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def chunk_items(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
 def predict(
     ctx: EvalContext, items: Sequence[Item], *, desc: str = "", progress: bool | None = None
 ) -> dict[tuple[int, str], SamplePrediction]:
-    """Teacher-forced forward of `items` through the model as the editor has it now.
+    """Teacher-forced `editor.logits` of `items`, with the edits the editor holds now.
 
     Returns:
         (record position, sample key) -> the scorer's summary of that sample's logits.
@@ -87,13 +87,7 @@ def predict(
             samples = [item.sample for item in chunk]
             batch = encode(samples, ctx.processor, ctx.backbone, ctx.load_image)
             device_batch = batch.to(ctx.device)
-            with ctx.editor.context(device_batch):
-                logits = ctx.backbone.forward_logits(
-                    ctx.model,
-                    device_batch.input_ids,
-                    device_batch.attention_mask,
-                    device_batch.pixel_values,
-                )  # [b, s, V]
+            logits = ctx.editor.logits(device_batch)  # [b, s, V], the editor owns the forward
             for key in dict.fromkeys(item.key for item in chunk):
                 rows = [i for i, item in enumerate(chunk) if item.key == key]
                 index = torch.tensor(rows, device=logits.device)

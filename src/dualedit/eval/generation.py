@@ -44,18 +44,14 @@ def generate_answers(
             lengths = [target_length(ctx, sample) for sample in samples]
             batch = encode_prompts(samples, ctx.processor, ctx.backbone, ctx.load_image)
             device_batch = batch.to(ctx.device)
-            with ctx.editor.context(device_batch):
-                new = ctx.backbone.generate(
-                    ctx.model,
-                    device_batch.input_ids,
-                    device_batch.attention_mask,
-                    device_batch.pixel_values,
-                    max_new_tokens=max(lengths),
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                )  # [b, new]
+            new = ctx.editor.generate(
+                device_batch,
+                max_new_tokens=max(lengths),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )  # [b, new]
             for item, row, n in zip(chunk, new.tolist(), lengths):
                 row = row[:n]
                 if eos is not None and eos in row:

@@ -6,12 +6,9 @@ import datetime
 import logging
 import re
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-import transformers
 from torch import nn
 
 from dualedit.data.prompts import PROMPT_PROTOCOL, record_samples
@@ -20,23 +17,9 @@ from dualedit.eval.forward import EvalContext
 from dualedit.eval.protocols import PROTOCOLS
 from dualedit.eval.results import Results
 from dualedit.eval.scorers import get_scorer
+from dualedit.version import versions
 
 logger = logging.getLogger(__name__)
-
-
-def versions() -> dict[str, str]:
-    """Versions of dualedit, transformers and torch, recorded with every result."""
-    try:
-        dualedit_version = metadata.version("dualedit")
-    except metadata.PackageNotFoundError:
-        import dualedit
-
-        dualedit_version = dualedit.__version__
-    return {
-        "dualedit": dualedit_version,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-    }
 
 
 def _split_of(path: Path) -> str | None:
@@ -133,7 +116,7 @@ def evaluate(
     name_or_path = getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", "")
     results = Results(
         method=editor.name,
-        editor_options=editor.option_dict(),
+        editor_options=_editor_options(editor),
         backbone={"model_type": model.config.model_type, "name_or_path": str(name_or_path)},
         dataset={
             "path": str(path),
@@ -163,3 +146,11 @@ def evaluate(
         n_scored, wall,
     )
     return results
+
+
+def _editor_options(editor: Editor) -> dict[str, Any]:
+    """The editor's config for results.json, with the folder it was loaded from (if any)."""
+    options = editor.config_dict()
+    if editor.source is not None:
+        options["pretrained"] = editor.source
+    return options

@@ -1,6 +1,7 @@
 """The two editing protocols: single edit (apply, score, restore) and sequential (N edits, score).
 
-Both return `RunResult`s. Locality compares the edited model with the unedited one. The unedited
+Both return `RunResult`s. A method is given each record's `EditRequest` (image, prompt, new
+answer) only; the rephrase and locality samples stay with the scorers. Locality compares the edited model with the unedited one. The unedited
 predictions are computed once per scoring group, before any edit, in exactly the batches the
 edited scoring uses (locality samples are run apart from the Rel/Gen samples): with the same batch
 composition an editor that leaves a sample alone reproduces the unedited logits bit for bit and
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from dualedit.data.prompts import Sample
 from dualedit.data.records import EditRecord
+from dualedit.data.requests import edit_requests
 from dualedit.eval.forward import EvalContext, predict, record_items
 from dualedit.eval.generation import generation_metrics
 from dualedit.eval.results import RunResult, mean_metrics
@@ -147,7 +149,8 @@ def run_single(
     for group, unedited in tqdm(
         list(zip(groups, references)), desc=f"{ctx.editor.name} single", disable=not ctx.progress
     ):
-        with ctx.editor.applied([records[p] for p in group], ctx.task, ctx.load_image):
+        requests = edit_requests([records[p] for p in group], ctx.task)
+        with ctx.editor.applied(requests, ctx.load_image):
             rows += score_group(
                 ctx, group, records, samples, unedited, generation=generation, progress=False
             )
@@ -182,7 +185,7 @@ def run_sequential(
                 range(applied, n), desc=f"{ctx.editor.name} edits {applied + 1}-{n}",
                 disable=not ctx.progress, leave=False,
             ):
-                ctx.editor.apply([records[position]], ctx.task, ctx.load_image)
+                ctx.editor.apply(edit_requests([records[position]], ctx.task), ctx.load_image)
             applied = n
             rows = score_group(
                 ctx, list(range(n)), records, samples, unedited, generation=generation,

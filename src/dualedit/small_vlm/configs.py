@@ -38,15 +38,15 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 INIT_STD = 0.02
 #: Both small language models tie their input and output token embeddings (OPT does by default,
-#: Llama 3.2 1B / 3B do; LLaVA-1.5's Vicuna does not). In the built-in world an answer word
+#: Llama 3.2 1B / 3B do; LLaVA-1.5's Vicuna does not). Why: in the built-in world an answer word
 #: such as an entity's name is read as an input almost nowhere (it ends its sentence), so an
-#: untied input embedding barely learns which word it is: in the untied small LLaVA the 48 names'
-#: input embeddings have a mean cosine of 0.63 to each other (0.29 for their output embeddings),
-#: and DualEdit's adapters, which read the target from those input-side states, edited names in
-#: 0-24 % of E-VQA records where other kinds reached 94-100 % (docs/experiments/
-#: dualedit_small_models.md, session 4). A real model reads every token as an input too.
-#: `build_model(..., tie_embeddings=False)` / `dualedit pretrain --untied-embeddings` give the
-#: untied variant.
+#: untied input embedding barely learns which word it is (the untied small LLaVA's 48 names'
+#: input embeddings have a mean cosine of 0.63 to each other, 0.29 for their output embeddings),
+#: and DualEdit's adapters, which read the target from those input-side states, then edit names
+#: in 0-24 % of E-VQA records where other kinds reach 94-100 % (docs/experiments/
+#: dualedit_small_models.md, "LLaVA E-VQA: the misses are names"). A real model reads every
+#: token as an input too. `build_model(..., tie_embeddings=False)` / `dualedit pretrain
+#: --untied-embeddings` give the untied variant.
 TIE_EMBEDDINGS = True
 
 
@@ -204,8 +204,8 @@ def _init_vit_like_clip(vision_model: torch.nn.Module, size: VLMSize) -> None:
     weights and unit-scale embeddings.
 
     transformers' BLIP-2 init is meant to be overwritten by pretrained weights; from scratch it
-    learns shapes slower (measured at 800 warm-up steps: 86% held-out shape accuracy, against
-    91% with this init; CLIP's tower under the same recipe: 92%).
+    learns shapes slower (after 800 warm-up steps: 86% held-out shape accuracy, against 91% with
+    this init; CLIP's tower under the same recipe: 92%).
     """
     width = size.vision_hidden ** -0.5
     attn = width * (2 * size.vision_layers) ** -0.5

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-import dualedit
+from dualedit.version import versions
 from dualedit.backbones.registry import get_backbone
 from dualedit.numerics import cpu_threads, flush_denormals
 from dualedit.small_vlm.configs import (
@@ -445,7 +444,6 @@ def _run(
                    "vocab_size": len(tokenizer), "image_tokens": n_image},
         "corpus": {"train_lines": len(train.tasks), "train_images": len(train_pixels),
                    "heldout_lines": len(heldout.tasks), "heldout_images": len(held_pixels)},
-        "versions": {"dualedit": dualedit.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
+        "versions": versions(),
     }
     return metrics, model, processor

@@ -1,15 +1,15 @@
-"""Training the DualEdit adapters (docs/SPEC section 1): loss, frozen-prefix passes, the loop with
-validation, early stopping, resumable checkpoints and data parallelism.
+"""The one training loop of every trained method: settings, data order and batches, resumable
+checkpoints, validation-best with early stopping, data parallelism. A method plugs in as a
+`Trainable` (its loss, metrics, run meta, files); DualEdit's is `editors/dualedit/train.py`.
 
+trainable.py   Trainable (what the loop needs from a method)
+meta.py        the run meta (base_model_meta for trainables) and the resume check
 settings.py    TrainSettings, TrainResult
 data.py        validation split, seeded data order, EditBatch (the samples of n edits)
-losses.py      edit_pass (edit states, reference and edited logits from one frozen prefix), loss
 checkpoint.py  resumable checkpoint (safetensors + JSON, atomic)
-loop.py        train_dualedit
-calibration.py tau of trained adapters on the validation edits (end of training, or later)
+loop.py        train (and place_model, validation_split for callers that build a trainable)
 """
 
-from dualedit.train.calibration import calibrate_adapters
 from dualedit.train.checkpoint import (
     CheckpointMismatch,
     LoopState,
@@ -17,25 +17,25 @@ from dualedit.train.checkpoint import (
     save_checkpoint,
 )
 from dualedit.train.data import EditBatch, encode_edits_batch, split_indices, step_records
-from dualedit.train.loop import train_dualedit
-from dualedit.train.losses import METRICS, PassOutput, edit_pass, edit_states_from_prefix
+from dualedit.train.loop import place_model, train, validation_split
 from dualedit.train.settings import TrainResult, TrainSettings
+from dualedit.train.meta import base_model_meta
+from dualedit.train.trainable import Trainable
 
 __all__ = [
-    "METRICS",
     "CheckpointMismatch",
     "EditBatch",
     "LoopState",
-    "PassOutput",
     "TrainResult",
     "TrainSettings",
-    "calibrate_adapters",
-    "edit_pass",
-    "edit_states_from_prefix",
+    "Trainable",
+    "base_model_meta",
     "encode_edits_batch",
     "load_checkpoint",
+    "place_model",
     "save_checkpoint",
     "split_indices",
     "step_records",
-    "train_dualedit",
+    "train",
+    "validation_split",
 ]

@@ -1,7 +1,8 @@
 """The resumable training checkpoint: tensors in safetensors, everything else in JSON, no pickles.
 
-`out_dir/checkpoint/` holds `state-<step>.safetensors` (adapter weights, Adam state tensors, the
-torch / numpy / python RNG states) and `state.json` (step, counters, best score, settings, config,
+`out_dir/checkpoint/` holds `state-<step>.safetensors` (the trained module's weights, keyed
+"adapter/<name>" as the first, DualEdit-only checkpoints were, Adam state tensors, the
+torch / numpy / python RNG states) and `state.json` (step, counters, best score, the run meta,
 the log so far, Adam's hyper-parameters, the scalar parts of the RNG states, and the name of its
 tensor file). The tensor file is written first and `state.json` last, both atomically, so
 `state.json` always names a complete tensor file: a run killed at any point resumes from the last
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import dualedit
+from dualedit.version import versions
 from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -102,19 +103,20 @@ def has_checkpoint(out_dir: str | Path) -> bool:
 def save_checkpoint(
     out_dir: str | Path,
     state: LoopState,
-    adapters: nn.Module,
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     meta: dict[str, Any],
 ) -> Path:
     """Write the checkpoint of `state.step` (see the module docstring); returns its folder.
 
     Args:
+        module: what is trained (`Trainable.module`): its `state_dict` is saved.
         meta: what must match on resume (settings, config, model type, ...), saved as given.
     """
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in adapters.state_dict().items():
+    for name, tensor in module.state_dict().items():
         tensors[f"adapter/{name}"] = tensor
     optim = optimizer.state_dict()
     for index, per_param in optim["state"].items():
@@ -137,7 +139,7 @@ def save_checkpoint(
         },
         "rng": rng_json,
         "meta": meta,
-        "versions": {"dualedit": dualedit.__version__, "torch": torch.__version__},
+        "versions": versions(),
     }
     atomic_write_text(folder / STATE_FILE, json.dumps(record, indent=1, sort_keys=True))
     for old in folder.glob("state-*.safetensors"):
@@ -153,13 +155,14 @@ def read_checkpoint_meta(out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    out_dir: str | Path, adapters: nn.Module, optimizer: torch.optim.Optimizer
+    out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer
 ) -> LoopState:
-    """Restore adapters, optimizer and RNG states from the checkpoint; returns the loop state.
+    """Restore the trained module (`Trainable.module`), optimizer and RNG states from the
+    checkpoint; returns the loop state.
 
     Raises:
         FileNotFoundError: no checkpoint, or its tensor file is missing.
-        ValueError: an unknown format, or adapter / optimizer tensors that do not fit (named).
+        ValueError: an unknown format, or module / optimizer tensors that do not fit (named).
     """
     folder = checkpoint_dir(out_dir)
     path = folder / STATE_FILE
@@ -168,18 +171,18 @@ def load_checkpoint(
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{path}: its tensor file {tensor_path} is missing")
     tensors = load_file(str(tensor_path))
-    own = adapters.state_dict()
+    own = module.state_dict()
     saved = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("adapter/")}
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{tensor_path}: adapter keys missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{tensor_path}: module keys missing {missing}, unexpected {unexpected}")
     for name, tensor in saved.items():
         if tensor.shape != own[name].shape:
             raise ValueError(
-                f"{tensor_path}: adapter {name} has shape {tuple(tensor.shape)}, "
+                f"{tensor_path}: module tensor {name} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(own[name].shape)}"
             )
-    adapters.load_state_dict(saved, strict=True)
+    module.load_state_dict(saved, strict=True)
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -192,7 +195,7 @@ def load_checkpoint(
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
     except (ValueError, KeyError) as error:
-        raise ValueError(f"{path}: optimizer state does not fit the adapters ({error})") from error
+        raise ValueError(f"{path}: optimizer state does not fit the module ({error})") from error
     _set_rng_state(tensors, record["rng"])
     state = LoopState(**record["state"])
     logger.info("resumed from the checkpoint at step %d (%s)", state.step, folder)

@@ -1,16 +1,23 @@
-"""`train_dualedit`: train the DualEdit adapters on the train split of an MMEdit-format dataset.
+"""`train`: the one training loop of every trained method, on the train split of an MMEdit-format
+dataset.
 
-One function that reads top to bottom: data order, learning rate, edited pass, loss, backward,
+One function that reads top to bottom: data order, learning rate, the method's loss, backward,
 gradient averaging over processes, clipping, Adam step, logging, validation (best checkpoint,
-early stopping), resumable checkpoint. See losses.py for the pass itself (frozen prefix run once,
-backward through layers >= min(t, v) only).
+early stopping), resumable checkpoint, the last folder, the method's finish step. What is trained
+and how its loss is computed is the `Trainable`'s (trainable.py); nothing here knows a method.
 
-Files under `out_dir`: `best/` and `last/` (adapters, `DualEditor.save_pretrained` format),
+The caller builds the trainable on the model where it will train (`place_model` first), then hands
+both over: building a method attaches it (hooks, frozen flags) and places its parameters beside
+the layers, so the model must be on the accelerator's device before, not after.
+`editors/dualedit/train.py` (`train_dualedit`) is the example.
+
+Files under `out_dir`: `best/` and `last/` (`Trainable.save`, the method's editor folder),
 `checkpoint/` (resumable state, see checkpoint.py), `train_log.json` (loss and validation scores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -22,24 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
 
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
-from dualedit.editors.dualedit import DualEditConfig, DualEditor
-from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES
 from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
-from dualedit.train.calibration import calibrate_on
 from dualedit.train.checkpoint import (
-    CheckpointMismatch,
     LoopState,
     has_checkpoint,
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
-    weights_fingerprint,
 )
 from dualedit.train.data import (
     EditBatch,
@@ -49,116 +52,107 @@ from dualedit.train.data import (
     split_indices,
     steps_per_epoch,
 )
-from dualedit.train.losses import METRICS, edit_pass
+from dualedit.train.meta import check_resume, run_meta
 from dualedit.train.settings import TrainResult, TrainSettings
+from dualedit.train.trainable import Trainable
 
 logger = logging.getLogger(__name__)
 
 BEST_DIR = "best"
 LAST_DIR = "last"
 LOG_FILE = "train_log.json"
-LOSS_TERMS: tuple[str, ...] = ("loss", "l_rel", "l_gen", "l_loc")
+#: Names a loss term or a metric may not take: they are the log entries' own fields.
+RESERVED_TERMS: frozenset[str] = frozenset({"loss", "grad_norm", "lr", "steps", "step", "kind"})
+RESERVED_METRICS: frozenset[str] = frozenset({"score", "improved", "step", "kind"})
 
 
 @flush_denormals()  # subnormal floats slow CPU training many times over (numerics.py)
-def train_dualedit(
+def train(
+    trainable: Trainable,
     model: nn.Module,
     processor: Any,
     train_dataset: MMEditDataset,
     *,
-    config: DualEditConfig | dict[str, Any] | None = None,
     settings: TrainSettings | None = None,
     out_dir: str | Path,
     val_fraction: float | None = None,
     resume: bool = True,
     progress: bool = True,
     accelerator: Accelerator | None = None,
-    calibrate_tau: bool = True,
-    calibration: str = "single",
+    finish: bool = True,
 ) -> TrainResult:
-    """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
+    """Train `trainable` on `train_dataset` and keep the best by validation.
+
+    The loop owns `trainable` from here on: it is closed (`Trainable.close`) when training ends,
+    also on an error, and then finished (`Trainable.finish`) on the best folder.
 
     Args:
-        model: the VLM; its weights are never changed (only `requires_grad` flags while training,
-            given back at the end). It is put in eval mode while training (no dropout), and moved
-            to `accelerator.device` unless it is already there or sharded (`hf_device_map`).
-        processor: its processor.
+        trainable: the method to train, built on `model` (already on `accelerator.device`, see
+            `place_model`).
+        model: the VLM the trainable is built on; put in eval mode while training (no dropout),
+            its mode given back at the end.
+        processor: its processor (to encode the batches).
         train_dataset: the train split (`load_split(root, task, "train")`); validation edits are
             a fixed selection of it (see `split_indices`), never the eval split.
-        config: the adapters' `DualEditConfig` (or a dict of its fields); the gate is off while
-            training and saved as configured for evaluation.
         settings: `TrainSettings` (default: `TrainSettings()`).
         out_dir: the run folder (created).
         val_fraction: if given, the validation edits are this fraction of the train split
             (overrides `settings.val_edits`).
-        resume: continue from `out_dir/checkpoint` when there is one (its settings and config
-            must match); False starts afresh and replaces earlier results in `out_dir`.
+        resume: continue from `out_dir/checkpoint` when there is one (its method, settings and
+            run meta must match); False starts afresh and replaces earlier results in `out_dir`.
         progress: show a tqdm bar (main process only).
         accelerator: for data parallelism (`accelerate launch`, or a torchrun-style environment
             with `Accelerator(cpu=True)` on CPUs): each process takes batch_size / processes
             edits of every step and gradients are averaged. None: `Accelerator(cpu=<no CUDA>)`.
-        calibrate_tau: after training, choose the gate threshold on the validation edits
-            (`calibrate.choose_tau`) and save it in the best adapters' config (the configured
-            tau is kept when False). Logged and returned as `TrainResult.tau`.
-        calibration: how the validation edits are stored while tau is chosen: "single" (one
-            at a time) or "sequential" (all at once, as the sequential protocol holds them);
-            see `calibrate.choose_tau`.
+        finish: run `trainable.finish` on the best folder after training (main process).
 
     Returns:
-        A `TrainResult` (best score and step, folders, timing).
+        A `TrainResult` (best score and step, folders, timing, the finish summary).
 
     Raises:
-        ValueError: bad settings, too few edits, a batch size not divisible by the processes, or
-            a checkpoint from another run (names what differs).
+        ValueError: bad settings, too few edits, a batch size not divisible by the processes, the
+            eval split, a model off the accelerator's device, a trainable whose parameters are
+            not its module's, or a checkpoint from another run (`CheckpointMismatch`, names what
+            differs).
 
     Example:
-        >>> ds = load_split("world", "vqa", "train")
-        >>> result = train_dualedit(model, processor, ds, config={"width": 256},
-        ...                         settings=TrainSettings(max_steps=3000), out_dir="runs/vqa")
-        >>> editor = DualEditor.from_pretrained(model, processor, result.best_dir)
+        >>> place_model(model, accelerator)
+        >>> trainable = DualEditTrainable(model, processor, config={"width": 256})
+        >>> result = train(trainable, model, processor, load_split("world", "vqa", "train"),
+        ...                settings=TrainSettings(max_steps=3000), out_dir="runs/vqa")
     """
     started = time.perf_counter()
-    if calibration not in CALIBRATION_MODES:  # checked before hours of training, not after
-        raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}")
-    settings = settings if settings is not None else TrainSettings()
-    if not isinstance(settings, TrainSettings):
-        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
-    if isinstance(config, dict):
-        config = DualEditConfig.from_dict(config, where="train_dualedit config")
-    config = config if config is not None else DualEditConfig()
-    if accelerator is None:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    out_dir = Path(out_dir)
-    rank, world, main = (
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.is_main_process,
-    )
-    if settings.batch_size % world:
-        raise ValueError(
-            f"batch_size {settings.batch_size} is not divisible by the {world} processes"
+    if not isinstance(trainable, Trainable):
+        raise TypeError(f"trainable: not a Trainable ({type(trainable).__name__})")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(trainable.close)
+        settings = settings if settings is not None else TrainSettings()
+        if not isinstance(settings, TrainSettings):
+            raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+        if accelerator is None:
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        out_dir = Path(out_dir)
+        rank, world, main = (
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.is_main_process,
         )
-    if train_dataset.path.name == Path(SPLIT_FILES[(train_dataset.task, "eval")]).name:
-        raise ValueError(
-            f"{train_dataset.path}: the eval split; train on the train split (validation edits "
-            "are held out of it)"
+        train_idx, val_idx = validation_split(
+            train_dataset, settings, val_fraction=val_fraction, processes=world
         )
-    n_val = _validation_size(len(train_dataset), settings, val_fraction)
-    train_idx, val_idx = split_indices(len(train_dataset), n_val)
-    steps_per_epoch(len(train_idx), settings.batch_size)  # enough training edits?
-
-    if not hasattr(model, "hf_device_map") and _input_device(model) != accelerator.device:
-        model.to(accelerator.device)
-    backbone = get_backbone(model)
-    was_training = model.training
-    model.eval()
-    editor = DualEditor(model, processor, backbone, config=config)
-    try:
         device = _input_device(model)
-        params = list(editor.parameters())
+        if not hasattr(model, "hf_device_map") and not _same_device(device, accelerator.device):
+            raise ValueError(
+                f"the model is on {device}, the accelerator on {accelerator.device}: move it "
+                "(place_model) before building the trainable"
+            )
+        backbone = get_backbone(model)
+        cleanup.callback(model.train, model.training)
+        model.eval()
+        params = _trained_parameters(trainable)
         optimizer = torch.optim.Adam(params, lr=settings.lr)
-        meta = _run_meta(editor, train_dataset, settings, n_val)
-        state, resumed_from = _start(out_dir, resume, meta, editor, optimizer, settings, main)
+        meta = run_meta(trainable, train_dataset, settings, len(val_idx))
+        state, resumed_from = _start(out_dir, resume, meta, trainable, optimizer, settings, main)
         accelerator.wait_for_everyone()
         val_batches = [
             encode_edits_batch(
@@ -191,20 +185,22 @@ def train_dualedit(
             total=settings.max_steps,
             initial=state.step,
             disable=not (progress and main),
-            desc="dualedit adapters",
+            desc=f"training {trainable.name}",
         )
+        term_names: list[str] | None = None  # the trainable's loss terms, sorted
         step_time, steps_run = 0.0, 0
         tick = time.perf_counter()
         for batch in loader:
-            # -- step: lr, edited pass, loss, backward, average, clip, Adam --------------------
+            # -- step: lr, loss, backward, average, clip, Adam ----------------------------------
             lr = _lr_at(settings, state.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = edit_pass(editor, batch.to(device), text_loc=settings.text_loc_kl)
-            loss, terms = out.loss(settings.text_loc_kl)
+            loss, terms = trainable.loss(batch.to(device))
+            term_names = _check_terms(terms, term_names)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            logged = torch.stack([loss, *terms.values()]).detach()  # [4], as LOSS_TERMS
+            # One layout on every process: "loss", then the terms in sorted order.
+            logged = torch.stack([loss, *(terms[k] for k in term_names)]).detach()
             logged = _average_gradients(params, logged, accelerator)
             max_norm = settings.grad_clip if settings.grad_clip is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -214,25 +210,25 @@ def train_dualedit(
             step_time += time.perf_counter() - tick
             bar.update(1)
             # -- log -------------------------------------------------------------------------
-            values = dict(zip(LOSS_TERMS, logged.tolist(), strict=True))
+            values = dict(zip(["loss", *term_names], logged.tolist(), strict=True))
             _accumulate(state, values, float(grad_norm), lr)
             if state.step % settings.log_every == 0:
                 entry = _flush(state)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            # -- validation, best adapters, early stopping -------------------------------------
+            # -- validation, best folder, early stopping ---------------------------------------
             if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
-                metrics = _validate(editor, val_batches, device, accelerator)
+                metrics = _validate(trainable, val_batches, device, accelerator)
                 _record_eval(state, metrics, settings)
                 if state.best_step == state.step and main:
-                    editor.save_pretrained(out_dir / BEST_DIR)
-                logger.info("step %d validation %s", state.step, state.log[-1])
+                    trainable.save(out_dir / BEST_DIR)
+                logger.info("%s: step %d validation %s", trainable.name, state.step, state.log[-1])
             # -- checkpoint --------------------------------------------------------------------
             stop = state.stop_reason is not None or state.step >= settings.max_steps
             if stop and state.pending:
                 _flush(state)
             if state.step % settings.checkpoint_every == 0 or stop:
                 if main:
-                    save_checkpoint(out_dir, state, editor.adapters, optimizer, meta)
+                    save_checkpoint(out_dir, state, trainable.module, optimizer, meta)
                     _write_log(out_dir, state, meta)
                 accelerator.wait_for_everyone()
             tick = time.perf_counter()
@@ -240,16 +236,13 @@ def train_dualedit(
                 break
         bar.close()
         if main:
-            editor.save_pretrained(out_dir / LAST_DIR)
+            trainable.save(out_dir / LAST_DIR)
             _write_log(out_dir, state, meta)
         accelerator.wait_for_everyone()
-    finally:
-        editor.detach()
-        model.train(was_training)
     best_dir = out_dir / BEST_DIR if state.best_step is not None else None
-    tau = None
-    if calibrate_tau and best_dir is not None and main:
-        tau = calibrate_on(model, processor, best_dir, train_dataset, val_idx, calibration)
+    summary = None
+    if finish and best_dir is not None and main:
+        summary = trainable.finish(best_dir, train_dataset, val_idx)
     accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,
@@ -263,26 +256,78 @@ def train_dualedit(
         seconds=time.perf_counter() - started,
         step_seconds=step_time / steps_run if steps_run else None,
         log_path=out_dir / LOG_FILE,
-        tau=tau,
+        finish=summary,
     )
 
 
+def place_model(model: nn.Module, accelerator: Accelerator) -> None:
+    """Move `model` to `accelerator.device` unless it is there already or sharded
+    (`hf_device_map`): what a caller of `train` does before building the trainable."""
+    if not hasattr(model, "hf_device_map") and _input_device(model) != accelerator.device:
+        model.to(accelerator.device)
+
+
+def validation_split(
+    dataset: MMEditDataset,
+    settings: TrainSettings,
+    *,
+    val_fraction: float | None = None,
+    processes: int = 1,
+) -> tuple[list[int], list[int]]:
+    """The (train, validation) record indices of a run, after the checks `train` makes before
+    anything else: a caller may run them before building its trainable (they are pure).
+
+    Raises:
+        ValueError: a batch size not divisible by `processes`, the eval split, a bad
+            `val_fraction`, or too few edits for the validation and one batch.
+    """
+    if settings.batch_size % processes:
+        raise ValueError(
+            f"batch_size {settings.batch_size} is not divisible by the {processes} processes"
+        )
+    if dataset.path.name == Path(SPLIT_FILES[(dataset.task, "eval")]).name:
+        raise ValueError(
+            f"{dataset.path}: the eval split; train on the train split (validation edits "
+            "are held out of it)"
+        )
+    n_val = _validation_size(len(dataset), settings, val_fraction)
+    train_idx, val_idx = split_indices(len(dataset), n_val)
+    steps_per_epoch(len(train_idx), settings.batch_size)  # enough training edits?
+    return train_idx, val_idx
+
+
 # -- starting and resuming -----------------------------------------------------------------------
+
+
+def _trained_parameters(trainable: Trainable) -> list[nn.Parameter]:
+    """The trainable's parameters, checked: a parameter outside `module` would train but not
+    resume (checkpoints hold the module)."""
+    params = list(trainable.parameters())
+    if not params:
+        raise ValueError(f"{trainable.name}: the trainable has no parameters")
+    own = {id(p) for p in trainable.module.parameters()}
+    names = {id(p): name for name, p in trainable.module.named_parameters()}
+    for i, p in enumerate(params):
+        if id(p) not in own:
+            raise ValueError(f"{trainable.name}: trained parameter {i} is not in its module")
+        if not p.requires_grad:
+            raise ValueError(f"{trainable.name}: parameter {names[id(p)]} does not require grad")
+    return params
 
 
 def _start(
     out_dir: Path,
     resume: bool,
     meta: dict[str, Any],
-    editor: DualEditor,
+    trainable: Trainable,
     optimizer: torch.optim.Optimizer,
     settings: TrainSettings,
     main: bool,
 ) -> tuple[LoopState, int | None]:
     """The loop state to start from: the checkpoint's (checked against this run) or a fresh one."""
     if resume and has_checkpoint(out_dir):
-        _check_resume(read_checkpoint_meta(out_dir), meta, out_dir)
-        state = load_checkpoint(out_dir, editor.adapters, optimizer)
+        check_resume(read_checkpoint_meta(out_dir), meta, out_dir)
+        state = load_checkpoint(out_dir, trainable.module, optimizer)
         return state, state.step
     if main:
         if has_checkpoint(out_dir):
@@ -293,59 +338,12 @@ def _start(
             if (out_dir / name).is_dir():
                 shutil.rmtree(out_dir / name)
         out_dir.mkdir(parents=True, exist_ok=True)
-    # Training draws no random numbers today; seeding makes any future use reproducible and the
+    # Seeded so that a method drawing random numbers (dropout, sampling) is reproducible and the
     # saved RNG states meaningful.
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     random.seed(settings.seed)
     return LoopState(), None
-
-
-def _run_meta(
-    editor: DualEditor, dataset: MMEditDataset, settings: TrainSettings, n_val: int
-) -> dict[str, Any]:
-    model = editor.model
-    return {
-        "settings": settings.to_dict(),
-        "config": editor.config.to_dict(),
-        "model_type": model.config.model_type,
-        "base_model": str(getattr(model.config, "name_or_path", "") or ""),
-        "base_weights": weights_fingerprint(model),
-        "hidden_size": editor.backbone.hidden_size(model),
-        "depth": editor.backbone.depth(model),
-        "dataset": {"path": str(dataset.path), "task": dataset.task, "records": len(dataset)},
-        "val_edits": n_val,
-    }
-
-
-def _check_resume(saved: dict[str, Any], meta: dict[str, Any], out_dir: Path) -> None:
-    """A checkpoint from another run is an error that names what differs."""
-    problems = []
-    changes = TrainSettings.from_dict(saved["settings"]).trajectory_changes(
-        TrainSettings.from_dict(meta["settings"])
-    )
-    problems += [f"settings.{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changes.items()]
-    for key in ("config", "model_type", "hidden_size", "depth", "val_edits"):
-        if saved.get(key) != meta[key]:
-            problems.append(f"{key}: checkpoint {saved.get(key)!r}, now {meta[key]!r}")
-    # A checkpoint written before the fingerprint existed cannot show it trained on this model.
-    if saved.get("base_weights") != meta["base_weights"]:
-        problems.append(
-            f"base model weights: checkpoint {saved.get('base_weights')}, now "
-            f"{meta['base_weights']} (the model at {meta['base_model'] or 'this path'} is not the "
-            "one the checkpoint was trained on)"
-        )
-    for key in ("task", "records"):
-        if saved["dataset"].get(key) != meta["dataset"][key]:
-            problems.append(
-                f"dataset {key}: checkpoint {saved['dataset'].get(key)!r}, "
-                f"now {meta['dataset'][key]!r}"
-            )
-    if problems:
-        raise CheckpointMismatch(
-            f"{out_dir}: the checkpoint belongs to another run ({'; '.join(problems)}); use another "
-            "out_dir or resume=False"
-        )
 
 
 def _validation_size(n_records: int, settings: TrainSettings, val_fraction: float | None) -> int:
@@ -366,14 +364,26 @@ def _lr_at(settings: TrainSettings, step: int) -> float:
     return settings.lr
 
 
+def _check_terms(terms: dict[str, torch.Tensor], seen: list[str] | None) -> list[str]:
+    """The sorted term names, the same as every earlier step's."""
+    names = sorted(terms)
+    if seen is None:
+        reserved = sorted(RESERVED_TERMS & set(names))
+        if reserved:
+            raise ValueError(f"loss terms may not be named {reserved} (log fields)")
+    elif names != seen:
+        raise ValueError(f"loss terms changed between steps: {seen} then {names}")
+    return names
+
+
 def _average_gradients(
     params: list[nn.Parameter], extra: torch.Tensor, accelerator: Accelerator
 ) -> torch.Tensor:
-    """Average the adapters' gradients (and `extra`, the logged loss terms) over processes in one
+    """Average the trained gradients (and `extra`, the logged loss terms) over processes in one
     all-reduce; returns the averaged `extra`.
 
-    A parameter without a gradient (an adapter no input of this batch reached) gets zeros, so every
-    process reduces the same layout and Adam treats it the same in any number of processes.
+    A parameter without a gradient (e.g. an adapter no input of this batch reached) gets zeros, so
+    every process reduces the same layout and Adam treats it the same in any number of processes.
     """
     for p in params:
         if p.grad is None:
@@ -415,23 +425,46 @@ def _flush(state: LoopState) -> dict[str, Any]:
 
 
 def _validate(
-    editor: DualEditor,
+    trainable: Trainable,
     batches: list[EditBatch],
     device: torch.device,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """Rel / T-Gen / V-Gen token accuracy and T-Loc / M-Loc agreement (gate off), x100, over the
-    validation edits of all processes."""
-    totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)  # sums, count
+    """Each of the trainable's metrics x100 over the validation edits of all processes, and the
+    score (their mean)."""
+    names: list[str] | None = None
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in batches:
-            metrics = edit_pass(editor, batch.to(device), text_loc=True).metrics()
-            sums = torch.stack([metrics[key].sum() for key in METRICS])  # [5]
-            totals += torch.cat([sums.to(totals), totals.new_tensor([batch.n])])
+            metrics = trainable.metrics(batch.to(device))
+            if names is None:
+                names = list(metrics)
+            elif list(metrics) != names:
+                raise ValueError(
+                    f"{trainable.name}: metrics changed: {names} then {list(metrics)}"
+                )
+            for key, per_edit in metrics.items():  # [n] each
+                sums[key] = sums.get(key, count.new_zeros(())) + per_edit.sum().to(count)
+            count = count + batch.n
+    if accelerator.num_processes > 1:
+        # Process 0 always holds validation edits; the others may hold none (fewer edits than
+        # processes) and learn the names, in process 0's order, from it.
+        names = broadcast_object_list([names], from_process=0)[0]
+    if not names:
+        raise ValueError(f"{trainable.name}: metrics returned no metric")
+    reserved = sorted(RESERVED_METRICS & set(names))
+    if reserved:
+        raise ValueError(f"{trainable.name}: metrics may not be named {reserved} (log fields)")
+    if sums and set(sums) != set(names):
+        raise ValueError(f"{trainable.name}: metrics differ between processes: {sorted(sums)} "
+                         f"here, {sorted(names)} on process 0")
+    zero = count.new_zeros(())
+    totals = torch.stack([sums.get(key, zero) for key in names] + [count])  # sums, count
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     values = (totals[:-1] / totals[-1] * 100).tolist()
-    metrics = dict(zip(METRICS, values, strict=True))
+    metrics = dict(zip(names, values, strict=True))
     metrics["score"] = sum(values) / len(values)
     return metrics
 
@@ -473,3 +506,10 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether `a` and `b` are one device ("cpu" and "cpu:0" are; "cuda" is the current GPU)."""
+    if a.type != b.type:
+        return False
+    return a.type == "cpu" or a.index is None or b.index is None or a.index == b.index

@@ -1,4 +1,4 @@
-"""`TrainSettings` (how the DualEdit adapters are trained) and `TrainResult` (what a run produced)."""
+"""`TrainSettings` (how a method is trained by the loop) and `TrainResult` (what a run produced)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ TRAJECTORY_FIELDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How the adapters are trained (docs/SPEC section 1: Adam, batch 4; lr see below).
+    """How a method is trained (for DualEdit, docs/SPEC section 1: Adam, batch 4; lr see below).
 
     Attributes:
         lr: Adam learning rate (after warm-up). Default 2e-3, not the paper's 1e-4: on the
@@ -38,9 +38,9 @@ class TrainSettings:
             batch_size / processes of them); must be divisible by the number of processes.
         max_steps: step budget; training ends there at the latest.
         warmup_steps: linear learning-rate warm-up from lr / warmup_steps to lr (0: none).
-        grad_clip: clip the adapters' gradient norm to this value (None: no clipping).
-        text_loc_kl: include the KL term on the text-only locality sample (the paper's loss);
-            False drops it as the released code does.
+        grad_clip: clip the trained parameters' gradient norm to this value (None: no clipping).
+        text_loc_kl: DualEdit: include the KL term on the text-only locality sample (the
+            paper's loss); False drops it as the released code does.
         eval_every: validate every this many steps (and at the last step).
         eval_batch_size: validation edits per forward on each process.
         val_edits: held-out edits of the train split used for validation (a fixed, seeded
@@ -133,14 +133,16 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What `train_dualedit` produced.
+    """What a training run (`train.loop.train`, e.g. through `train_dualedit`) produced.
 
     Attributes:
         out_dir: the run folder.
-        best_dir: `out_dir/best`, the adapters with the best validation score
-            (`DualEditor.from_pretrained(model, processor, best_dir)`); None before any validation.
-        last_dir: `out_dir/last`, the adapters at the last step.
-        best_score: best validation score (mean of Rel, T-Gen, V-Gen, T-Loc, M-Loc, 0-100).
+        best_dir: `out_dir/best`, the method's editor folder with the best validation score
+            (e.g. `DualEditor.from_pretrained(model, processor, best_dir)`); None before any
+            validation.
+        last_dir: `out_dir/last`, the editor folder at the last step.
+        best_score: best validation score (the mean of the method's validation metrics, 0-100;
+            DualEdit: Rel, T-Gen, V-Gen, T-Loc, M-Loc).
         best_step: the step it was reached at.
         steps: steps trained in total (over all runs of a resumed training).
         stop_reason: "max_steps" or "early_stopping".
@@ -148,8 +150,9 @@ class TrainResult:
         seconds: wall time of this call.
         step_seconds: mean wall time of one optimisation step in this call (None: no step ran).
         log_path: `out_dir/train_log.json`.
-        tau: the gate threshold chosen on the validation edits and saved in `best_dir`
-            (`calibrate.TauChoice`); None when not calibrated.
+        finish: what the method's finish step returned (`Trainable.finish`; DualEdit: the gate
+            threshold chosen on the validation edits and saved in `best_dir`, a
+            `calibrate.TauChoice`); None when it did not run.
     """
 
     out_dir: Path
@@ -163,7 +166,12 @@ class TrainResult:
     seconds: float
     step_seconds: float | None
     log_path: Path
-    tau: Any = None  # calibrate.TauChoice | None
+    finish: Any = None
+
+    @property
+    def tau(self) -> Any:
+        """DualEdit's name for `finish`: the `calibrate.TauChoice` (None: not calibrated)."""
+        return self.finish
 
 
 def _positive_number(name: str, value: Any) -> None:

@@ -10,14 +10,18 @@ capture.py  LayerCapture (some layers' outputs, stop after the last)
 decision.py GateDecision (what the gate decides for a question; DualEditor.explain)
 editor.py   DualEditor (the harness's Editor and the user API)
 files.py    adapter files (config JSON + safetensors weights), atomic safetensors writes
+calibrate.py tau chosen on held-out edits (choose_tau; calibrate_adapters for trained adapters)
+losses.py   the edited training pass (edit_pass: loss and validation metrics)
+train.py    DualEditTrainable (the training loop's view of DualEdit), train_dualedit
 """
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
+from dualedit.editors.dualedit.calibrate import calibrate_adapters
 from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
 from dualedit.editors.dualedit.decision import GateDecision
 from dualedit.editors.dualedit.editor import DualEditor, states_of
-from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config, save_adapters
+from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config
 from dualedit.editors.dualedit.hooks import (
     CallContext,
     DualEditHooks,
@@ -25,6 +29,7 @@ from dualedit.editors.dualedit.hooks import (
     text_positions,
 )
 from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates
+from dualedit.editors.dualedit.train import DualEditTrainable, train_dualedit
 
 __all__ = [
     "DEFAULT_TAU",
@@ -32,6 +37,7 @@ __all__ = [
     "CrossAttentionAdapter",
     "DualEditConfig",
     "DualEditHooks",
+    "DualEditTrainable",
     "DualEditor",
     "EditId",
     "EditInfo",
@@ -40,10 +46,11 @@ __all__ = [
     "GateDecision",
     "LayerCapture",
     "apply_adapter",
+    "calibrate_adapters",
     "default_layers",
     "load_adapter_weights",
     "read_adapter_config",
-    "save_adapters",
     "states_of",
     "text_positions",
+    "train_dualedit",
 ]

@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
-import torch
-
-from dualedit.data.prompts import Sample, encode_prompts
-from dualedit.editors.dualedit.capture import LayerCapture
+from dualedit.editors.base import EditId
+from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.hooks import CallContext
-from dualedit.editors.dualedit.memory import EditId
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from dualedit.editors.dualedit.editor import DualEditor
 
 
 @dataclass(frozen=True)
@@ -39,40 +31,17 @@ class GateDecision:
     edited: bool
 
 
-def decision_of(editor: DualEditor, ctx: CallContext, row: int) -> GateDecision:
-    """Row `row`'s decision from a context whose first pass has run."""
+def decision_of(
+    ctx: CallContext, row: int, ids: Sequence[EditId], config: DualEditConfig
+) -> GateDecision:
+    """Row `row`'s decision from a context whose first pass has run (`ids`: the memory's ids in
+    lookup order; `config`: the editor's resolved config)."""
     if not ctx.decided or ctx.similarity is None:
         return GateDecision(None, math.nan, False, False)
     position = int(ctx.chosen[row])
-    edit_id = editor.memory.ids[position] if position >= 0 else None
+    edit_id = ids[position] if position >= 0 else None
     gate_open = bool(ctx.open[row])
-    config = editor.config
     visual_ungated = (
         config.use_visual and config.gate_scope == "text" and bool(ctx.image_mask[row].any())
     )
     return GateDecision(edit_id, float(ctx.similarity[row]), gate_open, gate_open or visual_ungated)
-
-
-def explain(editor: DualEditor, image: Image.Image | None, prompt: str) -> GateDecision:
-    """The decision for `prompt` (as the model sees it, e.g. "What is it? The answer is:") on
-    `image` (a PIL image or None), as `model.generate` on that prompt would take it."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"explain: prompt must be a string, got {type(prompt).__name__}")
-    sample = Sample(None if image is None else "query", prompt, "")
-    batch = encode_prompts(
-        [sample], editor.processor, editor.backbone, lambda _: image.convert("RGB")
-    ).to(next(editor.model.parameters()).device)
-    layer = editor.config.text_layer
-
-    def forward() -> torch.Tensor:
-        return editor.backbone.forward_logits(
-            editor.model, batch.input_ids, batch.attention_mask, batch.pixel_values
-        )
-
-    with (
-        torch.no_grad(),
-        editor.session(batch.input_ids, batch.attention_mask) as ctx,
-        LayerCapture(editor.model, editor.backbone, [layer]) as capture,
-    ):
-        capture.run(forward)  # registered after the editor's hooks: the gate decides first
-    return decision_of(editor, ctx, 0)

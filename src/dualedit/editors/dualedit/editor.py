@@ -26,27 +26,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
-from dualedit.data.prompts import Sample, encode, group_by_image, record_samples, target_text
-from dualedit.data.records import EditRecord
-from dualedit.editors.base import Editor, ImageLoader
+from dualedit.data.prompts import Sample, encode, encode_prompts, group_by_image
+from dualedit.data.requests import EditRequest
+from dualedit.editors.base import (
+    EditId,
+    Editor,
+    ImageInput,
+    ImageLoader,
+    open_image,
+    user_requests,
+)
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
-from dualedit.editors.dualedit.decision import GateDecision
-from dualedit.editors.dualedit.decision import explain as explain_decision
+from dualedit.editors.dualedit.decision import GateDecision, decision_of
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
+    load_adapter_tensors,
     load_adapter_weights,
     read_adapter_config,
-    save_adapters,
 )
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
 from dualedit.editors.dualedit.keys import key_parts, text_key_positions
-from dualedit.editors.dualedit.memory import EditId, EditInfo, EditMemory, EditStates, pad_states
+from dualedit.editors.dualedit.memory import EditInfo, EditMemory, EditStates, pad_states
+from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
+from dualedit.editors.dualedit.memory import STATES_FILE as MEMORY_STATES_FILE
+from dualedit.editors.weights import GradFlags, freeze
 
 logger = logging.getLogger(__name__)
 
@@ -55,62 +63,34 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DualEditConfig))
 # the same way start from the same weights.
 INIT_SEED = 0
 
-ImageInput = Image.Image | str | os.PathLike | None
 
 
 class DualEditor(Editor):
     """Text and visual cross-attention adapters with a similarity gate and a memory of edits.
 
-    Options (all None = derived: from `pretrained` when given, else `DualEditConfig` defaults):
-    the `DualEditConfig` fields, plus `pretrained` (a `save_pretrained` folder whose adapter
-    weights and config to load), `memory_device` (where edit states are kept, e.g. "cpu" for
-    many edits on a small GPU; None: beside the layers) and `batch_size` (edit samples per
-    forward when adding edits).
+    Args:
+        model, processor, backbone: the VLM, its processor, its backbone (None: looked up).
+        config: a `DualEditConfig` (or a dict of its fields); fields left None are derived from
+            the model (`DualEditConfig.resolve`).
+        pretrained: a `save_pretrained` folder whose adapters (and edits, when it holds any) to
+            load; its config is used, with the run-time fields given in `options` replaced (the
+            architecture fields fix the weights and may not change). Same as `from_pretrained`.
+        memory_device: where edit states are kept (e.g. "cpu" for many edits on a small GPU;
+            None: beside the layers).
+        batch_size: edit samples per forward when adding edits.
+        **options: `DualEditConfig` fields (unknown ones are refused by name).
 
     The editor attaches on construction; `detach()` removes its hooks and gives the base model's
     `requires_grad` flags back. Plain `model(**inputs)` / `model.generate(**inputs)` calls are
     edited (each pass derives its image positions and prompt end from its inputs; see hooks.py).
     Callers that know more (teacher forcing: where the prompt ends; training: the edit per input)
-    open the context themselves with `context(batch)` / `session(...)`, or go through
-    `forward_logits` / `generate` (which keep the prompt pass's decision even without a KV
-    cache). `explain(image, prompt)` tells what the gate decides for a question.
+    open the context themselves with `context(batch)` / `session(...)`, or go through `logits` /
+    `generate` (which keep the prompt pass's decision even without a KV cache).
+    `explain(image, prompt)` tells what the gate decides for a question.
     """
 
     name = "dualedit"
-    batched = False
-
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        """DualEditConfig fields (None: derived) and loading options; see the class docstring."""
-
-        text_layer: int | None = None
-        visual_layer: int | None = None
-        width: int | None = None
-        heads: int | None = None
-        tau: float | None = None
-        gate: bool | None = None
-        gate_scope: str | None = None
-        gate_key: str | None = None
-        text_prompt_end: bool | None = None
-        text_keys: str | None = None
-        use_text: bool | None = None
-        use_visual: bool | None = None
-        dtype: str | None = None
-        pretrained: str | None = None
-        memory_device: str | None = None
-        batch_size: int = 8
-
-        def __post_init__(self) -> None:
-            DualEditConfig(**self.config_fields())  # validates the given fields
-            if self.pretrained is not None and not isinstance(self.pretrained, (str, os.PathLike)):
-                raise ValueError(f"dualedit option pretrained: a path, got {self.pretrained!r}")
-            size = self.batch_size
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"dualedit option batch_size: a positive int, got {size!r}")
-
-        def config_fields(self) -> dict[str, Any]:
-            """The DualEditConfig fields that were given (not None)."""
-            return {k: getattr(self, k) for k in _CONFIG_FIELDS if getattr(self, k) is not None}
+    Config = DualEditConfig
 
     def __init__(
         self,
@@ -118,41 +98,51 @@ class DualEditor(Editor):
         processor: Any,
         backbone: Backbone | None = None,
         *,
-        config: DualEditConfig | None = None,
+        config: DualEditConfig | dict[str, Any] | None = None,
+        pretrained: str | os.PathLike | None = None,
+        memory_device: str | torch.device | None = None,
+        batch_size: int = 8,
         **options: Any,
     ):
-        if config is not None:
-            clash = sorted(set(options) & set(_CONFIG_FIELDS))
-            if clash:
-                raise TypeError(f"dualedit: give {clash} in `config` or as options, not both")
-            options = {**config.to_dict(), **options}
-        super().__init__(model, processor, backbone or get_backbone(model), **options)
-        depth = self.backbone.depth(model)
-        hidden = self.backbone.hidden_size(model)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"dualedit option batch_size: a positive int, got {batch_size!r}")
+        if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+            raise ValueError(f"dualedit option pretrained: a path, got {pretrained!r}")
+        backbone = backbone if backbone is not None else get_backbone(model)
+        depth = backbone.depth(model)
+        hidden = backbone.hidden_size(model)
         model_type = model.config.model_type
-        saved = None
-        if self.options.pretrained is not None:
-            saved = read_adapter_config(self.options.pretrained, model_type, hidden)
-        self.config = _merge_config(saved, self.options.config_fields()).resolve(
+        if pretrained is not None:
+            if config is not None:
+                raise TypeError("dualedit: give `config` or `pretrained`, not both")
+            saved = read_adapter_config(pretrained, model_type, hidden)
+            config, options = _merge_config(saved, options), {}
+        super().__init__(model, processor, backbone, config=config, **options)
+        self.config: DualEditConfig = self.config.resolve(
             depth, hidden, model_type, _layer_dtype(self.backbone.layer(model, 0))
         )
+        self.source = None if pretrained is None else str(pretrained)
+        self.memory_device = memory_device
+        self.batch_size = batch_size
         self.text_adapter = self._new_adapter(self.config.text_layer, hidden)
         self.visual_adapter = self._new_adapter(self.config.visual_layer, hidden)
         self.adapters = nn.ModuleDict({"text": self.text_adapter, "visual": self.visual_adapter})
-        if saved is not None:
-            self.load_adapter_weights(Path(self.options.pretrained) / WEIGHTS_FILE)
+        if pretrained is not None:
+            self.load_adapter_weights(Path(pretrained) / WEIGHTS_FILE)
         self.memory = EditMemory(
             hidden,
             text_layer=self.config.text_layer,
             visual_layer=self.config.visual_layer,
             model_type=model_type,
             text_keys=self.config.text_keys,
-            device=self.options.memory_device,
+            device=memory_device,
         )
+        if pretrained is not None and (Path(pretrained) / MEMORY_INDEX_FILE).is_file():
+            self.memory.read(pretrained)
         self.hooks = DualEditHooks(
             model, self.backbone, self.config, self.text_adapter, self.visual_adapter, self.memory
         )
-        self._grad_flags: list[tuple[nn.Parameter, bool]] | None = None
+        self._grad_flags: GradFlags | None = None
         self.attach()
 
     def __repr__(self) -> str:
@@ -162,14 +152,9 @@ class DualEditor(Editor):
             f"{c.visual_layer}), tau={c.tau}, {len(self.memory)} edits, attached={self.attached})"
         )
 
-    def option_dict(self) -> dict[str, Any]:
-        """The resolved config and the loading options, for results.json."""
-        return {
-            **self.config.to_dict(),
-            "pretrained": None if self.options.pretrained is None else str(self.options.pretrained),
-            "memory_device": self.options.memory_device,
-            "batch_size": self.options.batch_size,
-        }
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved config (recorded in results.json and saved beside the weights)."""
+        return self.config.to_dict()
 
     def _new_adapter(self, layer: int, hidden: int) -> CrossAttentionAdapter:
         device = _layer_device(self.backbone.layer(self.model, layer))
@@ -190,17 +175,14 @@ class DualEditor(Editor):
         """Hook the adapters into the model and freeze the base model (a no-op when attached)."""
         if self.attached:
             return
-        self._grad_flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self._grad_flags:
-            p.requires_grad_(False)
+        self._grad_flags = freeze(self.model)
         self.hooks.attach()
 
     def detach(self) -> None:
         """Remove the hooks and give back the base model's `requires_grad` flags."""
         self.hooks.detach()
         if self._grad_flags is not None:
-            for p, flag in self._grad_flags:
-                p.requires_grad_(flag)
+            self._grad_flags.give_back()
             self._grad_flags = None
 
     def disabled(self) -> contextlib.AbstractContextManager[None]:
@@ -252,14 +234,15 @@ class DualEditor(Editor):
         with self.session(input_ids, attention_mask, prompt_end):
             return self.backbone.forward_logits(self.model, input_ids, attention_mask, pixel_values)
 
-    def generate(
+    def generate_from(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """Edited generation from left-padded prompts: new tokens [batch, new]."""
+        """Edited generation from raw left-padded prompt tensors: new tokens [batch, new] (the
+        harness's `generate(batch)` takes an encoded `PromptBatch` instead)."""
         with self.session(input_ids, attention_mask):
             return self.backbone.generate(
                 self.model, input_ids, attention_mask, pixel_values, **generate_kwargs
@@ -277,78 +260,74 @@ class DualEditor(Editor):
             >>> editor.explain(image, "What colour is the ball? The answer is:")
             GateDecision(edit_id=0, similarity=0.97, gate_open=True, edited=True)
         """
-        opened = None if image is None else _open_image(image, 0)
-        return explain_decision(self, opened, prompt)
+        if not isinstance(prompt, str):
+            raise TypeError(f"explain: prompt must be a string, got {type(prompt).__name__}")
+        opened = None if image is None else open_image(image, 0)
+        sample = Sample(None if opened is None else "query", prompt, "")
+        batch = encode_prompts([sample], self.processor, self.backbone, lambda _: opened).to(
+            self._input_device
+        )
+        forward = functools.partial(
+            self.backbone.forward_logits,
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.pixel_values,
+        )
+        with (
+            torch.no_grad(),
+            self.session(batch.input_ids, batch.attention_mask) as ctx,
+            LayerCapture(self.model, self.backbone, [self.config.text_layer]) as capture,
+        ):
+            capture.run(forward)  # registered after the editor's hooks: the gate decides first
+        return self.decision(ctx, 0)
+
+    def decision(self, ctx: CallContext, row: int) -> GateDecision:
+        """Row `row`'s gate decision from a call context whose first pass has run."""
+        return decision_of(ctx, row, self.memory.ids, self.config)
 
     # -- edits --------------------------------------------------------------------------------
 
-    def apply(self, records: Sequence[EditRecord], task: str, images: ImageLoader) -> None:
-        """Add the edits of `records` (image, src -> alt, the Rel sample) to the memory."""
-        samples = [record_samples(record, task)["rel"] for record in records]
-        states = self._capture(samples, images)
-        for sample, (text, visual, keys) in zip(samples, states, strict=True):
-            self.memory.add(
-                text, visual, keys, prompt=sample.prompt, target=sample.target, image=sample.image
-            )
-        logger.debug("dualedit: applied records %s", [r.index for r in records])
-
-    def restore(self) -> None:
-        """Forget every edit (the base weights were never touched)."""
-        self.memory.clear()
-
-    def edit(
-        self, image: ImageInput, prompt: str, target: str, *, edit_id: EditId | None = None
-    ) -> EditId:
-        """Store the edit (image, prompt -> target) and return its id.
-
-        Args:
-            image: a PIL image, a path to one, or None for a text-only edit.
-            prompt: the question as the model sees it (e.g. "What is it? The answer is:").
-            target: the new answer (a leading space is added: the model reads prompt + " " +
-                target).
-            edit_id: a short string id, or None for the next int id.
-
-        Example:
-            >>> eid = editor.edit(Image.open("ball.png"), "What colour is the ball?", "blue")
-        """
-        ids = None if edit_id is None else [edit_id]
-        return self.edit_many([image], [prompt], [target], edit_ids=ids)[0]
-
-    def edit_many(
+    def apply(
         self,
-        images: Sequence[ImageInput],
-        prompts: Sequence[str],
-        targets: Sequence[str],
+        requests: Sequence[EditRequest],
+        images: ImageLoader,
         *,
-        edit_ids: Sequence[EditId] | None = None,
+        ids: Sequence[EditId] | None = None,
     ) -> list[EditId]:
-        """Store several edits (batched forwards); returns their ids in order."""
-        samples, loader = self._user_samples(images, prompts, targets)
-        if edit_ids is not None and len(edit_ids) != len(samples):
-            raise ValueError(f"edit_many: {len(edit_ids)} ids for {len(samples)} edits")
-        states = self._capture(samples, loader)
+        """Store the edits of `requests` in the memory (one frozen forward per batch of edit
+        samples that stops after layer max(t, v)); returns their ids."""
+        if ids is not None and len(ids) != len(requests):
+            raise ValueError(f"{len(ids)} ids for {len(requests)} edits")
+        samples = [request.sample() for request in requests]
+        states = self._capture(samples, images)
         added = []
-        for i, (text, visual, keys) in enumerate(states):
+        for i, (request, (text, visual, keys)) in enumerate(zip(requests, states, strict=True)):
             added.append(
                 self.memory.add(
                     text,
                     visual,
                     keys,
-                    edit_id=None if edit_ids is None else edit_ids[i],
-                    prompt=prompts[i],
-                    target=targets[i],
-                    image=_describe(images[i]),
+                    edit_id=None if ids is None else ids[i],
+                    prompt=request.prompt,
+                    target=request.target,
+                    image=request.image,
                 )
             )
+        logger.debug("dualedit: stored edits %s", added)
         return added
+
+    def restore(self) -> None:
+        """Forget every edit (the base weights were never touched)."""
+        self.memory.clear()
 
     def encode_edits(
         self, images: Sequence[ImageInput], prompts: Sequence[str], targets: Sequence[str]
     ) -> EditStates:
         """Edit states for a batch without storing them: one per input, for `session(edits=...)`
         (a trainer's forward with the gate off). No gradient reaches the base model."""
-        samples, loader = self._user_samples(images, prompts, targets)
-        states = self._capture(samples, loader)
+        requests, loader = user_requests(images, prompts, targets)
+        states = self._capture([request.sample() for request in requests], loader)
         return states_of(states, device=self._input_device)
 
     def remove(self, edit_id: EditId) -> None:
@@ -363,25 +342,6 @@ class DualEditor(Editor):
     def _input_device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _user_samples(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], targets: Sequence[str]
-    ) -> tuple[list[Sample], ImageLoader]:
-        if not len(images) == len(prompts) == len(targets):
-            raise ValueError(
-                f"{len(images)} images, {len(prompts)} prompts and {len(targets)} targets"
-            )
-        loaded: dict[str, Image.Image] = {}
-        samples = []
-        for i, (image, prompt, target) in enumerate(zip(images, prompts, targets, strict=True)):
-            if not isinstance(prompt, str) or not isinstance(target, str) or not target.strip():
-                raise ValueError(f"edit {i}: prompt and a non-empty target must be strings")
-            key = None
-            if image is not None:
-                key = f"edit-{i}"
-                loaded[key] = _open_image(image, i)
-            samples.append(Sample(key, prompt, target_text(target.lstrip())))
-        return samples, loaded.__getitem__
-
     def _capture(
         self, samples: Sequence[Sample], load_image: ImageLoader
     ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
@@ -389,7 +349,7 @@ class DualEditor(Editor):
         stops after layer max(t, v), adapters off, no gradient."""
         t, v = self.config.text_layer, self.config.visual_layer
         out: list[Any] = [None] * len(samples)
-        size = self.options.batch_size
+        size = self.batch_size
         # model.eval() walks every submodule (~4 ms on the small VLMs, a sixth of a forward):
         # only a model in training mode is switched, and switched back after.
         was_training = self.model.training
@@ -424,19 +384,31 @@ class DualEditor(Editor):
 
     # -- files --------------------------------------------------------------------------------
 
+    def folder_meta(self) -> dict[str, Any]:
+        """The adapter config: the resolved `DualEditConfig` and the base model's facts (the
+        edits go to the memory files, not here)."""
+        meta = super().folder_meta()
+        del meta["edits"]
+        return meta
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters' weights."""
+        return dict(self.adapters.state_dict())
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load adapter tensors (strict names and shapes); the edits live in the memory files."""
+        load_adapter_tensors(self.adapters, tensors, where=where)
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `adapter_config.json` and `adapter_model.safetensors` (not the edit memory:
-        see `save_memory`). Returns the directory."""
-        config = self.model.config
-        return save_adapters(
-            directory,
-            self.adapters,
-            self.config,
-            base_model=str(getattr(config, "name_or_path", "") or ""),
-            model_type=config.model_type,
-            hidden_size=self.backbone.hidden_size(self.model),
-            depth=self.backbone.depth(self.model),
-        )
+        """Write `adapter_config.json` and `adapter_model.safetensors`, and the edit memory
+        (`memory.json`, `memory.safetensors`) when edits are stored. Returns the directory."""
+        directory = super().save_pretrained(directory)
+        if len(self.memory):
+            self.memory.save(directory)
+        else:
+            for name in (MEMORY_INDEX_FILE, MEMORY_STATES_FILE):
+                (directory / name).unlink(missing_ok=True)  # no stale edits of an earlier save
+        return directory
 
     @classmethod
     def from_pretrained(
@@ -447,13 +419,15 @@ class DualEditor(Editor):
         backbone: Backbone | None = None,
         **overrides: Any,
     ) -> DualEditor:
-        """An editor with the adapters saved in `directory`; run-time fields (tau, gate, gate_scope,
-        gate_key, use_text, use_visual, dtype) may be overridden, the architecture may not.
+        """An editor with the adapters (and stored edits) saved in `directory`; run-time fields
+        (tau, gate, gate_scope, gate_key, use_text, use_visual, dtype) may be overridden, the
+        architecture may not; `memory_device` and `batch_size` as for the constructor.
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: another architecture or hidden size than the saved adapters', a changed
-                architecture field, or weights that do not match (missing / unexpected keys).
+            ValueError: another method's folder, another architecture or hidden size than the
+                saved adapters', a changed architecture field, or weights that do not match
+                (missing / unexpected keys).
         """
         return cls(model, processor, backbone, pretrained=str(directory), **overrides)
 
@@ -482,9 +456,13 @@ def states_of(
     return EditStates(text, text_mask, visual, visual_mask, keys)
 
 
-def _merge_config(saved: DualEditConfig | None, given: dict[str, Any]) -> DualEditConfig:
-    if saved is None:
-        return DualEditConfig(**given)
+def _merge_config(saved: DualEditConfig, given: dict[str, Any]) -> DualEditConfig:
+    """The saved config with the run-time fields of `given` replaced."""
+    unknown = sorted(set(given) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"method 'dualedit': unknown option(s) {unknown}; known: {sorted(_CONFIG_FIELDS)}"
+        )
     changed = [k for k in ARCHITECTURE_FIELDS if k in given and given[k] != getattr(saved, k)]
     if changed:
         raise ValueError(
@@ -514,26 +492,6 @@ def _edit_states(
         for k, key in key_parts(full[None], end, last, image_mask.bool()).items()
     }
     return text, visual, keys
-
-
-def _open_image(image: Any, i: int) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"edit {i}: image {path} not found")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    raise TypeError(f"edit {i}: image must be a PIL image, a path or None, got {type(image)}")
-
-
-def _describe(image: ImageInput) -> str | None:
-    if image is None:
-        return None
-    if isinstance(image, Image.Image):
-        return f"<PIL image {image.size[0]}x{image.size[1]}>"
-    return str(image)
 
 
 def _layer_device(layer: nn.Module) -> torch.device:

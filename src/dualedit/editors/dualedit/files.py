@@ -1,56 +1,32 @@
-"""DualEdit adapter files: `adapter_config.json` + `adapter_model.safetensors`, no pickles.
+"""DualEdit's side of its editor folder (`editors/files.py`): the saved `DualEditConfig`, read
+back with the legacy defaults of older folders, and the adapter weights, loaded strictly.
 
-The JSON records the resolved `DualEditConfig`, the base model's name, model type, hidden size and
-depth, and the versions of dualedit and transformers. Loading checks the base model (type, hidden
-size) and the weights strictly (missing and unexpected keys, shapes). Writes are atomic.
+The config JSON records the resolved `DualEditConfig`, the base model's name, model type, hidden
+size and depth, and the versions of dualedit, transformers and torch. Loading checks the base
+model (type, hidden size) and the weights strictly (missing and unexpected keys, shapes).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
-import transformers
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import dualedit
 from dualedit.editors.dualedit.config import DualEditConfig
-from dualedit.io import atomic_save_safetensors, atomic_write_text
+from dualedit.editors.files import CONFIG_FILE, WEIGHTS_FILE, read_editor_meta
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FORMAT = 1
+METHOD = "dualedit"
 
-
-def save_adapters(
-    directory: str | os.PathLike,
-    adapters: nn.Module,
-    config: DualEditConfig,
-    *,
-    base_model: str,
-    model_type: str,
-    hidden_size: int,
-    depth: int,
-) -> Path:
-    """Write the adapters' weights and config under `directory`; returns it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "config": config.to_dict(),
-        "base_model": base_model,
-        "model_type": model_type,
-        "hidden_size": hidden_size,
-        "depth": depth,
-        "versions": {"dualedit": dualedit.__version__, "transformers": transformers.__version__},
-    }
-    tensors = {k: t.detach().cpu().contiguous() for k, t in adapters.state_dict().items()}
-    atomic_save_safetensors(tensors, directory / WEIGHTS_FILE)
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True))
-    return directory
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "load_adapter_tensors",
+    "load_adapter_weights",
+    "read_adapter_config",
+]
 
 
 def read_adapter_config(
@@ -60,14 +36,16 @@ def read_adapter_config(
 
     Raises:
         FileNotFoundError: no adapter_config.json.
-        ValueError: another model type or hidden size, or an unknown format.
+        ValueError: another method's folder, another model type or hidden size, or an unknown
+            format.
     """
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter config {path} not found")
-    meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path}: not a DualEdit adapter config of format {ADAPTER_FORMAT}")
+    meta = read_editor_meta(directory)
+    if meta["method"] != METHOD:
+        raise ValueError(
+            f"{path}: saved by method {meta['method']!r}, not DualEdit (dualedit.load_editor "
+            "picks the class from the folder)"
+        )
     if meta.get("model_type") != model_type:
         raise ValueError(
             f"{path}: adapters were trained for model_type {meta.get('model_type')!r} "
@@ -78,6 +56,8 @@ def read_adapter_config(
             f"{path}: adapters expect hidden size {meta.get('hidden_size')}, this model has "
             f"{hidden_size}"
         )
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: no \"config\" object")
     fields = dict(meta["config"])
     # Files written before the field existed hold adapters trained the released way.
     fields.setdefault("text_prompt_end", False)
@@ -97,16 +77,21 @@ def load_adapter_weights(adapters: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights {path} not found")
-    tensors = load_file(str(path))
+    load_adapter_tensors(adapters, load_file(str(path)), where=str(path))
+
+
+def load_adapter_tensors(
+    adapters: nn.Module, tensors: dict[str, torch.Tensor], *, where: str = "adapters"
+) -> None:
+    """Load `tensors` into `adapters` strictly (names and shapes), casting to their dtype."""
     own = adapters.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
     for name, tensor in tensors.items():
         if tensor.shape != own[name].shape:
             raise ValueError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, the adapter needs "
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the adapter needs "
                 f"{tuple(own[name].shape)}"
             )
     adapters.load_state_dict(tensors, strict=True)
-

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from dualedit.editors.base import EditId
+from dualedit.editors.base import EditInfo as BaseEditInfo
 from dualedit.editors.dualedit.config import TEXT_KEYS
 from dualedit.editors.dualedit.keys import (
     KEY_PARTS,
@@ -38,7 +40,6 @@ from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-EditId = int | str
 MEMORY_FORMAT = 3
 # Format 1: no "text_keys" (always "all") and no "image_mean" key part; format 2: no
 # "image_groups" key part. Parts a file lacks are unknown (NaN) for its edits.
@@ -50,7 +51,7 @@ MAX_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
-class EditInfo:
+class EditInfo(BaseEditInfo):
     """What `EditMemory.entries` reports about one stored edit.
 
     Attributes:
@@ -60,10 +61,6 @@ class EditInfo:
         nbytes: bytes kept for this edit (states and keys).
     """
 
-    id: EditId
-    prompt: str | None
-    target: str | None
-    image: str | None
     text_positions: int
     visual_positions: int
     nbytes: int

@@ -1,4 +1,5 @@
-"""One edited pass over an `EditBatch`: the training loss and the validation metrics.
+"""DualEdit's edited pass over an `EditBatch`: the training loss and the validation metrics
+(`DualEditTrainable.loss` / `.metrics`, train.py).
 
 Layers below m = min(t, v) are frozen and the adapters do not touch them, so the vision side and
 those layers run once, without gradient (`Backbone.layer_input`); their output at layer m serves
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from dualedit.data.prompts import EncodedBatch
-from dualedit.editors.dualedit import DualEditor, EditStates
+from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.keys import compact, key_parts, text_key_positions
+from dualedit.editors.dualedit.memory import EditStates
 from dualedit.train.data import EditBatch
 
 #: Validation metric names, as in the evaluation harness; the score is their mean.

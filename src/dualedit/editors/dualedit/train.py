@@ -1,0 +1,212 @@
+"""Training the DualEdit adapters: `DualEditTrainable` (what the one training loop needs from
+DualEdit) and `train_dualedit` (the loop run for it, ending with tau chosen on the validation
+edits).
+
+The loss and the validation metrics are one edited pass (losses.py: the frozen prefix run once,
+backward through layers >= min(t, v) only); the loop (`dualedit.train.loop.train`) does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from dualedit.backbones import Backbone, get_backbone
+from dualedit.data.mmedit import MMEditDataset
+from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES, TauChoice, calibrate_on
+from dualedit.editors.dualedit.config import DualEditConfig
+from dualedit.editors.dualedit.editor import DualEditor
+from dualedit.editors.dualedit.losses import METRICS, edit_pass
+from dualedit.numerics import flush_denormals
+from dualedit.train.data import EditBatch
+from dualedit.train.loop import place_model, train, validation_split
+from dualedit.train.settings import TrainResult, TrainSettings
+from dualedit.train.meta import base_model_meta
+
+
+class DualEditTrainable:
+    """The DualEdit adapters as the training loop trains them (a `dualedit.train.Trainable`).
+
+    Holds a `DualEditor` attached to `model` (base model frozen, gate off in every training and
+    validation pass); `module` is its adapters. `close()` detaches it.
+
+    Args:
+        model, processor: the VLM, already where it trains (`train.loop.place_model`).
+        config: the adapters' `DualEditConfig` (or a dict of its fields; None: the defaults); the
+            gate is saved as configured, for evaluation.
+        text_loc_kl: include the KL on the text-only locality sample in the loss
+            (`TrainSettings.text_loc_kl`).
+        calibration: how `finish` stores the validation edits while it chooses tau: "single" or
+            "sequential" (see `calibrate.choose_tau`).
+        backbone: where the model's layers are (None: looked up).
+
+    Example:
+        >>> trainable = DualEditTrainable(model, processor, config={"width": 256})
+        >>> result = train(trainable, model, processor, train_split, out_dir="runs/vqa")
+    """
+
+    name = DualEditor.name
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        *,
+        config: DualEditConfig | dict[str, Any] | None = None,
+        text_loc_kl: bool = True,
+        calibration: str = "single",
+        backbone: Backbone | None = None,
+    ):
+        if calibration not in CALIBRATION_MODES:
+            raise ValueError(
+                f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}"
+            )
+        if not isinstance(text_loc_kl, bool):
+            raise TypeError(f"text_loc_kl must be a bool, got {text_loc_kl!r}")
+        config = _resolve_config(config, where="DualEditTrainable config")
+        self.text_loc_kl = text_loc_kl
+        self.calibration = calibration
+        self.editor = DualEditor(
+            model, processor, backbone if backbone is not None else get_backbone(model),
+            config=config,
+        )
+        self.module: nn.Module = self.editor.adapters
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.editor.parameters()
+
+    def loss(self, batch: EditBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """l_rel + l_gen + l_loc (paper eq. 5, see losses.py) and the three terms."""
+        out = edit_pass(self.editor, batch, text_loc=self.text_loc_kl)
+        return out.loss(self.text_loc_kl)
+
+    def metrics(self, batch: EditBatch) -> dict[str, torch.Tensor]:
+        """Rel / T-Gen / V-Gen token accuracy and T-Loc / M-Loc agreement (gate off), per edit,
+        in `METRICS` order (the score is summed in it)."""
+        metrics = edit_pass(self.editor, batch, text_loc=True).metrics()
+        return {key: metrics[key] for key in METRICS}
+
+    def run_meta(self) -> dict[str, Any]:
+        editor = self.editor
+        return {
+            "config": editor.config.to_dict(),
+            **base_model_meta(editor.model, editor.backbone),
+        }
+
+    def save(self, directory: Path) -> None:
+        self.editor.save_pretrained(directory)
+
+    def finish(self, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]) -> TauChoice:
+        """Choose tau on the validation edits and save it in the best adapters' config."""
+        return calibrate_on(
+            self.editor.model, self.editor.processor, best_dir, dataset, val_idx, self.calibration
+        )
+
+    def close(self) -> None:
+        self.editor.detach()
+
+
+@flush_denormals()  # subnormal floats slow CPU training many times over (numerics.py)
+def train_dualedit(
+    model: nn.Module,
+    processor: Any,
+    train_dataset: MMEditDataset,
+    *,
+    config: DualEditConfig | dict[str, Any] | None = None,
+    settings: TrainSettings | None = None,
+    out_dir: str | Path,
+    val_fraction: float | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    calibrate_tau: bool = True,
+    calibration: str = "single",
+) -> TrainResult:
+    """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
+
+    Args:
+        model: the VLM; its weights are never changed (only `requires_grad` flags while training,
+            given back at the end). It is put in eval mode while training (no dropout), and moved
+            to `accelerator.device` unless it is already there or sharded (`hf_device_map`).
+        processor: its processor.
+        train_dataset: the train split (`load_split(root, task, "train")`); validation edits are
+            a fixed selection of it (see `split_indices`), never the eval split.
+        config: the adapters' `DualEditConfig` (or a dict of its fields); the gate is off while
+            training and saved as configured for evaluation.
+        settings: `TrainSettings` (default: `TrainSettings()`).
+        out_dir: the run folder (created).
+        val_fraction: if given, the validation edits are this fraction of the train split
+            (overrides `settings.val_edits`).
+        resume: continue from `out_dir/checkpoint` when there is one (its settings and config
+            must match); False starts afresh and replaces earlier results in `out_dir`.
+        progress: show a tqdm bar (main process only).
+        accelerator: for data parallelism (`accelerate launch`, or a torchrun-style environment
+            with `Accelerator(cpu=True)` on CPUs): each process takes batch_size / processes
+            edits of every step and gradients are averaged. None: `Accelerator(cpu=<no CUDA>)`.
+        calibrate_tau: after training, choose the gate threshold on the validation edits
+            (`calibrate.choose_tau`) and save it in the best adapters' config (the configured
+            tau is kept when False). Logged and returned as `TrainResult.tau`.
+        calibration: how the validation edits are stored while tau is chosen: "single" (one
+            at a time) or "sequential" (all at once, as the sequential protocol holds them);
+            see `calibrate.choose_tau`.
+
+    Returns:
+        A `TrainResult` (best score and step, folders, timing, `tau`).
+
+    Raises:
+        ValueError: bad settings, too few edits, a batch size not divisible by the processes, or
+            a checkpoint from another run (names what differs).
+
+    Example:
+        >>> ds = load_split("world", "vqa", "train")
+        >>> result = train_dualedit(model, processor, ds, config={"width": 256},
+        ...                         settings=TrainSettings(max_steps=3000), out_dir="runs/vqa")
+        >>> editor = DualEditor.from_pretrained(model, processor, result.best_dir)
+    """
+    started = time.perf_counter()
+    # Everything that can be refused is refused before the model moves or the editor attaches,
+    # not after hours of training.
+    if calibration not in CALIBRATION_MODES:
+        raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}")
+    settings = settings if settings is not None else TrainSettings()
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+    config = _resolve_config(config, where="train_dualedit config")
+    if accelerator is None:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    validation_split(
+        train_dataset, settings, val_fraction=val_fraction, processes=accelerator.num_processes
+    )
+    place_model(model, accelerator)
+    trainable = DualEditTrainable(
+        model, processor, config=config, text_loc_kl=settings.text_loc_kl, calibration=calibration
+    )
+    result = train(
+        trainable,
+        model,
+        processor,
+        train_dataset,
+        settings=settings,
+        out_dir=out_dir,
+        val_fraction=val_fraction,
+        resume=resume,
+        progress=progress,
+        accelerator=accelerator,
+        finish=calibrate_tau,
+    )
+    return dataclasses.replace(result, seconds=time.perf_counter() - started)
+
+
+def _resolve_config(
+    config: DualEditConfig | dict[str, Any] | None, *, where: str
+) -> DualEditConfig:
+    if isinstance(config, dict):
+        return DualEditConfig.from_dict(config, where=where)
+    return config if config is not None else DualEditConfig()

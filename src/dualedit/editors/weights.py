@@ -1,0 +1,128 @@
+"""Weight snapshots and `requires_grad` freezing, shared by every method that touches the model.
+
+A weight-editing method (FT-L, FT-V, KE, MEND, Transformer-Patcher) computes a change, writes it
+into some of the model's tensors, and must be able to undo it exactly: `WeightSnapshot` keeps a
+copy of those tensors taken before the first edit and copies it back, so `state_dict()` is
+byte-identical afterwards. `swapped()` puts the original values in for the length of a block (an
+editor's `disabled()`). `freeze` / `frozen` switch `requires_grad` off for the base model, on for
+the parameters a method trains, and give every flag back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class WeightSnapshot:
+    """A copy of a module's tensors (parameters and buffers) at construction.
+
+    Args:
+        module: the module whose `state_dict()` is copied (e.g. one MLP of the language model).
+
+    Example:
+        >>> snapshot = WeightSnapshot(mlp)
+        >>> mlp.down_proj.weight.data += delta          # an edit
+        >>> with snapshot.swapped():                    # the unedited layer inside the block
+        ...     base_logits = model(**inputs).logits
+        >>> snapshot.restore()                          # byte-identical to before the edit
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved: dict[str, torch.Tensor] = {
+            name: tensor.detach().clone() for name, tensor in self._live().items()
+        }
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict(keep_vars=True))
+
+    def restore(self) -> None:
+        """Copy the saved values back into the module's tensors (in place, same storage)."""
+        with torch.no_grad():
+            for name, tensor in self._live().items():
+                tensor.copy_(self.saved[name])
+
+    def changed(self) -> list[str]:
+        """Names of the tensors whose values differ from the snapshot now."""
+        live = self._live()
+        return [name for name, saved in self.saved.items() if not torch.equal(live[name], saved)]
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the module's tensors as they are now (for saving an edited state)."""
+        return {name: tensor.detach().clone() for name, tensor in self._live().items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], *, where: str = "weights") -> None:
+        """Write `tensors` (names and shapes of the module's) into the module.
+
+        Raises:
+            ValueError: missing or unexpected names, or a shape that differs (named).
+        """
+        live = self._live()
+        missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+        if missing or unexpected:
+            raise ValueError(f"{where}: missing tensors {missing}, unexpected {unexpected}")
+        for name, tensor in tensors.items():
+            if tensor.shape != live[name].shape:
+                raise ValueError(
+                    f"{where}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                    f"{tuple(live[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                live[name].copy_(tensor)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Inside the block the module holds the saved values; the current ones come back after."""
+        edited = self.current()
+        self.restore()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, tensor in self._live().items():
+                    tensor.copy_(edited[name])
+
+
+class GradFlags:
+    """The `requires_grad` flags of a model's parameters, saved to be given back later."""
+
+    def __init__(self, model: nn.Module):
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def give_back(self) -> None:
+        """Set every parameter's flag to what it was when saved."""
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+
+
+def freeze(model: nn.Module, train: Iterable[nn.Parameter] = ()) -> GradFlags:
+    """Switch `requires_grad` off for every parameter of `model`, on for `train`.
+
+    Returns:
+        The flags as they were (`give_back()` restores them).
+    """
+    flags = GradFlags(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in train:
+        p.requires_grad_(True)
+    return flags
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, train: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """`freeze(model, train)` for the block; flags given back and `train`'s gradients dropped
+    after, whatever happens inside."""
+    train = list(train)
+    flags = freeze(model, train)
+    try:
+        yield
+    finally:
+        flags.give_back()
+        for p in train:
+            p.grad = None
