@@ -255,3 +255,39 @@ def test_the_harness_drives_the_editor(tiny_vlm, tiny_image_dir, tmp_path):
         assert sum(opened) >= 2 * 2 and 0 in opened
     finally:
         editor.detach()
+
+
+def test_folders_of_the_previous_version_load_as_dualedit(tiny_vlm, tiny_images, tmp_path):
+    """Adapter folders written before editor folders named their method (format 1, as the
+    demo's cache and `dualedit train` left them until 2026-12-01) load through `load_editor`."""
+    from dualedit.editors import load_editor
+
+    model, processor = tiny_vlm.model, tiny_vlm.processor
+    batch = encode(QUERIES, processor, tiny_vlm.backbone, tiny_images)
+    first = DualEditor(model, processor, tau=0.95, heads=4)
+    try:
+        randomise(first)
+        first.save_pretrained(tmp_path / "old")
+        first.edit(tiny_images(EDIT[0]), EDIT[1], EDIT[2])
+        expected, _ = edited_logits(first, batch)
+    finally:
+        first.detach()
+    path = tmp_path / "old" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    del meta["method"]
+    meta["format"] = 1
+    meta["versions"] = {"dualedit": "0.1.0", "transformers": meta["versions"]["transformers"]}
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    loaded = load_editor(model, processor, tmp_path / "old")
+    try:
+        assert type(loaded) is DualEditor and loaded.config == first.config
+        loaded.edit(tiny_images(EDIT[0]), EDIT[1], EDIT[2])
+        got, _ = edited_logits(loaded, batch)
+        assert torch.equal(got, expected)
+    finally:
+        loaded.detach()
+    # An unknown format is refused with the file's name.
+    meta["format"] = 7
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="adapter_config.json: editor folder format 7"):
+        load_editor(model, processor, tmp_path / "old")

@@ -154,3 +154,25 @@ def test_ft_l_fits_several_records_together(tiny_factory, tiny_images):
     with editor.applied(edit_requests(RECORDS, "vqa"), tiny_images):
         assert rel_accuracy(model, processor, RECORDS, tiny_images) == [1.0, 1.0]
     assert rel_accuracy(model, processor, RECORDS, tiny_images) != [1.0, 1.0]
+
+
+def test_methods_from_entry_points_are_registered_and_broken_ones_skipped(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import dualedit.editors.registry as registry
+
+    class Plugin(NoEditor):
+        name = "plugin-none"
+
+    spec = MethodSpec("plugin-none", Plugin, "a plug-in method")
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    entries = [
+        SimpleNamespace(name="good", value="pkg:METHOD", load=lambda: spec),
+        SimpleNamespace(name="broken", value="pkg:gone", load=lambda: 1 / 0),
+        SimpleNamespace(name="clash", value="pkg:CLASH",
+                        load=lambda: MethodSpec("none", type("X", (NoEditor,), {}), "")),
+    ]
+    assert registry.register_entry_points(entries) == ["plugin-none"]
+    assert registry.get_method("plugin-none") is spec
+    assert registry.METHODS["none"].editor is NoEditor
+    assert "'broken'" in caplog.text and "'clash'" in caplog.text

@@ -77,3 +77,23 @@ def test_readme_python_api_runs_as_written(fake_cache, tmp_path, capsys):
         line.startswith("GateDecision(edit_id=0,") and "edited=True" in line for line in lines
     )
     assert any(line.startswith("[EditInfo(id=0, prompt=") for line in lines)
+
+
+def test_readme_adding_a_method_registers_it(monkeypatch, tiny_llava, tiny_images, tmp_path):
+    import dualedit.editors.registry as registry
+    from dualedit.data.requests import EditRequest
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    section = README.read_text(encoding="utf-8").split("\n## Adding a method\n", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.DOTALL)
+    script = tmp_path / "adding_a_method.py"
+    script.write_text(block, encoding="utf-8")
+    namespace = runpy.run_path(str(script), run_name="__main__")
+    spec = registry.get_method("my-method")
+    assert spec.editor is namespace["MyEditor"] and not spec.trainable
+    editor = registry.make_editor("my-method", *tiny_llava, strength=2.0)
+    assert editor.config.strength == 2.0
+    assert editor.apply([EditRequest("red.png", "what is it?", "a ball")], tiny_images) == [0]
+    with pytest.raises(ValueError, match="strenght"):
+        registry.make_editor("my-method", *tiny_llava, strenght=2.0)
+

@@ -1,13 +1,18 @@
 """Editing methods by name: the one table the CLI, the demo and the harness look methods up in.
 
 Each method's module defines its `MethodSpec` (`METHOD`); this module collects them. A method of
-one's own joins with `register_method(MethodSpec(...))` and then works with every command
-(`dualedit train/eval/edit --method NAME`), `make_editor` and `load_editor`.
+one's own joins with `register_method(MethodSpec(...))` in Python, or, for the command line, from
+an installed package that names its spec under the entry-point group `dualedit.methods`
+(`[project.entry-points."dualedit.methods"] my-method = "my_pkg.editor:METHOD"`); it then works
+with every command (`dualedit train/eval/edit --method NAME`), `make_editor` and `load_editor`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
+from importlib import metadata
 from typing import Any
 
 from torch import nn
@@ -19,6 +24,9 @@ from dualedit.editors.dualedit import method as dualedit_method
 from dualedit.editors.files import saved_method
 from dualedit.editors.spec import MethodSpec
 
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dualedit.methods"
 METHODS: dict[str, MethodSpec] = {}
 
 
@@ -40,6 +48,32 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 for _spec in (none.METHOD, finetune.METHOD, dualedit_method.METHOD):
     register_method(_spec)
+
+
+def register_entry_points(entry_points: Iterable[Any] | None = None) -> list[str]:
+    """Register the `MethodSpec`s that installed packages name under `dualedit.methods`.
+
+    A broken plug-in (it fails to import, is not a `MethodSpec`, or takes a built-in name) is
+    skipped with a warning naming it, so one bad package does not take the tool down.
+
+    Returns:
+        The names registered.
+    """
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    added = []
+    for entry in entry_points:
+        try:
+            spec = entry.load()
+            register_method(spec)
+        except Exception as error:  # a third party's package: report it, keep going
+            logger.warning("method plug-in %r (%s) skipped: %s", entry.name, entry.value, error)
+            continue
+        added.append(spec.name)
+    return added
+
+
+register_entry_points()
 
 
 def get_method(name: str) -> MethodSpec:
