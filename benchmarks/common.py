@@ -171,8 +171,14 @@ def load_setup(arch: str, args: argparse.Namespace, workdir: Path) -> Setup:
     )
     if pretrained:
         model, processor = load_vlm(model_dir, dtype=dtype, device=args.device)
-        adapters = cache / "adapters" / f"{arch}-vqa-seed{SEED}" / "best"
-        adapters = adapters if (adapters / "adapter_config.json").is_file() else None
+        # The demo's trained DualEdit editor (older caches kept it under adapters/).
+        run = f"{arch}-vqa-seed{SEED}"
+        found = [
+            folder / "best"
+            for folder in (cache / "trained" / "dualedit" / run, cache / "adapters" / run)
+            if (folder / "best" / "adapter_config.json").is_file()
+        ]
+        adapters = found[0] if found else None
         source = {
             "kind": "pretrained",
             "path": str(model_dir),
