@@ -34,7 +34,7 @@ from common import Variant  # noqa: E402
 
 from dualedit.data.prompts import encode, record_samples  # noqa: E402
 from dualedit.editors.dualedit import DualEditor  # noqa: E402
-from dualedit.editors.dualedit.capture import LayerCapture  # noqa: E402
+from dualedit.editors.capture import LayerTrace  # noqa: E402
 
 TARGET_RATIO = 0.8
 BATCH_SIZES = (4, 16)
@@ -71,7 +71,7 @@ def bench_arch(setup: common.Setup, args: Any) -> dict[str, Any]:
 
     @torch.no_grad()
     def capture_forward(batch: Any) -> dict[int, torch.Tensor]:
-        with LayerCapture(model, backbone, [t, v]) as capture:
+        with LayerTrace(model, backbone, [t, v], stop=True) as capture:
             return capture.run(functools.partial(full_forward, batch))
 
     def bare(name: str, run: Any) -> Variant:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dualedit.data.prompts import Sample, encode, encode_prompts
-from dualedit.editors.dualedit import DualEditor, LayerCapture, text_positions
+from dualedit.editors.capture import LayerTrace
+from dualedit.editors.dualedit import DualEditor, text_positions
 
 # The edit, a query that is the edit itself (same image, prompt and target), and an unrelated
 # query that is longer, so that the edit's query is the padded row in a batch of the two.
@@ -76,8 +77,8 @@ def gate_pass(vlm, editor, images, group, padding, layer=2):
         end = None
     inputs = (vlm.model, batch.input_ids, batch.attention_mask, batch.pixel_values)
     with torch.no_grad(), editor.disabled():
-        with LayerCapture(vlm.model, vlm.backbone, [layer]) as capture:
-            h = capture.run(lambda: vlm.backbone.forward_logits(*inputs))[layer]
+        with LayerTrace(vlm.model, vlm.backbone, [layer], stop=True) as trace:
+            h = trace.run(lambda: vlm.backbone.forward_logits(*inputs))[layer]
     with torch.no_grad(), editor.session(batch.input_ids, batch.attention_mask, end) as ctx:
         vlm.backbone.forward_logits(*inputs)
     return batch, end, h, ctx
@@ -194,8 +195,8 @@ def test_adapters_edit_exactly_their_positions(
 
     def layer_outputs():
         # Registered after the editor's hooks, so it sees the edited outputs.
-        with LayerCapture(tiny_vlm.model, tiny_vlm.backbone, [2, 4]) as capture:
-            return capture.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))
+        with LayerTrace(tiny_vlm.model, tiny_vlm.backbone, [2, 4], stop=True) as trace:
+            return trace.run(lambda: tiny_vlm.backbone.forward_logits(*inputs))
 
     with torch.no_grad():
         with editor.disabled():
@@ -495,15 +496,15 @@ def test_calls_need_a_context_and_leave_no_state(tiny_vlm, tiny_images, make):
         backbone.forward_logits(*inputs)  # no edits stored: nothing to do, no context needed
         add_edit(editor, tiny_images)
         backbone.forward_logits(*inputs)  # a plain model call opens its own context
-        assert editor.hooks._call is None and editor.hooks._auto is None
+        assert editor.hooks.hook_set.idle
         # Decoder layers run outside the model's forward have no inputs to read a context from.
         hidden = backbone.layer_input(model, 0, *inputs[1:])  # [1, seq, hidden]
-        assert editor.hooks._auto is None  # dropped although that forward raised to stop
+        assert editor.hooks.hook_set.automatic is None  # dropped although that forward raised
         with pytest.raises(RuntimeError, match="without a call context"):
             backbone.run_layers(model, hidden, batch.attention_mask, 0, backbone.depth(model))
         with pytest.raises(ZeroDivisionError), editor.context(batch):
             raise ZeroDivisionError
-        assert editor.hooks._call is None
+        assert editor.hooks.hook_set.explicit is None
         with editor.context(batch), pytest.raises(RuntimeError, match="already open"):
             with editor.context(batch):
                 pass

@@ -50,8 +50,7 @@ def plain_generate(model, prompts, **kwargs):
 
 
 def no_leftover_state(editor):
-    hooks = editor.hooks
-    return hooks._call is None and hooks._auto is None and hooks._pending_ids is None
+    return editor.hooks.hook_set.idle
 
 
 def test_plain_generate_is_edited_like_editor_generate(tiny_vlm, tiny_images, editor):

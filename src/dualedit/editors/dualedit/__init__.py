@@ -4,9 +4,8 @@ memory of many edits (see docs/SPEC section 1).
 config.py   DualEditConfig (layers, width, heads, tau, gate options, ablations, dtype)
 adapter.py  CrossAttentionAdapter (identity at initialisation)
 memory.py   EditMemory (states and gate keys of many edits, nearest-edit lookup, files)
-hooks.py    DualEditHooks (forward hooks, per-call context, gate)
-auto.py     automatic contexts for plain model(...) / model.generate(...) calls
-capture.py  LayerCapture (some layers' outputs, stop after the last)
+hooks.py    DualEditHooks (the adapters' layer hooks, per-call context, gate), on the shared
+            editors.hooks.HookSet (owned handles, explicit and automatic contexts)
 decision.py GateDecision (what the gate decides for a question; DualEditor.explain)
 editor.py   DualEditor (the harness's Editor and the user API)
 files.py    adapter files (config JSON + safetensors weights), atomic safetensors writes
@@ -17,7 +16,6 @@ train.py    DualEditTrainable (the training loop's view of DualEdit), train_dual
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.calibrate import calibrate_adapters
-from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
 from dualedit.editors.dualedit.decision import GateDecision
 from dualedit.editors.dualedit.editor import DualEditor, states_of
@@ -44,7 +42,6 @@ __all__ = [
     "EditMemory",
     "EditStates",
     "GateDecision",
-    "LayerCapture",
     "apply_adapter",
     "calibrate_adapters",
     "default_layers",

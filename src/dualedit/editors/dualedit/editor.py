@@ -39,8 +39,8 @@ from dualedit.editors.base import (
     open_image,
     user_requests,
 )
+from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
-from dualedit.editors.dualedit.capture import LayerCapture
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
 from dualedit.editors.dualedit.decision import GateDecision, decision_of
 from dualedit.editors.dualedit.files import (
@@ -277,9 +277,9 @@ class DualEditor(Editor):
         with (
             torch.no_grad(),
             self.session(batch.input_ids, batch.attention_mask) as ctx,
-            LayerCapture(self.model, self.backbone, [self.config.text_layer]) as capture,
+            LayerTrace(self.model, self.backbone, [self.config.text_layer], stop=True) as trace,
         ):
-            capture.run(forward)  # registered after the editor's hooks: the gate decides first
+            trace.run(forward)  # registered after the editor's hooks: the gate decides first
         return self.decision(ctx, 0)
 
     def decision(self, ctx: CallContext, row: int) -> GateDecision:
@@ -372,9 +372,9 @@ class DualEditor(Editor):
                     with (
                         torch.no_grad(),
                         self.hooks.disabled(),
-                        LayerCapture(self.model, self.backbone, [t, v]) as capture,
+                        LayerTrace(self.model, self.backbone, [t, v], stop=True) as trace,
                     ):
-                        outputs = capture.run(forward)
+                        outputs = trace.run(forward)
                     for row, i in enumerate(chunk):
                         out[i] = _edit_states(outputs, t, v, batch, row, self.config.text_keys)
         finally:

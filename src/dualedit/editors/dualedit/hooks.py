@@ -1,19 +1,20 @@
 """Forward hooks that run the DualEdit adapters on two decoder layers.
 
-`DualEditHooks` owns exactly its own hook handles (on the text layer t, the visual layer v, the
-language model's input embedding and the decoder stack) and removes exactly those. What one
-forward or generate() call needs (image positions, each input's prompt end, the gate decision,
-the chosen edit) lives in a `CallContext`, never on modules or in module globals:
+`DualEditHooks` registers its hooks (on the text layer t, the visual layer v, and through
+`editors.hooks.HookSet.automatic_contexts` on the language model's input embedding and the
+decoder stack) in a `HookSet`, which removes exactly those. What one forward or generate() call
+needs (image positions, each input's prompt end, the gate decision, the chosen edit) lives in a
+`CallContext` held by the hook set, never on modules or in module globals:
 
 - an explicit context, opened by `call(...)` (the harness, training, `DualEditor.generate`) and
   dropped in `finally`, covers every pass inside it (prompt pass and decode steps);
 - otherwise, when edits are stored, each pass of the decoder stack opens an automatic context from
-  its own inputs (see auto.py: image positions from the placeholder ids, padding from the
-  attention mask, prompt end = last attended token) and a forward hook that runs even when the
-  pass raises drops it. So plain `model(**inputs)` and `model.generate(**inputs)` work on both
-  backbones. A decode step (the KV cache already holds tokens) is never edited; without a cache
-  (`use_cache=False`) every step is a fresh pass whose prompt includes the tokens generated so
-  far (`DualEditor.generate` keeps the first pass's decision instead).
+  its own inputs (`editors.calls.StackCall`: image positions from the placeholder ids, padding
+  from the attention mask; prompt end = last attended token) and a forward hook that runs even
+  when the pass raises drops it. So plain `model(**inputs)` and `model.generate(**inputs)` work
+  on both backbones. A decode step (the KV cache already holds tokens) is never edited; without a
+  cache (`use_cache=False`) every step is a fresh pass whose prompt includes the tokens generated
+  so far (`DualEditor.generate` keeps the first pass's decision instead).
 
 Per input, on the first pass of a call (the prompt pass in generate()):
 - the gate key is read from the text layer's output (keys.py): at the input's last prompt token
@@ -42,13 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualedit.backbones import Backbone, layer_output_tensor, replace_layer_output
+from dualedit.editors.calls import StackCall
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
-from dualedit.editors.dualedit.auto import (
-    decoder_stack,
-    embedding_ids,
-    pad_token_id,
-    stack_call,
-)
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.keys import (
     KIND_PARTS,
@@ -57,6 +53,7 @@ from dualedit.editors.dualedit.keys import (
     similarity_rows,
 )
 from dualedit.editors.dualedit.memory import EditMemory, EditStates
+from dualedit.editors.hooks import HookSet
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +183,9 @@ class DualEditHooks:
         text_adapter, visual_adapter: the adapters.
         memory: the edit memory looked up when a call gives no edits itself.
 
+    Attributes:
+        hook_set: the `HookSet` holding its hooks and the explicit / automatic context.
+
     Example:
         >>> with hooks:  # attach ... detach
         ...     with hooks.call(image_mask, attention_mask, prompt_end):
@@ -209,11 +209,7 @@ class DualEditHooks:
         self.text_adapter = text_adapter
         self.visual_adapter = visual_adapter
         self.memory = memory
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._call: CallContext | None = None  # explicit, from call(...)
-        self._auto: CallContext | None = None  # automatic, while the decoder stack runs
-        self._pending_ids: torch.Tensor | None = None  # last ids the input embedding saw
-        self._pad_token_id = pad_token_id(model)
+        self.hook_set = HookSet()
         self._disabled = False
 
     # -- attaching ----------------------------------------------------------------------------
@@ -228,29 +224,21 @@ class DualEditHooks:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self.hook_set.attached
 
     def attach(self) -> None:
         """Register the forward hooks (a no-op when already attached)."""
-        if self._handles:
+        if self.hook_set.attached:
             return
         for index in self.layers:
-            layer = self.backbone.layer(self.model, index)
-            self._handles.append(layer.register_forward_hook(self._hook(index)))
-        embedding = self.model.get_input_embeddings()
-        stack = decoder_stack(self.model, self.backbone)
-        self._handles += [
-            embedding.register_forward_pre_hook(self._on_embedding, with_kwargs=True),
-            stack.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
-            stack.register_forward_hook(self._on_stack_end, always_call=True),
-        ]
+            self.hook_set.forward_hook(self.backbone.layer(self.model, index), self._hook(index))
+        self.hook_set.automatic_contexts(
+            self.model, self.backbone, self._open_automatic, wanted=self._wants_auto
+        )
 
     def detach(self) -> None:
         """Remove exactly the hooks this object registered."""
-        while self._handles:
-            self._handles.pop().remove()
-        self._auto = None
-        self._pending_ids = None
+        self.hook_set.remove()
 
     def __enter__(self) -> DualEditHooks:
         self.attach()
@@ -295,8 +283,6 @@ class DualEditHooks:
             The context; after the call it holds the gate decision (`open`, `similarity`,
             `chosen`) for inspection.
         """
-        if self._call is not None:
-            raise RuntimeError("a DualEdit call context is already open (calls do not nest)")
         batch = image_mask.shape[0]
         if attention_mask.shape != image_mask.shape or tuple(prompt_end.shape) != (batch,):
             raise ValueError(
@@ -312,30 +298,20 @@ class DualEditHooks:
             edits=edits,
             gate=self.config.gate if gate is None else bool(gate),
         )
-        self._call = ctx
-        self._pending_ids = None
-        try:
+        with self.hook_set.call(ctx):  # RuntimeError when a call is already open
             yield ctx
-        finally:
-            self._call = None
 
     # -- automatic contexts (plain model calls) -------------------------------------------------
 
     def _wants_auto(self) -> bool:
-        return self._call is None and not self._disabled and len(self.memory) > 0
+        return not self._disabled and len(self.memory) > 0
 
-    def _on_embedding(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        self._pending_ids = embedding_ids(args, kwargs) if self._wants_auto() else None
-
-    def _on_stack_start(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        pending, self._pending_ids = self._pending_ids, None
-        self._auto = None
-        if not self._wants_auto():
-            return
-        seen = stack_call(kwargs, pending, self._pad_token_id)
+    def _open_automatic(self, seen: StackCall) -> CallContext | None:
+        """The context of one plain decoder-stack pass (None: no ids of its shape are known,
+        the layer hook says so)."""
         if seen.continuation:
             # A decode step: the cache holds the prompt pass's (edited) keys and values.
-            self._auto = CallContext(
+            return CallContext(
                 image_mask=torch.zeros(0, 0, dtype=torch.bool),
                 attention_mask=torch.zeros(0, 0, dtype=torch.bool),
                 prompt_end=torch.zeros(0, dtype=torch.long),
@@ -344,21 +320,17 @@ class DualEditHooks:
                 decided=True,
                 automatic=True,
             )
-        elif seen.input_ids is not None:
-            mask = seen.attention_mask  # [batch, seq] bool
-            self._auto = CallContext(
-                image_mask=self.backbone.image_mask(self.model, seen.input_ids) & mask,
-                attention_mask=mask,
-                prompt_end=last_positions(mask),
-                edits=None,
-                gate=self.config.gate,
-                automatic=True,
-            )
-        # else: no ids of this pass's shape are known; the layer hook says so.
-
-    def _on_stack_end(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._auto = None
-        self._pending_ids = None
+        if seen.input_ids is None:
+            return None
+        mask = seen.attention_mask  # [batch, seq] bool
+        return CallContext(
+            image_mask=self.backbone.image_mask(self.model, seen.input_ids) & mask,
+            attention_mask=mask,
+            prompt_end=last_positions(mask),
+            edits=None,
+            gate=self.config.gate,
+            automatic=True,
+        )
 
     # -- the hook -----------------------------------------------------------------------------
 
@@ -371,7 +343,7 @@ class DualEditHooks:
     def _on_layer(self, index: int, output: Any) -> Any:
         if self._disabled:
             return None
-        ctx = self._call if self._call is not None else self._auto
+        ctx = self.hook_set.current()
         if ctx is None:
             if len(self.memory) == 0:
                 return None

@@ -1,8 +1,9 @@
-"""What an automatic call context is opened from, when a user runs the model directly.
+"""What one plain model call was given, read from the inputs at the modules every forward of both
+backbones passes through (used by `hooks.HookSet` for automatic per-call contexts).
 
-`model(**inputs)` and `model.generate(**inputs)` give the DualEdit hooks no image positions or
-prompt ends. They are read from the inputs instead, at two places every forward of both
-backbones passes through (checked for transformers 5.24):
+`model(**inputs)` and `model.generate(**inputs)` give a hook-based method no image positions or
+prompt ends of their own. They are read from the inputs instead, at two places every forward of
+both backbones passes through (checked for transformers 5.24):
 
 - the language model's input embedding module receives the token ids *with* the image
   placeholders still in them: LLaVA's forward embeds `input_ids` before scattering the image
@@ -12,10 +13,9 @@ backbones passes through (checked for transformers 5.24):
   decoder) is called with the 2-d `attention_mask` and the KV `cache` as keyword arguments, and
   with `input_ids` itself when the OPT language model is run on text alone.
 
-So the embedding pre-hook remembers the ids, and the decoder stack's pre-hook turns ids and
-attention mask into a context (prompt end = each row's last attended token); a pass whose cache
-already holds tokens is a decode step and never edits (the cache carries the prompt pass's
-edit).
+So an embedding pre-hook remembers the ids, and the decoder stack's pre-hook turns ids and
+attention mask into a `StackCall`; a pass whose cache already holds tokens is a decode step
+(`continuation`): the cache carries what the prompt pass computed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StackCall:
 
     Attributes:
         input_ids: [batch, seq] token ids with image placeholders, or None when unknown.
-        attention_mask: [batch, seq] bool, False on padding.
+        attention_mask: [batch, seq] bool, False on padding (None when `input_ids` is).
         continuation: the KV cache already holds earlier tokens (a decode step).
     """
 
@@ -91,6 +91,10 @@ def stack_call(
         A `StackCall`; its `input_ids` is None when no ids of the pass's shape are known. Ids
         given for fewer rows than the pass (generate() repeats each input per beam / returned
         sequence) are repeated in place.
+
+    Example:
+        >>> seen = stack_call({"attention_mask": mask, "inputs_embeds": embeds}, ids, 0)
+        >>> seen.input_ids.shape == mask.shape  # [batch, seq]
     """
     if cached_length(kwargs) > 0:
         return StackCall(None, None, continuation=True)
