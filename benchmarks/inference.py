@@ -34,7 +34,7 @@ from common import Variant  # noqa: E402
 
 from dualedit.data.prompts import encode, encode_prompts, record_samples  # noqa: E402
 from dualedit.editors.dualedit import DualEditor  # noqa: E402
-from dualedit.editors.dualedit.keys import KEY_PARTS, part_width  # noqa: E402
+from dualedit.editors.dualedit.gate import KEY_PARTS, part_width  # noqa: E402
 
 TARGET_RATIO = 1.10
 EDIT_COUNTS = (1, 100, 10_000)

@@ -13,7 +13,7 @@ from dualedit.data.prompts import record_samples
 from dualedit.data.requests import edit_request, edit_requests
 from dualedit.editors.dualedit import DualEditConfig, DualEditor
 from dualedit.editors.dualedit.calibrate import best_threshold, choose_tau
-from dualedit.editors.dualedit.decision import GateDecision
+from dualedit.editors.dualedit.gate import GateDecision
 
 
 @pytest.fixture(scope="module")

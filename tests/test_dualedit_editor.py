@@ -350,7 +350,7 @@ def test_prompt_end_image_groups_key_by_hand(tiny_vlm, tiny_images, make, paddin
     computed here by hand; a text-only input scores its prompt-end cosine / sqrt(2)."""
     import torch.nn.functional as F
 
-    from dualedit.editors.dualedit.keys import IMAGE_GROUPS
+    from dualedit.editors.dualedit.gate import IMAGE_GROUPS
 
     editor = make(text_layer=2, visual_layer=4, gate_key="prompt_end_image_groups", tau=0.999)
     add_edit(editor, tiny_images)

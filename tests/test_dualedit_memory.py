@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dualedit.editors.dualedit import EditMemory
-from dualedit.editors.dualedit.keys import IMAGE_GROUPS
+from dualedit.editors.dualedit.gate import IMAGE_GROUPS
 
 HIDDEN = 8
 # Bytes of one edit's key parts: three float32 parts of HIDDEN and the image groups.
@@ -238,7 +238,7 @@ def test_prompt_end_and_image_lookup_is_the_smaller_of_the_two_cosines():
     """Both parts must match: the similarity is min(prompt-end cosine, image cosine), and the
     nearest edit is chosen by it. An input without an image has image cosine 0 against an edit
     with one and 1 against an edit without one."""
-    from dualedit.editors.dualedit.keys import gate_vectors
+    from dualedit.editors.dualedit.gate import gate_vectors
 
     m = memory()
     stored = [edit(seed)[2] for seed in range(5)]
@@ -266,7 +266,7 @@ def test_prompt_end_and_image_lookup_is_the_smaller_of_the_two_cosines():
 def test_prompt_end_and_image_keeps_out_an_input_that_matches_only_the_image():
     """Same image, an unrelated question (orthogonal prompt-end state): the mean key scores it
     0.5, above a threshold of 0.4; the min key scores it 0, and the question alone likewise."""
-    from dualedit.editors.dualedit.keys import gate_vectors
+    from dualedit.editors.dualedit.gate import gate_vectors
 
     m = memory()
     text, visual, keys = edit(0)
@@ -289,7 +289,7 @@ def test_prompt_end_and_image_keeps_out_an_input_that_matches_only_the_image():
 def test_similarity_rows_agree_with_the_matrix():
     """The per-row similarity (edits given per input, as in training) is the matrix diagonal."""
     from dualedit.editors.dualedit.config import GATE_KEYS
-    from dualedit.editors.dualedit.keys import (
+    from dualedit.editors.dualedit.gate import (
         gate_vectors,
         similarity_matrix,
         similarity_rows,
@@ -314,7 +314,7 @@ def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
     format-1 file (no image part) refuses it by name."""
     from safetensors.torch import load_file, save_file
 
-    from dualedit.editors.dualedit.keys import gate_vectors
+    from dualedit.editors.dualedit.gate import gate_vectors
 
     m = memory()
     for seed in range(3):
@@ -344,7 +344,7 @@ def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
 def test_image_groups_are_the_normalised_means_of_contiguous_image_positions():
     """Per row: the image positions in order, cut into IMAGE_GROUPS groups (rank * groups //
     count), each group's mean normalised; zero without an image; padding and text ignored."""
-    from dualedit.editors.dualedit.keys import key_parts
+    from dualedit.editors.dualedit.gate import key_parts
 
     g = torch.Generator().manual_seed(5)
     h = torch.randn(3, 16, HIDDEN, generator=g)
@@ -363,7 +363,7 @@ def test_image_groups_are_the_normalised_means_of_contiguous_image_positions():
 
 
 def test_prompt_end_image_groups_lookup_is_the_mean_of_question_and_group_cosines():
-    from dualedit.editors.dualedit.keys import gate_vectors
+    from dualedit.editors.dualedit.gate import gate_vectors
 
     m = memory()
     stored = [edit(seed)[2] for seed in range(4)]
@@ -391,7 +391,7 @@ def test_edits_and_files_without_image_groups_refuse_only_the_group_key(tmp_path
     the kinds that need the groups name the missing part, the others work."""
     from safetensors.torch import load_file, save_file
 
-    from dualedit.editors.dualedit.keys import gate_vectors
+    from dualedit.editors.dualedit.gate import gate_vectors
 
     m = memory()
     text, visual, keys = edit(0)

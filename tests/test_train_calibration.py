@@ -4,7 +4,6 @@ calibration, saved where asked (the source left as it was), another gate key, th
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from test_train_data import write_tiny_mmedit

@@ -1,23 +1,28 @@
 """DualEdit: text and visual cross-attention adapters on a frozen VLM, a similarity gate, and a
 memory of many edits (see docs/SPEC section 1).
 
+Read these three first:
+adapter.py  what it computes: CrossAttentionAdapter (identity at initialisation)
+gate.py     when it acts: gate keys, the decision per call (nearest edit, similarity >= tau),
+            GateDecision (DualEditor.explain)
+editor.py   what an edit stores: DualEditor (apply = one frozen forward whose layer-t / layer-v
+            states go to the memory), the user API and the files
+
+Plumbing:
 config.py   DualEditConfig (layers, width, heads, tau, gate options, ablations, dtype)
-adapter.py  CrossAttentionAdapter (identity at initialisation)
-memory.py   EditMemory (states and gate keys of many edits, nearest-edit lookup, files)
-hooks.py    DualEditHooks (the adapters' layer hooks, per-call context, gate), on the shared
-            editors.hooks.HookSet (owned handles, explicit and automatic contexts)
-decision.py GateDecision (what the gate decides for a question; DualEditor.explain)
-editor.py   DualEditor (the harness's Editor and the user API)
-files.py    adapter files (config JSON + safetensors weights), atomic safetensors writes
+memory.py   EditMemory (states and gate keys of many edits), on the shared editors.memory.EditStore
+hooks.py    DualEditHooks (the adapters' layer hooks, per-call context), on editors.hooks.HookSet
+files.py    the adapter config saved in the editor folder, strict weight loading
 calibrate.py tau chosen on held-out edits (choose_tau; calibrate_adapters for trained adapters)
 losses.py   the edited training pass (edit_pass: loss and validation metrics)
 train.py    DualEditTrainable (the training loop's view of DualEdit), train_dualedit
+method.py   the registry entry (MethodSpec) and the demo's small-model recipe
 """
 
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.calibrate import calibrate_adapters
 from dualedit.editors.dualedit.config import DEFAULT_TAU, DualEditConfig, default_layers
-from dualedit.editors.dualedit.decision import GateDecision
+from dualedit.editors.dualedit.gate import GateDecision
 from dualedit.editors.dualedit.editor import DualEditor, states_of
 from dualedit.editors.dualedit.files import load_adapter_weights, read_adapter_config
 from dualedit.editors.dualedit.hooks import (

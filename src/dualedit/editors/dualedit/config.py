@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dualedit.editors.dualedit.keys import KIND_PARTS
+from dualedit.editors.dualedit.gate import KIND_PARTS
 
 #: The paper's gate thresholds (DualEdit, COLM 2025) per `config.model_type`.
 DEFAULT_TAU: dict[str, float] = {"llava": 0.6, "blip-2": 0.8}

@@ -42,7 +42,7 @@ from dualedit.editors.base import (
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
-from dualedit.editors.dualedit.decision import GateDecision, decision_of
+from dualedit.editors.dualedit.gate import GateDecision, decision_of
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
     load_adapter_tensors,
@@ -50,8 +50,13 @@ from dualedit.editors.dualedit.files import (
     read_adapter_config,
 )
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
-from dualedit.editors.dualedit.keys import key_parts, text_key_positions
-from dualedit.editors.dualedit.memory import EditInfo, EditMemory, EditStates, pad_states
+from dualedit.editors.dualedit.memory import (
+    EditInfo,
+    EditMemory,
+    EditStates,
+    edit_states,
+    pad_states,
+)
 from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
 from dualedit.editors.dualedit.memory import STATES_FILE as MEMORY_STATES_FILE
 from dualedit.editors.weights import GradFlags, freeze
@@ -284,7 +289,8 @@ class DualEditor(Editor):
 
     def decision(self, ctx: CallContext, row: int) -> GateDecision:
         """Row `row`'s gate decision from a call context whose first pass has run."""
-        return decision_of(ctx, row, self.memory.ids, self.config)
+        visual_ungated = self.config.use_visual and self.config.gate_scope == "text"
+        return decision_of(ctx, row, self.memory.ids, visual_ungated)
 
     # -- edits --------------------------------------------------------------------------------
 
@@ -475,23 +481,20 @@ def _merge_config(saved: DualEditConfig, given: dict[str, Any]) -> DualEditConfi
 def _edit_states(
     outputs: dict[int, torch.Tensor], t: int, v: int, batch: Any, row: int, text_keys: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One edit's trimmed states and gate key parts from a right-padded captured batch."""
+    """One edit's trimmed states and gate key parts from a right-padded captured batch
+    (`memory.edit_states` on that row alone, padding cut)."""
     n = int(batch.attention_mask[row].sum())
-    full = outputs[t][row, :n]  # [n, hidden]
-    image_mask = batch.image_mask[row : row + 1, :n].to(full.device)  # [1, n]
-    end = batch.prompt_end[row : row + 1]
-    keep = text_key_positions(batch.attention_mask[row : row + 1, :n], image_mask, end, text_keys)
-    text = full[keep[0].to(full.device)].clone()  # [n_text, hidden]
+    one = slice(row, row + 1)
+    states = edit_states(
+        outputs[t][one, :n], outputs[v][one, :n], batch.attention_mask[one, :n],
+        batch.image_mask[one, :n], batch.prompt_end[one], text_keys,
+    )
+    text = states.text[0].clone()  # [n_text, hidden]
     if v != t:
-        visual = outputs[v][row, :n].clone()  # [n, hidden]
+        visual = states.visual[0].clone()  # [n, hidden]
     else:
-        visual = text if text.shape[0] == n else full.clone()
-    last = torch.tensor([n - 1], device=full.device)
-    keys = {
-        k: key[0].clone()
-        for k, key in key_parts(full[None], end, last, image_mask.bool()).items()
-    }
-    return text, visual, keys
+        visual = text if text.shape[0] == n else outputs[t][row, :n].clone()
+    return text, visual, {k: key[0].clone() for k, key in states.keys.items()}
 
 
 def _layer_device(layer: nn.Module) -> torch.device:

@@ -46,12 +46,7 @@ from dualedit.backbones import Backbone, layer_output_tensor, replace_layer_outp
 from dualedit.editors.calls import StackCall
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import DualEditConfig
-from dualedit.editors.dualedit.keys import (
-    KIND_PARTS,
-    gate_vectors,
-    key_parts,
-    similarity_rows,
-)
+from dualedit.editors.dualedit.gate import decide, last_positions
 from dualedit.editors.dualedit.memory import EditMemory, EditStates
 from dualedit.editors.hooks import HookSet
 
@@ -116,12 +111,6 @@ def text_positions(
     end = prompt_end.to(pos.device) + int(include_prompt_end)  # [batch], exclusive
     window = (pos >= start[:, None]) & (pos < end[:, None])  # [batch, seq]
     return window & attended & ~image_mask
-
-
-def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last non-pad position: [batch, seq] -> [batch] long."""
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return torch.where(attention_mask.bool(), pos, -1).max(dim=1).values
 
 
 def apply_adapter(
@@ -402,65 +391,8 @@ class DualEditHooks:
         return None if edited is h else replace_layer_output(output, edited)
 
     def _decide(self, ctx: CallContext, h: torch.Tensor) -> None:
-        """Gate keys, nearest edits and the gate decision, from the text layer's output."""
-        ctx.decided = True
-        batch, seq, _ = h.shape
-        if ctx.image_mask.shape[1] != seq:
-            raise ValueError(
-                f"call context was opened for {ctx.image_mask.shape[1]} positions, the first "
-                f"pass has {seq}"
-            )
-        given = ctx.image_mask.shape[0]
-        if batch != given:
-            # generate() with beams / several sequences per input repeats each row in place.
-            if batch % given:
-                raise ValueError(
-                    f"call context was opened for {given} inputs, the pass has {batch}"
-                )
-            repeat = batch // given
-            ctx.image_mask = ctx.image_mask.repeat_interleave(repeat, dim=0)
-            ctx.attention_mask = ctx.attention_mask.repeat_interleave(repeat, dim=0)
-            ctx.prompt_end = ctx.prompt_end.repeat_interleave(repeat, dim=0)
-            if ctx.edits is not None:
-                rows = torch.arange(given).repeat_interleave(repeat)
-                ctx.edits = ctx.edits.select(rows.to(ctx.edits.text.device))
-        if ctx.edits is None and len(self.memory) == 0:
-            return
-        key_kind = self.config.gate_key
-        parts = key_parts(
-            h,
-            ctx.prompt_end,
-            last_positions(ctx.attention_mask),
-            ctx.image_mask & ctx.attention_mask,
-            KIND_PARTS[key_kind],
-        )
-        keys = gate_vectors(parts, key_kind)  # [batch, d] unit rows
-        if ctx.edits is None:
-            chosen, similarity = self.memory.lookup(keys, key_kind)  # [batch], [batch]
-            ctx.chosen = chosen
-        else:
-            ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
-            ctx.states = ctx.edits
-            edit_keys = {k: part.to(h.device) for k, part in ctx.edits.keys.items()}
-            similarity = similarity_rows(keys, gate_vectors(edit_keys, key_kind), key_kind)
-        ctx.similarity = similarity
-        if ctx.gate:
-            ctx.open = similarity >= self.config.tau  # [batch]
-        else:
-            ctx.open = torch.ones(batch, dtype=torch.bool, device=h.device)
-        ctx.active = bool(ctx.open.any()) or (
-            self.config.use_visual and self.config.gate_scope == "text"
-        )
-        if ctx.active and ctx.states is None:
-            # Gathered only when some input is edited (a closed gate costs no copy), and each
-            # distinct edit once: inputs that share an edit share its states.
-            distinct, ctx.edit_index = torch.unique(ctx.chosen, return_inverse=True)
-            ctx.states = self.memory.states(distinct, device=h.device)
-        if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only if shown
-            logger.debug(
-                "DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist()
-            )
-
+        """The gate decision of the call (gate.py), from the text layer's output."""
+        decide(ctx, h, self.memory, self.config)
 
 def _fit(mask: torch.Tensor, seq: int) -> torch.Tensor:
     """A [batch, seq0] mask for a pass of `seq` positions: later positions (generated tokens

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from dualedit.data.prompts import EncodedBatch
 from dualedit.editors.dualedit.editor import DualEditor
-from dualedit.editors.dualedit.keys import compact, key_parts, text_key_positions
-from dualedit.editors.dualedit.memory import EditStates
+
+from dualedit.editors.dualedit.memory import EditStates, edit_states
 from dualedit.train.data import EditBatch
 
 #: Validation metric names, as in the evaluation harness; the score is their mean.
@@ -96,19 +96,10 @@ def edit_states_from_prefix(
         max(t, v) + 1,
         keep=(t, v),
     )
-    mask = attention_mask.bool()  # [n, width]
-    full = kept[t]  # [n, width, hidden]
-    image_mask = batch.image_mask[rows, :width].to(full.device).bool() & mask  # [n, width]
-    last = attention_mask.sum(dim=1) - 1  # [n], last non-pad position
-    keys = key_parts(full, batch.prompt_end[rows], last, image_mask)  # {part: [n, hidden]}
-    if editor.config.text_keys == "all":
-        text, text_mask = full, mask
-    else:
-        keep = text_key_positions(
-            mask, image_mask, batch.prompt_end[rows], editor.config.text_keys
-        )  # [n, width]
-        text, text_mask = compact(full, keep)  # [n, n_text, hidden], [n, n_text]
-    return EditStates(text, text_mask, kept[v], mask, keys)
+    return edit_states(
+        kept[t], kept[v], attention_mask, batch.image_mask[rows, :width], batch.prompt_end[rows],
+        editor.config.text_keys,
+    )
 
 
 def edit_pass(editor: DualEditor, batch: EditBatch, *, text_loc: bool = True) -> PassOutput:

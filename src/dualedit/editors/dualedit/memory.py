@@ -29,13 +29,16 @@ import torch
 from dualedit.editors.base import EditId
 from dualedit.editors.base import EditInfo as BaseEditInfo
 from dualedit.editors.dualedit.config import TEXT_KEYS
-from dualedit.editors.dualedit.keys import (
+from dualedit.editors.dualedit.gate import (
     KEY_PARTS,
     KIND_PARTS,
     REQUIRED_PARTS,
+    compact,
     gate_vectors,
+    key_parts,
     part_width,
     similarity_matrix,
+    text_key_positions,
 )
 from dualedit.editors.memory import MAX_ID_LENGTH  # noqa: F401  (re-exported)
 from dualedit.editors.memory import EditStore, Field, argmax_rows, read_index
@@ -97,6 +100,37 @@ class EditStates:
             visual_mask=self.visual_mask.index_select(0, rows),
             keys={kind: key.index_select(0, rows) for kind, key in self.keys.items()},
         )
+
+
+def edit_states(
+    text_out: torch.Tensor,
+    visual_out: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_mask: torch.Tensor,
+    prompt_end: torch.Tensor,
+    text_keys: str,
+) -> EditStates:
+    """What an edit stores, read from the frozen model's outputs on n right-padded edit samples
+    (image, prompt + target): the text layer's states at the positions the text adapter attends
+    to (`text_keys`), the visual layer's states at every position, and the gate key parts at the
+    text layer. The one definition behind applying an edit (`DualEditor`) and training
+    (`losses.edit_states_from_prefix`).
+
+    Args:
+        text_out: [n, seq, hidden] the text layer's output; visual_out: the visual layer's.
+        attention_mask, image_mask: [n, seq]; prompt_end: [n] each sample's last prompt token.
+        text_keys: "all", "text" or "answer" (`DualEditConfig.text_keys`).
+    """
+    mask = attention_mask.bool()  # [n, seq]
+    image_mask = image_mask.to(text_out.device).bool() & mask  # [n, seq]
+    last = (attention_mask.sum(dim=1) - 1).to(text_out.device)  # [n], last non-pad position
+    keys = key_parts(text_out, prompt_end, last, image_mask)  # {part: [n, width]}
+    if text_keys == "all":
+        text, text_mask = text_out, mask
+    else:
+        keep = text_key_positions(mask, image_mask, prompt_end, text_keys)  # [n, seq]
+        text, text_mask = compact(text_out, keep)  # [n, n_text, hidden], [n, n_text]
+    return EditStates(text, text_mask, visual_out, mask, keys)
 
 
 def pad_states(

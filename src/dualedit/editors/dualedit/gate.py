@@ -1,5 +1,6 @@
-"""Gate keys and the edit's text keys: what the similarity gate compares, and which of an edit's
-positions the text adapter attends to.
+"""The gate: when DualEdit acts. What the similarity gate compares (gate keys), how it decides
+for a call (`decide`: nearest stored edit, cosine similarity, open when it reaches tau), what it
+reports (`GateDecision`), and which of an edit's positions the text adapter attends to.
 
 Every edit and every input yields the same key *parts*, all read at the text layer:
 "prompt_end" (the state at the last prompt token), "last_position" (at the last non-pad position,
@@ -25,8 +26,18 @@ the mean of the prompt-end cosine and the mean over groups of the group cosines.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from dualedit.editors.base import EditId
+
+logger = logging.getLogger(__name__)
 
 #: Groups of image positions in the "image_groups" part.
 IMAGE_GROUPS = 4
@@ -208,3 +219,124 @@ def compact(states: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, tor
     packed = states.gather(1, order[:, :, None].expand(-1, -1, states.shape[-1]))  # [n, k, hidden]
     mask = torch.arange(k, device=keep.device)[None, :] < counts[:, None]  # [n, k]
     return packed * mask[:, :, None].to(packed.dtype), mask
+
+
+# -- the decision ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's decision for one input (`DualEditor.explain`).
+
+    Attributes:
+        edit_id: the nearest stored edit (None: no edit stored).
+        similarity: cosine similarity of the input's gate key to that edit's (NaN: none stored).
+        gate_open: the similarity reaches tau (always True with the gate off and an edit stored).
+        edited: some adapter changes this input: the gate is open, or the visual adapter acts on
+            every image input (`gate_scope="text"`).
+    """
+
+    edit_id: EditId | None
+    similarity: float
+    gate_open: bool
+    edited: bool
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-pad position: [batch, seq] -> [batch] long."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), pos, -1).max(dim=1).values
+
+
+def decide(ctx: Any, h: torch.Tensor, memory: Any, config: Any) -> None:
+    """Gate keys, nearest edits and the gate decision of one call, from the text layer's output
+    on its first pass; written into the call context.
+
+    Args:
+        ctx: the call's `hooks.CallContext` (its masks and prompt ends; edits given by the
+            caller, or None to look up `memory`); gets `decided`, `chosen`, `similarity`,
+            `open` (per input: similarity >= tau, or all True with the gate off), `active`,
+            and the chosen edits' `states` / `edit_index`.
+        h: [batch, seq, hidden] the text layer's output.
+        memory: the `EditMemory` looked up when the caller gives no edits.
+        config: the resolved `DualEditConfig` (gate_key, tau, use_visual, gate_scope).
+    """
+    ctx.decided = True
+    batch, seq, _ = h.shape
+    if ctx.image_mask.shape[1] != seq:
+        raise ValueError(
+            f"call context was opened for {ctx.image_mask.shape[1]} positions, the first "
+            f"pass has {seq}"
+        )
+    given = ctx.image_mask.shape[0]
+    if batch != given:
+        # generate() with beams / several sequences per input repeats each row in place.
+        if batch % given:
+            raise ValueError(
+                f"call context was opened for {given} inputs, the pass has {batch}"
+            )
+        repeat = batch // given
+        ctx.image_mask = ctx.image_mask.repeat_interleave(repeat, dim=0)
+        ctx.attention_mask = ctx.attention_mask.repeat_interleave(repeat, dim=0)
+        ctx.prompt_end = ctx.prompt_end.repeat_interleave(repeat, dim=0)
+        if ctx.edits is not None:
+            rows = torch.arange(given).repeat_interleave(repeat)
+            ctx.edits = ctx.edits.select(rows.to(ctx.edits.text.device))
+    if ctx.edits is None and len(memory) == 0:
+        return
+    key_kind = config.gate_key
+    parts = key_parts(
+        h,
+        ctx.prompt_end,
+        last_positions(ctx.attention_mask),
+        ctx.image_mask & ctx.attention_mask,
+        KIND_PARTS[key_kind],
+    )
+    keys = gate_vectors(parts, key_kind)  # [batch, d] unit rows
+    if ctx.edits is None:
+        chosen, similarity = memory.lookup(keys, key_kind)  # [batch], [batch]
+        ctx.chosen = chosen
+    else:
+        ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
+        ctx.states = ctx.edits
+        edit_keys = {k: part.to(h.device) for k, part in ctx.edits.keys.items()}
+        similarity = similarity_rows(keys, gate_vectors(edit_keys, key_kind), key_kind)
+    ctx.similarity = similarity
+    if ctx.gate:
+        ctx.open = similarity >= config.tau  # [batch]
+    else:
+        ctx.open = torch.ones(batch, dtype=torch.bool, device=h.device)
+    ctx.active = bool(ctx.open.any()) or (
+        config.use_visual and config.gate_scope == "text"
+    )
+    if ctx.active and ctx.states is None:
+        # Gathered only when some input is edited (a closed gate costs no copy), and each
+        # distinct edit once: inputs that share an edit share its states.
+        distinct, ctx.edit_index = torch.unique(ctx.chosen, return_inverse=True)
+        ctx.states = memory.states(distinct, device=h.device)
+    if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only if shown
+        logger.debug(
+            "DualEdit gate: similarity %s open %s", similarity.tolist(), ctx.open.tolist()
+        )
+
+
+
+def decision_of(
+    ctx: Any, row: int, ids: Sequence[EditId], visual_ungated: bool
+) -> GateDecision:
+    """Row `row`'s decision from a call context whose first pass has run.
+
+    Args:
+        ctx: the call's `hooks.CallContext`.
+        row: the input.
+        ids: the memory's ids in lookup order.
+        visual_ungated: the visual adapter acts on every image input (use_visual and
+            gate_scope "text").
+    """
+    if not ctx.decided or ctx.similarity is None:
+        return GateDecision(None, math.nan, False, False)
+    position = int(ctx.chosen[row])
+    edit_id = ids[position] if position >= 0 else None
+    gate_open = bool(ctx.open[row])
+    visual = visual_ungated and bool(ctx.image_mask[row].any())
+    return GateDecision(edit_id, float(ctx.similarity[row]), gate_open, gate_open or visual)
