@@ -116,3 +116,24 @@ def test_package_root_exports_lazily():
         "else:\n    raise SystemExit('unknown name resolved')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_untrained_method_edits_without_a_folder(saved, tiny_image_dir, capsys):
+    model_dir, _ = saved
+    red = tiny_image_dir / "red.png"
+    rows = edit_and_ask(
+        model_dir, None, red, QUESTION, "blue", max_new_tokens=1, method="ft-l",
+        options={"steps": 30, "lr": 0.05},
+    )
+    assert rows[0]["after"] == "blue" != rows[0]["before"]  # the fine-tuned MLP answers
+    assert rows[0]["edited"] is None and math.isnan(rows[0]["similarity"])  # no gate to ask
+    args = ["-q", "edit", "--model", str(model_dir), "--method", "ft-l", "--option", "steps=30",
+            "--option", "lr=0.05", "--image", str(red), "--prompt", QUESTION, "--target", "blue",
+            "--max-new-tokens", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "after:  'blue'" in out and "gate similarity" not in out
+    # A trained method needs its folder; the error comes before the model is loaded.
+    assert main(["-q", "edit", "--model", "nowhere", "--method", "dualedit", "--prompt", "q",
+                 "--target", "t"]) == 2
+    assert "--editor DIR" in capsys.readouterr().err
