@@ -50,6 +50,11 @@ def test_settings_file_then_flags(tmp_path):
     path.write_text(json.dumps({"lr": 0.01, "max_steps": 50, "eval_every": 10}))
     args = build_parser().parse_args([*BASE, "--settings", str(path), "--steps", "70"])
     assert _train_settings(args) == TrainSettings(lr=0.01, max_steps=70, eval_every=10)
+    args = build_parser().parse_args([*BASE, "--checkpoint-every", "25"])
+    assert _train_settings(args) == TrainSettings(checkpoint_every=25)
+    args = build_parser().parse_args([*BASE, "--checkpoint-every", "0"])
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
+        _train_settings(args)
 
 
 @pytest.mark.parametrize("kind", GATE_KEYS)

@@ -125,6 +125,7 @@ def _train_settings(args: argparse.Namespace):
         "patience": args.patience,
         "seed": args.seed,
         "text_loc_kl": False if args.no_text_loc_kl else None,
+        "checkpoint_every": args.checkpoint_every,
     }
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-text-loc-kl", action="store_true",
                    help="drop the text-only KL term, as DualEdit's released code does")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write the resumable checkpoint every N steps (default 100; and at the end)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.set_defaults(func=_cmd_train)
 
