@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,12 +54,33 @@ class ImageStore:
     def __repr__(self) -> str:
         return f"ImageStore({str(self.root)!r}, cache_size={self.cache_size})"
 
-    def path(self, relpath: str) -> Path:
-        """The file a record path points to."""
+    def path(self, relpath: str, *, where: str = "") -> Path:
+        """The file a record path points to.
+
+        Raises:
+            ValueError: an absolute path, or one whose `..` parts leave the image root (checked
+                on the path as written, so a symlinked folder inside the root is fine).
+        """
+        normal = os.path.normpath(relpath)
+        if os.path.isabs(relpath) or normal == ".." or normal.startswith(".." + os.sep):
+            prefix = f"{where}: " if where else ""
+            raise ValueError(
+                f"{prefix}image path {relpath!r} leaves the image root {self.root}; record "
+                "paths are relative to it"
+            )
         return self.root / relpath
 
     def exists(self, relpath: str) -> bool:
         return self.path(relpath).is_file()
+
+    def check(self, relpath: str) -> str | None:
+        """Why the image at `relpath` is unusable (outside the root, missing, not an image,
+        truncated), or None when it decodes whole."""
+        try:
+            self._decode(relpath, "")
+        except (ValueError, FileNotFoundError) as error:
+            return str(error)
+        return None
 
     def load(self, relpath: str, *, where: str = "") -> Image.Image:
         """The image at `relpath` as RGB (shared with the cache: do not modify it in place).
@@ -69,17 +91,14 @@ class ImageStore:
 
         Raises:
             FileNotFoundError: no such file under the root.
+            ValueError: a path that leaves the root, or a file that is not a whole image (not
+                an image at all, truncated); the message names `where` and the path.
         """
         image = self._cache.get(relpath)
         if image is not None:
             self._cache.move_to_end(relpath)
             return image
-        path = self.path(relpath)
-        if not path.is_file():
-            prefix = f"{where}: " if where else ""
-            raise FileNotFoundError(f"{prefix}image {relpath!r} not found (looked for {path})")
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")  # a loaded copy; the file is closed on exit
+        image = self._decode(relpath, where)
         if self.cache_size:
             self._cache[relpath] = image
             if len(self._cache) > self.cache_size:
@@ -88,6 +107,19 @@ class ImageStore:
 
     def __call__(self, relpath: str) -> Image.Image:
         return self.load(relpath)
+
+    def _decode(self, relpath: str, where: str) -> Image.Image:
+        prefix = f"{where}: " if where else ""
+        path = self.path(relpath, where=where)
+        if not path.is_file():
+            raise FileNotFoundError(f"{prefix}image {relpath!r} not found (looked for {path})")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")  # decodes every pixel; the file is closed on exit
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
+            raise ValueError(
+                f"{prefix}image {relpath!r} ({path}) is not a readable image: {error}"
+            ) from error
 
 
 def infer_task(path: str | Path) -> str:

@@ -15,11 +15,13 @@ def dataset_stats(
 
     Images are counted by distinct path over the fields image, image_rephrase, m_loc (and
     hard_m_loc). Missing images are counted, not errors (the real folder has three), unless
-    `require_images`.
+    `require_images`: then every referenced image is also decoded, and all the bad ones (missing,
+    outside the image root, not an image, truncated) are reported together, each with its file,
+    record, field and path.
 
     Args:
         root: the folder holding vqa/, caption/ and images/.
-        require_images: raise on the first missing image instead of counting it.
+        require_images: decode every image and raise if any is bad.
         alt_policy: passed to the loader ("strip" or "keep").
 
     Returns:
@@ -27,22 +29,30 @@ def dataset_stats(
         images_missing.
 
     Raises:
-        FileNotFoundError: a file is absent, or (with `require_images`) an image is; the message
-            names file, record and field.
+        FileNotFoundError: a file is absent.
+        ImageProblems: (with `require_images`) some images are bad; one line per image, naming
+            file, record, field and path (the records themselves load and stay usable).
         RecordError: a malformed record.
 
     Example:
         >>> print(format_stats(dataset_stats("/work/shared/data/mmedit")))
     """
-    rows = []
+    rows, problems = [], []
     for (task, split), relpath in SPLIT_FILES.items():
         dataset = load_split(root, task, split, alt_policy=alt_policy)
         status: dict[str, bool] = {}
+        reasons: dict[str, str | None] = {}
         for index, field, image in dataset.image_refs():
             if image not in status:
-                status[image] = dataset.images.exists(image)
-            if require_images and not status[image]:
-                dataset.image(dataset[index], field)  # raises, naming file, record and field
+                try:
+                    status[image] = dataset.images.exists(image)
+                except ValueError:  # outside the image root
+                    status[image] = False
+            if require_images:
+                if image not in reasons:
+                    reasons[image] = dataset.images.check(image)
+                if reasons[image] is not None:
+                    problems.append(f"{dataset.path}: record {index}, field {field!r}: {reasons[image]}")
         found = sum(status.values())
         rows.append(
             {
@@ -56,7 +66,19 @@ def dataset_stats(
                 "images_missing": len(status) - found,
             }
         )
+    if problems:
+        raise ImageProblems(problems)
     return rows
+
+
+class ImageProblems(ValueError):
+    """Bad images of a dataset folder, all of them, one per line (`problems`)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:20]
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} bad image reference(s):\n" + "\n".join(shown) + more)
 
 
 _COLUMNS = (
