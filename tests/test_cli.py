@@ -161,3 +161,40 @@ def test_demo_train_steps_replace_only_the_budget(monkeypatch, tmp_path, capsys)
     assert calls[-1]["train_steps"] is None  # each trained method's own recipe
     assert main(["-q", "demo", "--out", str(tmp_path), "--train-steps", "3000"]) == 0
     assert calls[-1]["train_steps"] == 3000
+
+
+def test_broken_model_folders_and_inputs_are_one_line_errors(tmp_path, tiny_factory, capsys, tiny_image_dir):
+    model, processor = tiny_factory("llava")
+    good = tmp_path / "model"
+    model.save_pretrained(good)
+    processor.save_pretrained(good)
+
+    def copy_without(name, *drop):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in good.iterdir():
+            if f.name not in drop:
+                (folder / f.name).write_bytes(f.read_bytes())
+        return folder
+
+    no_weights = copy_without("no-weights", "model.safetensors")
+    no_tokenizer = copy_without("no-tokenizer", "tokenizer.json")
+    damaged = copy_without("damaged")
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tiny_image_dir / "red.png").read_bytes()[:40])
+    edit = ["-q", "edit", "--method", "ft-l", "--prompt", "what is it?", "--target", "a ball"]
+    cases = [
+        ([*edit, "--model", str(no_weights)], "has no weights"),
+        ([*edit, "--model", str(no_tokenizer)], "has no tokenizer"),
+        ([*edit, "--model", str(damaged)], "weights cannot be read"),
+        ([*edit, "--model", str(good), "--image", str(truncated)], "truncated.png is not a readable image"),
+        (["-q", "train", "--method", "dualedit", "--model", str(good), "--data", str(tmp_path),
+          "--out", str(truncated)], "exists and is not a folder"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "dualedit: error:" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err

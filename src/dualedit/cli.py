@@ -141,6 +141,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"method {args.method!r} is not trained (see `dualedit methods`)")
     config = _method_config(args)
     spec.editor.make_config(config)  # unknown or bad options fail before the model loads
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder (a run folder is made there)")
     settings = _train_settings(args)
     model, processor = load_vlm(args.model)
     result = spec.train(

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from dualedit.data.prompts import ANSWER_SUFFIX, Sample, encode_prompts, vqa_prompt
-from dualedit.editors.base import Editor
+from dualedit.editors.base import Editor, open_image
 from dualedit.editors.registry import check_editor_request, open_editor
 from dualedit.evaluate import load_vlm
 
@@ -105,9 +104,10 @@ def edit_and_ask(
     images = _ask_images(image, ask_images, len(asked))
     prompts = [question_prompt(q, task) for q in asked]
     edit_prompt = question_prompt(prompt, task)
-    for path in [image, *images]:
-        if path is not None and not Path(path).is_file():
+    for path in dict.fromkeys(p for p in [image, *images] if p is not None):
+        if not Path(path).is_file():
             raise FileNotFoundError(f"image {path} not found")
+        open_image(path)  # a damaged image fails here, naming it, before the model loads
 
     check_editor_request(method, editor_path)
     model, processor = load_vlm(model_path, device=device)
@@ -151,10 +151,7 @@ def _answer(
     editor: Editor, image: PathLike | None, prompt: str, max_new_tokens: int, *, edited: bool
 ) -> tuple[str, float, bool | None]:
     """(decoded greedy answer, gate similarity, edited) for one question."""
-    loaded = None
-    if image is not None:
-        with Image.open(image) as opened:
-            loaded = opened.convert("RGB")
+    loaded = None if image is None else open_image(image)
     sample = Sample(None if loaded is None else "ask", prompt, "")
     batch = encode_prompts([sample], editor.processor, editor.backbone, lambda _: loaded).to(
         next(editor.model.parameters()).device

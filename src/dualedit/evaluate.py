@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from dualedit.data.mmedit import load_split
 from dualedit.editors.registry import check_editor_request, open_editor
@@ -17,6 +18,17 @@ from dualedit.eval.harness import evaluate
 from dualedit.eval.report import markdown_table, write_results
 from dualedit.io import atomic_write_text
 from dualedit.eval.results import Results
+
+
+#: Any one of these makes a folder hold model weights (a single file or a sharded index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+#: Any one of these makes a folder hold a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
@@ -27,15 +39,28 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
         (model in eval mode on `device`, processor)
 
     Raises:
-        FileNotFoundError: `path` has no config.json.
+        FileNotFoundError: `path` has no config.json, no weights or no tokenizer files.
+        ValueError: the weights file is damaged (unreadable).
     """
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{path}: the model folder has no weights (none of {', '.join(WEIGHT_FILES)})"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the processor beside the model (processor.save_pretrained)"
+        )
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: the model's weights cannot be read ({error})") from error
     processor = AutoProcessor.from_pretrained(path)
     # The PIL image backend, as the small VLMs were pretrained with: where torchvision is
     # installed, transformers would otherwise pick its backend, whose resize gives other pixels.

@@ -370,9 +370,12 @@ def open_image(image: Any, i: int = 0) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"edit {i}: image {path} not found")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+            raise FileNotFoundError(f"image {path} not found")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
+            raise ValueError(f"image {path} is not a readable image: {error}") from error
     raise TypeError(f"edit {i}: image must be a PIL image, a path or None, got {type(image)}")
 
 

@@ -132,6 +132,8 @@ def train(
         if accelerator is None:
             accelerator = Accelerator(cpu=not torch.cuda.is_available())
         out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"out_dir {out_dir} exists and is not a folder")
         rank, world, main = (
             accelerator.process_index,
             accelerator.num_processes,
