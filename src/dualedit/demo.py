@@ -85,7 +85,7 @@ def cached_training(
     """
     from dualedit.data.mmedit import load_split
 
-    if spec.train is None or spec.recipe.train is None and settings is None:
+    if spec.train is None or (spec.recipe.train is None and settings is None):
         raise ValueError(f"method {spec.name!r} has no training recipe")
     model, processor = model_and_processor
     out_dir = cache_dir / "trained" / spec.name / f"{arch}-{task}-seed{seed}"

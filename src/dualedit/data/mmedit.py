@@ -154,7 +154,7 @@ class MMEditDataset(Sequence[EditRecord]):
         ValueError: the file is not a JSON list; `RecordError` (a ValueError) for a bad record.
 
     Example:
-        >>> ds = MMEditDataset("/data/mmedit/vqa/vqa_eval.json")
+        >>> ds = MMEditDataset("data/mmedit/vqa/vqa_eval.json")
         >>> len(ds), ds.task, ds[0].alt
         (2093, 'vqa', '2')
         >>> image = ds.image(ds[0], "image")
@@ -262,7 +262,7 @@ def load_split(root: str | Path, task: str, split: str, **options: Any) -> MMEdi
     go to `MMEditDataset`.
 
     Example:
-        >>> ds = load_split("/work/shared/data/mmedit", "caption", "eval")
+        >>> ds = load_split("data/mmedit", "caption", "eval")
     """
     options.setdefault("image_root", Path(root) / IMAGE_DIR)
     return MMEditDataset(split_path(root, task, split), task=task, **options)

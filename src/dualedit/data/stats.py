@@ -35,7 +35,7 @@ def dataset_stats(
         RecordError: a malformed record.
 
     Example:
-        >>> print(format_stats(dataset_stats("/work/shared/data/mmedit")))
+        >>> print(format_stats(dataset_stats("data/mmedit")))
     """
     rows, problems = [], []
     for (task, split), relpath in SPLIT_FILES.items():

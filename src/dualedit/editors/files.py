@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dualedit.io import atomic_save_safetensors, atomic_write_text
+from dualedit.options import read_json_object
 from dualedit.version import versions
 
 CONFIG_FILE = "adapter_config.json"
@@ -70,12 +71,7 @@ def read_editor_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         what = "no such folder" if not directory.is_dir() else "not a saved editor folder"
         raise FileNotFoundError(f"{path} not found ({directory}: {what})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path, what="editor config")
     if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(
             f"{path}: editor folder format {meta.get('format')!r}; this version reads "

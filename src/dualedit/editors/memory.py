@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from dualedit.editors.base import EditId
 from dualedit.io import atomic_save_safetensors, atomic_write_text
+from dualedit.options import read_json_object
 
 MAX_ID_LENGTH = 64
 #: Index fields the store writes (and "<name>_lengths" per sequence); not for a caller's meta.
@@ -89,16 +90,7 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ValueError: not valid JSON, or not a JSON object (the message names the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"edit store file {path} not found")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(index, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(index).__name__}")
-    return index
+    return read_json_object(path, what="edit store")
 
 
 class EditStore:

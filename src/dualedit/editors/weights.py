@@ -11,7 +11,7 @@ the parameters a method trains, and give every flag back afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -62,15 +62,7 @@ class WeightSnapshot:
             ValueError: missing or unexpected names, or a shape that differs (named).
         """
         live = self._live()
-        missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-        if missing or unexpected:
-            raise ValueError(f"{where}: missing tensors {missing}, unexpected {unexpected}")
-        for name, tensor in tensors.items():
-            if tensor.shape != live[name].shape:
-                raise ValueError(
-                    f"{where}: {name} has shape {tuple(tensor.shape)}, the model's is "
-                    f"{tuple(live[name].shape)}"
-                )
+        check_tensors(live, tensors, where=where)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 live[name].copy_(tensor)
@@ -86,6 +78,25 @@ class WeightSnapshot:
             with torch.no_grad():
                 for name, tensor in self._live().items():
                     tensor.copy_(edited[name])
+
+
+def check_tensors(
+    own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, where: str
+) -> None:
+    """Strict loading's check: `given` has exactly the names of `own`, each with its shape.
+
+    Raises:
+        ValueError: missing or unexpected names, or a shape that differs (named, with `where`).
+    """
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+    for name, tensor in given.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, it needs "
+                f"{tuple(own[name].shape)}"
+            )
 
 
 class GradFlags:

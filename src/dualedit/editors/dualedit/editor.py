@@ -42,14 +42,16 @@ from dualedit.editors.base import (
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
-from dualedit.editors.dualedit.gate import GateDecision, decision_of
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
     load_adapter_tensors,
     load_adapter_weights,
     read_adapter_config,
 )
+from dualedit.editors.dualedit.gate import GateDecision, decision_of
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
+from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
+from dualedit.editors.dualedit.memory import STATES_FILE as MEMORY_STATES_FILE
 from dualedit.editors.dualedit.memory import (
     EditInfo,
     EditMemory,
@@ -57,13 +59,12 @@ from dualedit.editors.dualedit.memory import (
     edit_states,
     pad_states,
 )
-from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
-from dualedit.editors.dualedit.memory import STATES_FILE as MEMORY_STATES_FILE
 from dualedit.editors.weights import GradFlags, freeze
+from dualedit.options import config_fields
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DualEditConfig))
+_CONFIG_FIELDS = config_fields(DualEditConfig)
 # Adapters are initialised from this seed (the global RNG is left alone), so two editors built
 # the same way start from the same weights.
 INIT_SEED = 0
@@ -272,13 +273,7 @@ class DualEditor(Editor):
         batch = encode_prompts([sample], self.processor, self.backbone, lambda _: opened).to(
             self._input_device
         )
-        forward = functools.partial(
-            self.backbone.forward_logits,
-            self.model,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.pixel_values,
-        )
+        forward = self._forward_of(batch)
         with (
             torch.no_grad(),
             self.session(batch.input_ids, batch.attention_mask) as ctx,
@@ -344,6 +339,16 @@ class DualEditor(Editor):
         """The stored edits, oldest first."""
         return self.memory.entries()
 
+    def _forward_of(self, batch: Any) -> functools.partial:
+        """The model's forward on an encoded batch, as a call for `LayerTrace.run`."""
+        return functools.partial(
+            self.backbone.forward_logits,
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.pixel_values,
+        )
+
     @property
     def _input_device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -368,13 +373,7 @@ class DualEditor(Editor):
                     batch = encode(
                         [samples[i] for i in chunk], self.processor, self.backbone, load_image
                     ).to(self._input_device)
-                    forward = functools.partial(
-                        self.backbone.forward_logits,
-                        self.model,
-                        batch.input_ids,
-                        batch.attention_mask,
-                        batch.pixel_values,
-                    )
+                    forward = self._forward_of(batch)
                     with (
                         torch.no_grad(),
                         self.hooks.disabled(),

@@ -17,6 +17,7 @@ from torch import nn
 
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.files import CONFIG_FILE, WEIGHTS_FILE, read_editor_meta
+from dualedit.editors.weights import check_tensors
 
 METHOD = "dualedit"
 
@@ -84,14 +85,5 @@ def load_adapter_tensors(
     adapters: nn.Module, tensors: dict[str, torch.Tensor], *, where: str = "adapters"
 ) -> None:
     """Load `tensors` into `adapters` strictly (names and shapes), casting to their dtype."""
-    own = adapters.state_dict()
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
-    for name, tensor in tensors.items():
-        if tensor.shape != own[name].shape:
-            raise ValueError(
-                f"{where}: {name} has shape {tuple(tensor.shape)}, the adapter needs "
-                f"{tuple(own[name].shape)}"
-            )
+    check_tensors(adapters.state_dict(), tensors, where=where)
     adapters.load_state_dict(tensors, strict=True)
