@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from folder_tools import legacy, rewrite_json, rewrite_tensors
 
 from dualedit.data.prompts import Sample, encode
 from dualedit.editors.dualedit import DualEditor
@@ -70,6 +70,17 @@ def test_round_trip_gives_identical_outputs(tiny_vlm, tiny_images, tmp_path):
         DualEditor.from_pretrained(model, processor, tmp_path / "adapters", width=16)
 
 
+def write_format_1(path, meta, *, drop=None):
+    """Rewrite an adapter config as a format-1 folder had it (no method, no checksums)."""
+    old = legacy(json.loads(json.dumps(meta)))
+    old.pop("method", None)
+    old.pop("base_fingerprint", None)
+    old["format"] = 1
+    if drop is not None:
+        del old["config"][drop]
+    path.write_text(json.dumps(old, indent=2, sort_keys=True))
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_text_prompt_end_is_saved_and_old_files_load_the_released_way(
     tiny_llava, tiny_images, tmp_path, saved
@@ -85,8 +96,12 @@ def test_text_prompt_end_is_saved_and_old_files_load_the_released_way(
     loaded.detach()
     assert loaded.config.text_prompt_end is saved
     # A file written before the field existed holds adapters trained on the released positions.
-    del meta["config"]["text_prompt_end"]
-    path.write_text(json.dumps(meta))
+    # Today a saved config without the field is refused (no silent default) ...
+    rewrite_json(path, lambda m: m["config"].pop("text_prompt_end"))
+    with pytest.raises(ValueError, match="config lacks field\\(s\\) \\['text_prompt_end'\\]"):
+        DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    # ... but a format-1 folder, written before the field existed, gets what it meant then.
+    write_format_1(path, meta, drop="text_prompt_end")
     old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
     old.detach()
     assert old.config.text_prompt_end is False
@@ -103,8 +118,12 @@ def test_text_keys_are_saved_and_old_files_load_as_all(tiny_llava, tmp_path):
     loaded = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
     loaded.detach()
     assert loaded.config.text_keys == "text" and loaded.memory.text_keys == "text"
-    del meta["config"]["text_keys"]
-    path.write_text(json.dumps(meta))
+    # Today a saved config without the field is refused (no silent default) ...
+    rewrite_json(path, lambda m: m["config"].pop("text_keys"))
+    with pytest.raises(ValueError, match="config lacks field\\(s\\) \\['text_keys'\\]"):
+        DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    # ... but a format-1 folder, written before the field existed, gets what it meant then.
+    write_format_1(path, meta, drop="text_keys")
     old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
     old.detach()
     assert old.config.text_keys == "all"
@@ -140,8 +159,12 @@ def test_gate_key_files_without_it_load_as_prompt_end_image(arch, tiny_factory, 
     path = tmp_path / "adapters" / "adapter_config.json"
     meta = json.loads(path.read_text())
     assert meta["config"]["gate_key"] == expected
-    del meta["config"]["gate_key"]
-    path.write_text(json.dumps(meta))
+    # Today a saved config without the field is refused (no silent default) ...
+    rewrite_json(path, lambda m: m["config"].pop("gate_key"))
+    with pytest.raises(ValueError, match="config lacks field\\(s\\) \\['gate_key'\\]"):
+        DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
+    # ... but a format-1 folder, written before the field existed, gets what it meant then.
+    write_format_1(path, meta, drop="gate_key")
     old = DualEditor.from_pretrained(model, processor, tmp_path / "adapters")
     old.detach()
     assert old.config.gate_key == "prompt_end_image"
@@ -157,7 +180,7 @@ def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_im
     finally:
         editor.detach()
     blip2, blip2_processor = tiny_blip2
-    with pytest.raises(ValueError, match="model_type 'llava'.*this model is 'blip-2'"):
+    with pytest.raises(ValueError, match="model_type 'llava'.*this model has 'blip-2'"):
         DualEditor.from_pretrained(blip2, blip2_processor, tmp_path / "llava")
     other = DualEditor(blip2, blip2_processor)
     try:
@@ -170,16 +193,18 @@ def test_loading_checks_the_base_and_the_weights(tiny_llava, tiny_blip2, tiny_im
 
     config_path = tmp_path / "llava" / "adapter_config.json"
     meta = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**meta, "hidden_size": 64}))
-    with pytest.raises(ValueError, match="hidden size 64, this model has 32"):
+    rewrite_json(config_path, lambda m: m.update(hidden_size=64))
+    with pytest.raises(ValueError, match="hidden_size 64 .*this model has 32"):
         DualEditor.from_pretrained(llava, llava_processor, tmp_path / "llava")
     config_path.write_text(json.dumps(meta))
 
     weights_path = tmp_path / "llava" / "adapter_model.safetensors"
-    weights = load_file(str(weights_path))
-    weights.pop("visual.out.bias")
-    weights["text.extra"] = torch.zeros(1)
-    save_file(weights, str(weights_path))
+
+    def change(weights):
+        weights.pop("visual.out.bias")
+        weights["text.extra"] = torch.zeros(1)
+
+    rewrite_tensors(weights_path, change, manifest="adapter_config.json")
     with pytest.raises(
         ValueError, match="missing keys \\['visual.out.bias'\\], unexpected keys \\['text.extra'\\]"
     ):
@@ -274,10 +299,9 @@ def test_folders_of_the_previous_version_load_as_dualedit(tiny_vlm, tiny_images,
         first.detach()
     path = tmp_path / "old" / "adapter_config.json"
     meta = json.loads(path.read_text())
-    del meta["method"]
-    meta["format"] = 1
     meta["versions"] = {"dualedit": "0.1.0", "transformers": meta["versions"]["transformers"]}
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    write_format_1(path, meta)
+    meta = json.loads(path.read_text())
     loaded = load_editor(model, processor, tmp_path / "old")
     try:
         assert type(loaded) is DualEditor and loaded.config == first.config

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from folder_tools import legacy, rewrite_json
 import torch
 import torch.nn.functional as F
 
@@ -170,10 +171,14 @@ def test_empty_memory_round_trips_and_read_checks_the_model(tmp_path):
     assert len(other) == 1  # a refused file leaves the memory as it was
     with pytest.raises(FileNotFoundError, match="memory.json"):
         EditMemory.load(tmp_path / "missing")
+    # A hand edit is caught by the checksum; a re-signed one by the lengths check.
     index = json.loads((tmp_path / "one" / "memory.json").read_text())
     index["text_lengths"] = [4]
     (tmp_path / "one" / "memory.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="text has 5 positions"):
+    with pytest.raises(ValueError, match="memory.json: damaged or edited by hand"):
+        EditMemory.load(tmp_path / "one")
+    rewrite_json(tmp_path / "one" / "memory.json", lambda index: index.update(text_lengths=[4]))
+    with pytest.raises(ValueError, match="edit 0 keeps 4 text and 5 visual positions"):
         EditMemory.load(tmp_path / "one")
 
 
@@ -219,7 +224,7 @@ def test_format_1_files_load_without_the_image_part(tmp_path):
     m = memory()
     m.add(*edit(0))
     m.save(tmp_path)
-    index = json.loads((tmp_path / "memory.json").read_text())
+    index = legacy(json.loads((tmp_path / "memory.json").read_text()))
     index["format"] = 1
     del index["text_keys"]
     (tmp_path / "memory.json").write_text(json.dumps(index))
@@ -329,7 +334,7 @@ def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
         loaded.lookup(query, "prompt_end_and_image"), m.lookup(query, "prompt_end_and_image")
     ):
         torch.testing.assert_close(got, want)
-    index = json.loads((tmp_path / "new" / "memory.json").read_text())
+    index = legacy(json.loads((tmp_path / "new" / "memory.json").read_text()))
     index["format"] = 1
     del index["text_keys"]
     (tmp_path / "new" / "memory.json").write_text(json.dumps(index))
@@ -403,8 +408,8 @@ def test_edits_and_files_without_image_groups_refuse_only_the_group_key(tmp_path
     full = memory()
     full.add(*edit(0))
     full.save(tmp_path)
-    index = json.loads((tmp_path / "memory.json").read_text())
-    assert index["format"] == 3
+    index = legacy(json.loads((tmp_path / "memory.json").read_text()))
+    assert index["format"] == 4
     index["format"] = 2
     (tmp_path / "memory.json").write_text(json.dumps(index))
     tensors = load_file(str(tmp_path / "memory.safetensors"))

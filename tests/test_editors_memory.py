@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dualedit.editors.memory import EditStore, Field, argmax_rows, read_index, top_k_rows
+from folder_tools import rewrite_json, rewrite_tensors
 
 WIDTH = 6
 FILES = {"index_file": "store.json", "tensors_file": "store.safetensors"}
@@ -225,16 +226,14 @@ def test_read_fills_missing_vectors_and_shares_equal_tensors(tmp_path):
 
 
 def damage(tmp_path, index=None, tensors=None):
+    """Save a store, then change its files and re-sign them (folder_tools): the store's own
+    checks must catch what the checksums no longer do."""
     s = filled(3)
     s.save(tmp_path, **FILES)
-    if index is not None:
-        data = json.loads((tmp_path / "store.json").read_text())
-        index(data)
-        (tmp_path / "store.json").write_text(json.dumps(data))
     if tensors is not None:
-        data = load_file(str(tmp_path / "store.safetensors"))
-        tensors(data)
-        save_file(data, str(tmp_path / "store.safetensors"))
+        rewrite_tensors(tmp_path / "store.safetensors", tensors, manifest="store.json")
+    if index is not None:
+        rewrite_json(tmp_path / "store.json", index)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +272,7 @@ def test_truncated_and_missing_files_are_refused_naming_the_file(tmp_path):
     damage(tmp_path)
     raw = (tmp_path / "store.safetensors").read_bytes()
     (tmp_path / "store.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="store.safetensors: not a safetensors file"):
+    with pytest.raises(ValueError, match="store.safetensors: damaged"):
         store().read(tmp_path, **FILES)
     (tmp_path / "store.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="store.safetensors"):

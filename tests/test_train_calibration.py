@@ -80,7 +80,10 @@ def test_cli_calibrate_passes_its_options(monkeypatch, capsys, tmp_path):
 
     folder = tmp_path / "a"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"format": 2, "method": "dualedit"}))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"format": 2, "method": "dualedit", "config": {}, "model_type": "llava",
+         "hidden_size": 8, "depth": 2}
+    ))
     monkeypatch.setattr(dualedit.evaluate, "load_vlm", lambda path: (None, None))
     monkeypatch.setattr(dualedit.data.mmedit, "load_split", lambda *a: a)
     monkeypatch.setitem(METHODS, "dualedit", dataclasses.replace(METHODS["dualedit"], calibrate=fake))
@@ -96,6 +99,9 @@ def test_cli_calibrate_passes_its_options(monkeypatch, capsys, tmp_path):
     assert seen["dataset"][1:] == ("vqa", "train")  # never the eval split
     assert "tau 0.9000" in capsys.readouterr().out
     # A folder of a method without a calibration step is refused with its name.
-    (folder / "adapter_config.json").write_text(json.dumps({"format": 2, "method": "ft-l"}))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"format": 2, "method": "ft-l", "config": {}, "model_type": "llava", "hidden_size": 8,
+         "depth": 2}
+    ))
     assert main(["-q", "calibrate", "--model", "m", "--editor", str(folder), "--data", "d"]) == 2
     assert "'ft-l'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from folder_tools import rewrite_json
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -175,8 +176,9 @@ def test_a_second_method_trains_through_the_loop(tiny_factory, tiny_vlm, tiny_tr
     assert best.abs().sum() > 0
     if result.best_step == result.steps:
         assert torch.equal(best, last)
-    # finish ran once, on the best folder and the validation edits; its summary is returned.
-    assert trainable.finished == [(result.best_dir, trainable.finished[0][1])]
+    # finish ran once, on a copy of the validation-best folder that then became best/ as a
+    # whole, with the validation edits; its summary is returned.
+    assert len(trainable.finished) == 1 and not trainable.finished[0][0].exists()
     assert len(trainable.finished[0][1]) == 2
     assert result.finish == {"edits": 2} and result.tau is result.finish
 
@@ -221,10 +223,7 @@ def test_checkpoint_of_another_method_is_refused(tiny_factory, tiny_train, tmp_p
         run(Wider, model, processor, tiny_train, tmp_path)
     # A checkpoint that names no method (written before the loop served several) is DualEdit's
     # by definition and matches: the legacy rule is "no method key, no method check".
-    path = checkpoint_dir(tmp_path) / STATE_FILE
-    record = json.loads(path.read_text())
-    del record["meta"]["method"]
-    path.write_text(json.dumps(record))
+    rewrite_json(checkpoint_dir(tmp_path) / STATE_FILE, lambda record: record["meta"].pop("method"))
     _, resumed = run(BiasTrainable, model, processor, tiny_train, tmp_path, max_steps=4)
     assert resumed.resumed_from == 3 and resumed.steps == 4
 

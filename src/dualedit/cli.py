@@ -96,6 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         editor_dir=args.editor,
         editor_options=options or None,
         untrained=args.untrained,
+        ignore_base_mismatch=args.ignore_base_mismatch,
         protocol=args.protocol,
         n_values=tuple(args.n),
         scorer=args.scorer,
@@ -183,6 +184,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if spec.calibrate is None:
         raise ValueError(f"method {method!r} ({args.editor}) has no calibration step")
     model, processor = load_vlm(args.model)
+    extra = {"ignore_base_mismatch": True} if args.ignore_base_mismatch else {}
     choice = spec.calibrate(
         model,
         processor,
@@ -191,6 +193,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         out_dir=args.out,
         val_edits=args.val_edits,
         **parse_option_pairs(args.option),
+        **extra,
     )
     print(f"{_describe_finish(choice)}; editor saved in {args.out or args.editor}")
     return 0
@@ -210,6 +213,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         method=args.method,
         options=_method_config(args) or None,
+        ignore_base_mismatch=args.ignore_base_mismatch,
     )
     print(f"edit: {args.prompt!r} -> {args.target!r}")
     for row in report:
@@ -322,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-generation", action="store_true", help="skip generation exact match")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and table.md")
+    _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("train", help="train a trained method on a dataset's train split")
@@ -362,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a calibration option, repeatable (dualedit: mode=single|sequential, "
                         "gate_key=...)")
+    _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("edit", help="apply one edit and print answers before and after")
@@ -377,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask-image", nargs="+", type=Path, default=None,
                    help="image per question (default: --image)")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("demo", help="world -> small VLMs -> evaluation of the methods -> table")
@@ -397,17 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_base_mismatch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ignore-base-mismatch", action="store_true",
+                   help="load an editor saved for other base weights than --model's (only if "
+                        "you know they are the same model, e.g. re-quantised)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from safetensors import SafetensorError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dualedit: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError) as err:  # OSError: files, locks (FolderLocked)
+        print(f"dualedit: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dualedit: interrupted (a training run resumes from its checkpoint)", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (an OSError without one: its class and errno text)."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def edit_and_ask(
     device: str = "cpu",
     method: str | None = None,
     options: dict[str, Any] | None = None,
+    ignore_base_mismatch: bool = False,
 ) -> list[dict[str, Any]]:
     """Apply one edit and answer questions before and after it (greedy decoding).
 
@@ -111,7 +112,14 @@ def edit_and_ask(
 
     check_editor_request(method, editor_path)
     model, processor = load_vlm(model_path, device=device)
-    editor = open_editor(model, processor, method=method, directory=editor_path, options=options)
+    editor = open_editor(
+        model,
+        processor,
+        method=method,
+        directory=editor_path,
+        options=options,
+        ignore_base_mismatch=ignore_base_mismatch,
+    )
     try:
         asks = list(zip(images, prompts, strict=True))
         before = [_answer(editor, img, text, n_new, edited=False) for img, text in asks]

@@ -80,6 +80,7 @@ def run_eval(
     editor_dir: str | os.PathLike | None = None,
     editor_options: dict[str, Any] | None = None,
     untrained: bool = False,
+    ignore_base_mismatch: bool = False,
     protocol: str = "single",
     n_values: Sequence[int] = (1, 10, 100),
     scorer: str = "paper",
@@ -92,7 +93,7 @@ def run_eval(
     """Evaluate `method` on one dataset split and write `results.json` + `table.md` to `out_dir`.
 
     The editor is `open_editor(method=method, directory=editor_dir, options=editor_options,
-    untrained=untrained)`: a trained method needs `editor_dir` (e.g. a `dualedit train` best/
+    untrained=untrained, ignore_base_mismatch=...)`: a trained method needs `editor_dir` (e.g. a `dualedit train` best/
     folder), from which the method is read (`method` may be None then).
 
     Give either `model_path` (a save_pretrained folder) or an already loaded
@@ -110,6 +111,7 @@ def run_eval(
         directory=editor_dir,
         options=editor_options,
         untrained=untrained,
+        ignore_base_mismatch=ignore_base_mismatch,
     )
     try:
         results = evaluate(

@@ -92,13 +92,13 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     removed = []
     for candidate in path.parent.iterdir():
         match = pattern.match(candidate.name)
-        if match and not _running(int(match.group(1))):
+        if match and not process_running(int(match.group(1))):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -226,6 +226,15 @@ def group_by_image(samples: Sequence[Sample]) -> dict[bool, list[int]]:
     return groups
 
 
+def unknown_tokens(processor: Any, text: str) -> int:
+    """How many of `text`'s tokens are the tokenizer's unknown token (0 without one)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return 0
+    return tokenizer(text, add_special_tokens=False)["input_ids"].count(unk)
+
+
 def encode(
     samples: Sequence[Sample], processor: Any, backbone: Backbone, load_image: LoadImage
 ) -> EncodedBatch:

@@ -13,6 +13,7 @@ and loads its folder the same way (`save_pretrained` / `from_pretrained`, see fi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -25,10 +26,19 @@ from PIL import Image
 from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
-from dualedit.data.prompts import EncodedBatch, PromptBatch
+from dualedit.data.prompts import EncodedBatch, PromptBatch, target_text, unknown_tokens
 from dualedit.data.requests import EditRequest  # noqa: F401  (re-exported: the contract)
-from dualedit.editors.files import read_editor_meta, read_editor_tensors, write_editor_folder
-from dualedit.options import config_from_dict, config_to_dict
+from dualedit.editors.files import (
+    CONFIG_FILE,
+    EditorFolder,
+    read_editor_folder,
+    write_editor_folder,
+)
+from dualedit.fingerprint import base_fingerprint, fingerprint_mismatch
+from dualedit.folders import FolderWriter
+from dualedit.options import config_fields, config_from_dict, config_to_dict
+
+logger = logging.getLogger(__name__)
 
 #: Loads an image by its key (for a dataset: the path relative to its image root).
 ImageLoader = Callable[[str], Any]
@@ -98,6 +108,8 @@ class Editor(ABC):
         self.source: str | None = None
         self._held: list[EditInfo] = []
         self._next_id = 0
+        #: {folder: revision} of the folders this editor was loaded from or saved to.
+        self._revisions: dict[str, str | None] = {}
 
     @classmethod
     def make_config(cls, config: Any = None, options: dict[str, Any] | None = None) -> Any:
@@ -261,8 +273,17 @@ class Editor(ABC):
         *,
         edit_ids: Sequence[EditId] | None = None,
     ) -> list[EditId]:
-        """Several edits at once (one `apply`); returns their ids in order."""
+        """Several edits at once (one `apply`); returns their ids in order. A target with words
+        the tokenizer does not know is applied with a warning (the model learns `<unk>`)."""
         requests, loader = user_requests(images, prompts, targets)
+        for i, request in enumerate(requests):
+            unknown = unknown_tokens(self.processor, target_text(request.target))
+            if unknown:
+                logger.warning(
+                    "edit %d: the target %r has %d token(s) the tokenizer does not know; they "
+                    "become <unk>, and the edit teaches <unk> rather than those words",
+                    i, request.target, unknown,
+                )
         return self.apply(requests, loader, ids=edit_ids)
 
     def __enter__(self) -> Editor:
@@ -294,6 +315,7 @@ class Editor(ABC):
             "method": self.name,
             "config": self.config_dict(),
             "base_model": str(getattr(config, "name_or_path", "") or ""),
+            "base_fingerprint": self.base_fingerprint(),
             "model_type": config.model_type,
             "hidden_size": self.backbone.hidden_size(self.model),
             "depth": self.backbone.depth(self.model),
@@ -303,9 +325,40 @@ class Editor(ABC):
             ],
         }
 
+    def base_fingerprint(self) -> dict[str, Any]:
+        """The fingerprint of the unedited model's weights (`dualedit.fingerprint`)."""
+        with self.disabled():
+            return base_fingerprint(self.model)
+
+    def write_files(self, writer: FolderWriter) -> list[str]:
+        """Write the method's files besides config and tensors into a folder being saved
+        (`writer.drop(name)` for one it no longer has); returns the names written. Default:
+        none."""
+        return []
+
+    def load_files(self, folder: EditorFolder) -> None:
+        """Take over the method's files besides config and tensors (`folder.files`). Default:
+        nothing."""
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the editor as it is now (config, tensors, the edits it holds) to `directory`."""
-        return write_editor_folder(directory, self.folder_meta(), self.state_tensors())
+        """Write the editor as it is now (config, tensors, the edits it holds) to `directory`,
+        as a whole and under its lock (see `dualedit.folders`).
+
+        Raises:
+            dualedit.folders.ConcurrentChange: this editor was loaded from (or last saved to)
+                `directory`, and another process saved it since: nothing is written, so that
+                process's edits are not lost.
+        """
+        key = _folder_key(directory)
+        revision = write_editor_folder(
+            directory,
+            self.folder_meta(),
+            self.state_tensors(),
+            extra=self.write_files,
+            expect_revision=self._revisions.get(key),
+        )
+        self._revisions[key] = revision
+        return Path(directory)
 
     @classmethod
     def from_pretrained(
@@ -314,34 +367,90 @@ class Editor(ABC):
         processor: Any,
         directory: str | os.PathLike,
         backbone: Backbone | None = None,
+        *,
+        ignore_base_mismatch: bool = False,
         **overrides: Any,
     ) -> Editor:
         """The editor saved in `directory` on `model`, with config fields in `overrides` replaced.
 
+        Args:
+            ignore_base_mismatch: load even if `model` is not the model the editor was saved
+                for (its weight fingerprint differs): for a user who knows the two are the same
+                model (e.g. re-quantised).
+
         Raises:
             FileNotFoundError: the folder or its config is missing.
             ValueError: the folder was saved by another method (use `dualedit.load_editor`,
-                which dispatches on it), for another model type, or its tensors do not match.
+                which dispatches on it), for another model type or other base weights, a file
+                is damaged, or its tensors do not match.
         """
-        meta = read_editor_meta(directory)
-        where = str(Path(directory))
+        folder = read_editor_folder(directory)
+        check_saved_model(folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch)
+        meta, where = folder.meta, str(Path(directory))
         if meta["method"] != cls.name:
             raise ValueError(
                 f"{where}: saved by method {meta['method']!r}, not {cls.name!r} "
                 "(dualedit.load_editor picks the class from the folder)"
             )
-        if meta.get("model_type") != model.config.model_type:
-            raise ValueError(
-                f"{where}: saved for model_type {meta.get('model_type')!r}, this model is "
-                f"{model.config.model_type!r}"
-            )
-        saved = meta.get("config")
-        if not isinstance(saved, dict):
-            raise ValueError(f"{where}: no \"config\" object")
-        editor = cls(model, processor, backbone, config={**saved, **overrides})
-        editor.load_state(meta, read_editor_tensors(directory), where)
+        editor = cls(model, processor, backbone, config=saved_config(cls.Config, folder, overrides))
+        editor.load_state(meta, folder.tensors, where)
+        editor.load_files(folder)
         editor.source = where
+        editor._revisions[_folder_key(directory)] = folder.revision
         return editor
+
+
+def saved_config(config_class: type, folder: EditorFolder, overrides: dict[str, Any]) -> dict:
+    """The saved config with `overrides`; every field required (no silent default)."""
+    saved = folder.meta["config"]
+    missing = [f for f in config_fields(config_class) if f not in saved]
+    if missing and folder.meta["format"] >= 2:
+        raise ValueError(
+            f"{folder.path / CONFIG_FILE}: config lacks field(s) {missing}; the folder is "
+            "incomplete or damaged"
+        )
+    return {**saved, **overrides}
+
+
+def check_saved_model(
+    folder: EditorFolder,
+    model: nn.Module,
+    backbone: Backbone | None = None,
+    *,
+    ignore_base_mismatch: bool = False,
+) -> None:
+    """Refuse to load a folder saved for another model: model type, hidden size, depth, and the
+    base weights' fingerprint (unless `ignore_base_mismatch`).
+
+    Raises:
+        ValueError: naming the folder, what differs and the override.
+    """
+    meta, path = folder.meta, folder.path / CONFIG_FILE
+    backbone = backbone if backbone is not None else get_backbone(model)
+    now = {
+        "model_type": model.config.model_type,
+        "hidden_size": backbone.hidden_size(model),
+        "depth": backbone.depth(model),
+    }
+    for key, value in now.items():
+        if key in meta and meta[key] != value:
+            base = meta.get("base_model") or "unnamed base"
+            raise ValueError(f"{path}: saved for {key} {meta[key]!r} ({base}), this model has {value!r}")
+    if "base_fingerprint" not in meta or ignore_base_mismatch:
+        return
+    reason = fingerprint_mismatch(meta["base_fingerprint"], base_fingerprint(model))
+    if reason:
+        raise ValueError(
+            f"{path}: saved for other base weights than this model's ({reason}; saved for "
+            f"{meta.get('base_model') or 'an unnamed model'}, this is "
+            f"{getattr(model.config, 'name_or_path', '') or 'an unnamed model'}). Load the "
+            "model it was trained on, or pass ignore_base_mismatch=True (CLI: "
+            "--ignore-base-mismatch) if you know the two are the same model"
+        )
+
+
+def _folder_key(directory: str | os.PathLike) -> str:
+    return str(Path(directory).absolute().resolve())
 
 
 def user_requests(

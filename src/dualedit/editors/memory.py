@@ -10,30 +10,36 @@ computes a [batch, n_edits] matrix itself and picks with `argmax_rows` / `top_k_
 
 Files (`save` / `read`): one safetensors file (per name, the tensors of all edits concatenated
 along dim 0: vectors as [n_edits, width], sequences as [total rows, width]) and one sorted JSON
-index (the caller's meta, `ids`, `next_id`, `info` and `<name>_lengths` per sequence), written
-atomically, tensors first so an index on disk always names complete tensors. No pickles.
+index (the caller's meta, `ids`, `next_id`, `info` and `<name>_lengths` per sequence), which is
+the folder's manifest: it records the tensor file's size and SHA-256 and its own checksum. The
+folder is written as a whole under a lock and read through one handle (`dualedit.folders`), so
+a damaged, hand-edited or half-replaced store is refused by name. No pickles.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from dualedit.editors.base import EditId
-from dualedit.io import atomic_save_safetensors, atomic_write_text
+from dualedit.editors.memory_files import (  # noqa: F401  (check_id, MAX_ID_LENGTH: re-exported)
+    MAX_ID_LENGTH,
+    StoreFiles,
+    check_id,
+    empty_dtype,
+    is_int,
+)
 from dualedit.options import read_json_object
 
-MAX_ID_LENGTH = 64
+logger = logging.getLogger(__name__)
+
 #: Index fields the store writes (and "<name>_lengths" per sequence); not for a caller's meta.
 STORE_FIELDS = ("ids", "info", "next_id")
 
@@ -57,15 +63,6 @@ class Field:
     def __post_init__(self) -> None:
         if not _is_int(self.width) or self.width < 1:
             raise ValueError(f"Field: width must be a positive int, got {self.width!r}")
-
-
-def check_id(edit_id: object) -> EditId:
-    """`edit_id` if it is a valid id (an int, or a str of 1..64 characters), else ValueError."""
-    if not (_is_int(edit_id) or isinstance(edit_id, str)):
-        raise ValueError(f"edit id must be an int or a str, got {edit_id!r}")
-    if isinstance(edit_id, str) and not 0 < len(edit_id) <= MAX_ID_LENGTH:
-        raise ValueError(f"edit id must have 1..{MAX_ID_LENGTH} characters, got {edit_id!r}")
-    return edit_id
 
 
 def argmax_rows(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +90,7 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     return read_json_object(path, what="edit store")
 
 
-class EditStore:
+class EditStore(StoreFiles):
     """Edits in insertion order, addressed by stable ids, each with the tensors of `fields`
     and an info dict (JSON-able: prompt, target, image, ...).
 
@@ -125,6 +122,8 @@ class EditStore:
         self._next_id = 0
         # Values computed from the edits (stacked matrices, a method's own), dropped on change.
         self._cache: dict[Hashable, Any] = {}
+        # {folder: revision} of the folders read or saved (lost updates refused, folders.py).
+        self._revisions: dict[str, str | None] = {}
 
     def __repr__(self) -> str:
         return f"EditStore({len(self)} edits, fields={list(self.fields)})"
@@ -298,127 +297,6 @@ class EditStore:
         similarity [batch, k] float32 (k capped at the number of edits)."""
         return top_k_rows(self.cosine(queries, name), k)
 
-    # -- files --------------------------------------------------------------------------------
-
-    def save(
-        self,
-        directory: str | os.PathLike,
-        *,
-        index_file: str,
-        tensors_file: str,
-        meta: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Write `tensors_file` (safetensors) then `index_file` (sorted JSON: `meta` plus the
-        store's fields) under `directory`, each atomically.
-
-        Returns:
-            The directory.
-        """
-        meta = dict(meta or {})
-        clash = sorted(set(meta) & self._index_fields())
-        if clash:
-            raise ValueError(f"save(): meta field(s) {clash} are written by the store itself")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, field in self.fields.items():
-            column = self._columns[name]
-            if not column:
-                tensors[name] = torch.zeros((0, field.width), dtype=_empty_dtype(field))
-            elif field.sequence:
-                tensors[name] = torch.cat([t.cpu() for t in column])  # [total rows, width]
-            else:
-                tensors[name] = torch.stack([t.cpu() for t in column])  # [n_edits, width]
-        index = {
-            **meta,
-            "next_id": self._next_id,
-            "ids": self._ids,
-            "info": self._info,
-            **{
-                f"{name}_lengths": [int(t.shape[0]) for t in self._columns[name]]
-                for name in self._sequences()
-            },
-        }
-        tensors = {n: t.contiguous() for n, t in tensors.items()}
-        atomic_save_safetensors(tensors, directory / tensors_file)
-        atomic_write_text(directory / index_file, json.dumps(index, indent=2, sort_keys=True))
-        return directory
-
-    def read(
-        self,
-        directory: str | os.PathLike,
-        *,
-        index_file: str,
-        tensors_file: str,
-        index: Mapping[str, Any] | None = None,
-        fill: Mapping[str, float] | None = None,
-        share: Sequence[tuple[str, str]] = (),
-    ) -> dict[str, Any]:
-        """Replace the edits by those saved in `directory` by `save`; everything is checked
-        before anything changes, so a refused file leaves the store as it was.
-
-        Args:
-            index: the index already read (`read_index`), e.g. after the caller checked its meta.
-            fill: {vector name: value} for tensors a file may lack (written before the name
-                existed): each edit gets a vector full of `value`.
-            share: pairs of names whose tensors, where equal, are kept once (as when `add` was
-                given one tensor for both).
-
-        Returns:
-            The index (the caller's meta is in it).
-
-        Raises:
-            FileNotFoundError: a file is missing.
-            ValueError: a file is malformed or the two disagree; the message names the file and
-                what is wrong (missing or unexpected tensors, lengths that do not match the
-                tensors, ids not unique, ...).
-        """
-        directory = Path(directory)
-        index_path, tensors_path = directory / index_file, directory / tensors_file
-        index = dict(index) if index is not None else read_index(index_path)
-        ids, info, lengths = self._check_index(index, index_path)
-        if not tensors_path.is_file():
-            raise FileNotFoundError(f"edit store file {tensors_path} not found")
-        try:
-            tensors = load_file(str(tensors_path))
-        except SafetensorError as error:
-            raise ValueError(f"{tensors_path}: not a safetensors file ({error})") from error
-        for name, value in (fill or {}).items():
-            if name not in tensors:
-                field = self._vector(name)
-                shape = (len(ids), field.width)
-                tensors[name] = torch.full(shape, value, dtype=_empty_dtype(field))
-        if set(tensors) != set(self.fields):
-            raise ValueError(
-                f"{tensors_path}: missing {sorted(set(self.fields) - set(tensors))}, "
-                f"unexpected {sorted(set(tensors) - set(self.fields))}"
-            )
-        rows: dict[str, Sequence[torch.Tensor]] = {}
-        for name, field in self.fields.items():
-            tensor, listed = tensors[name], f"{name}_lengths" if field.sequence else "ids"
-            want = (sum(lengths[name]) if field.sequence else len(ids), field.width)
-            if tuple(tensor.shape) != want:
-                raise ValueError(
-                    f"{tensors_path}: {name} has {tensor.shape[0] if tensor.dim() else 0} "
-                    f"positions along dim 0 (shape {tuple(tensor.shape)}), {index_path} lists "
-                    f"{want[0]} ({listed}) of width {want[1]}"
-                )
-            rows[name] = tensor.split(lengths[name]) if field.sequence and ids else tensor
-        self.clear()
-        for i, edit_id in enumerate(ids):
-            row = {
-                name: rows[name][i].clone().to(device=self.device, dtype=field.dtype)
-                for name, field in self.fields.items()
-            }
-            for first, second in share:
-                a, b = row[first], row[second]
-                if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
-                    row[second] = a
-            self._append(edit_id, row, dict(info[i]))
-        self._next_id = max(self._next_id, index["next_id"])
-        self._cache.clear()
-        return index
-
     # -- helpers ------------------------------------------------------------------------------
 
     def _append(self, edit_id: EditId, row: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
@@ -457,42 +335,6 @@ class EditStore:
         elif tuple(shape) != (field.width,):
             raise ValueError(f"{what} has shape {tuple(shape)}, expected ({field.width},)")
 
-    def _check_index(
-        self, index: Mapping[str, Any], path: Path
-    ) -> tuple[list[EditId], list[dict[str, Any]], dict[str, list[int]]]:
-        """ids, info and per-sequence lengths of an index, checked against each other."""
-        missing = sorted(self._index_fields() - set(index))
-        if missing:
-            raise ValueError(f"{path}: missing field(s) {missing}")
-        ids, info = index["ids"], index["info"]
-        lengths = {name: index[f"{name}_lengths"] for name in self._sequences()}
-        if not _is_int(index["next_id"]):
-            raise ValueError(f"{path}: next_id must be an int, got {index['next_id']!r}")
-        if not (isinstance(ids, list) and isinstance(info, list)) or not all(
-            isinstance(entry, dict) for entry in info
-        ):
-            raise ValueError(f"{path}: ids must be a list, info a list of JSON objects")
-        for name, counts in lengths.items():
-            if not isinstance(counts, list) or not all(_is_int(c) and c > 0 for c in counts):
-                raise ValueError(f"{path}: {name}_lengths must be a list of positive ints")
-        sizes = {"ids": len(ids), "info": len(info)}
-        sizes |= {f"{name}_lengths": len(counts) for name, counts in lengths.items()}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"{path}: ids, lengths and info disagree in length {sizes}")
-        for edit_id in ids:
-            try:
-                check_id(edit_id)
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from error
-        repeated = [eid for eid, count in Counter(ids).items() if count > 1]
-        if repeated:
-            raise ValueError(f"{path}: ids not unique: {repeated} appear more than once")
-        return ids, info, lengths
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _empty_dtype(field: Field) -> torch.dtype:
-    return field.dtype or torch.float32
+_is_int = is_int
+_empty_dtype = empty_dtype

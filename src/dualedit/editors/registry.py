@@ -135,12 +135,14 @@ def open_editor(
     directory: str | os.PathLike | None = None,
     options: dict[str, Any] | None = None,
     untrained: bool = False,
+    ignore_base_mismatch: bool = False,
 ) -> Editor:
     """The editor a user asks for: loaded from `directory` (its method read from the folder;
     `method`, if given, must agree) or new of `method`; `options` are config fields.
 
     A trained method without a folder is refused unless `untrained` (its parameters would be
-    the untrained initial ones, for DualEdit an identity: scores of no edit at all).
+    the untrained initial ones, for DualEdit an identity: scores of no edit at all). A folder
+    saved for other base weights is refused unless `ignore_base_mismatch`.
 
     Raises:
         ValueError: neither given, a method that disagrees with the folder's, or a trained
@@ -154,7 +156,9 @@ def open_editor(
             raise ValueError(
                 f"--method {method!r} but the editor folder {directory} was saved by {saved!r}"
             )
-        return load_editor(model, processor, directory, **options)
+        return load_editor(
+            model, processor, directory, ignore_base_mismatch=ignore_base_mismatch, **options
+        )
     return make_editor(method, model, processor, **options)
 
 

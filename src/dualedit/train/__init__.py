@@ -17,7 +17,8 @@ from dualedit.train.checkpoint import (
     save_checkpoint,
 )
 from dualedit.train.data import EditBatch, encode_edits_batch, split_indices, step_records
-from dualedit.train.loop import place_model, train, validation_split
+from dualedit.train.devices import place_model
+from dualedit.train.loop import train, validation_split
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.meta import base_model_meta
 from dualedit.train.trainable import Trainable

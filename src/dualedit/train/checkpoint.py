@@ -1,18 +1,20 @@
 """The resumable training checkpoint: tensors in safetensors, everything else in JSON, no pickles.
 
-`out_dir/checkpoint/` holds `state-<step>.safetensors` (the trained module's weights, keyed
+`out_dir/checkpoint/` holds `state.safetensors` (the trained module's weights, keyed
 "adapter/<name>" as the first, DualEdit-only checkpoints were, Adam state tensors, the
-torch / numpy / python RNG states) and `state.json` (step, counters, best score, the run meta,
-the log so far, Adam's hyper-parameters, the scalar parts of the RNG states, and the name of its
-tensor file). The tensor file is written first and `state.json` last, both atomically, so
-`state.json` always names a complete tensor file: a run killed at any point resumes from the last
-committed checkpoint. Older tensor files are removed after the commit.
+torch / numpy / python RNG states), `state.json` (step, counters, best score, the run meta,
+the log so far, Adam's hyper-parameters, the scalar parts of the RNG states, the name of its
+tensor file) and `best/`, the validation-best editor folder of the run so far. The folder is
+written as a whole (`dualedit.folders`: a new folder swapped in, `state.json` its manifest with
+the tensor file's SHA-256), so a run killed at any point resumes from the last complete
+checkpoint, and a checkpoint that fails its checks (damaged bytes, NaN) is refused on resume
+instead of being trained on and written back. A checkpoint with NaN or infinite weights is never
+written: the run stops with an error and the last good one stays.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -21,17 +23,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from dualedit.folders import FolderReader, check_finite, read_folder, write_folder
 from dualedit.version import versions
-from dualedit.io import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-CHECKPOINT_FORMAT = 1
+TENSOR_FILE = "state.safetensors"
+CHECKPOINT_FORMAT = 2
+#: Format 1: the tensor file named by step, no checksums.
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -114,7 +118,6 @@ def save_checkpoint(
         meta: what must match on resume (settings, config, model type, ...), saved as given.
     """
     folder = checkpoint_dir(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict().items():
         tensors[f"adapter/{name}"] = tensor
@@ -124,14 +127,18 @@ def save_checkpoint(
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {index}.{name} is not a tensor: {type(value)}")
             tensors[f"optim/{index}/{name}"] = value
+    try:
+        check_finite(tensors, f"training state at step {state.step}")
+    except ValueError as error:
+        raise ValueError(
+            f"{error}: the run diverged (try a lower lr or grad_clip); the checkpoint in "
+            f"{folder} was not replaced"
+        ) from None
     rng, rng_json = _rng_state()
     tensors.update(rng)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    tensor_file = f"state-{state.step:08d}.safetensors"
-    atomic_save_safetensors(tensors, folder / tensor_file)
     record = {
         "format": CHECKPOINT_FORMAT,
-        "tensors": tensor_file,
+        "tensors": TENSOR_FILE,
         "state": state.to_dict(),
         "optimizer": {
             "param_groups": optim["param_groups"],
@@ -141,10 +148,11 @@ def save_checkpoint(
         "meta": meta,
         "versions": versions(),
     }
-    atomic_write_text(folder / STATE_FILE, json.dumps(record, indent=1, sort_keys=True))
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != tensor_file:
-            old.unlink(missing_ok=True)
+    with write_folder(folder, manifest=STATE_FILE, what="training checkpoint") as writer:
+        writer.tensors(TENSOR_FILE, tensors)
+        writer.manifest(STATE_FILE, record, covers=[TENSOR_FILE])
+        if folder.is_dir():  # tensor files of format 1, named by step
+            writer.drop(*(p.name for p in folder.glob("state-*.safetensors")))
     logger.info("checkpoint at step %d written to %s", state.step, folder)
     return folder
 
@@ -166,11 +174,8 @@ def load_checkpoint(
     """
     folder = checkpoint_dir(out_dir)
     path = folder / STATE_FILE
-    record = _read_record(path)
+    record, tensors = _read(folder)
     tensor_path = folder / record["tensors"]
-    if not tensor_path.is_file():
-        raise FileNotFoundError(f"{path}: its tensor file {tensor_path} is missing")
-    tensors = load_file(str(tensor_path))
     own = module.state_dict()
     saved = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("adapter/")}
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
@@ -203,16 +208,44 @@ def load_checkpoint(
 
 
 def _read_record(path: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, checked (its checksum, format, fields)."""
+    folder = path.parent
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint {path} not found")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+    return read_folder(folder, lambda reader: _check_record(reader, path))
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """state.json and its tensors, from one version of the folder, verified."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} not found")
+
+    def read(reader: FolderReader) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        record = _check_record(reader, path)
+        name = record["tensors"]
+        if not isinstance(name, str) or not reader.exists(name):
+            raise FileNotFoundError(f"{path}: its tensor file {folder / str(name)} is missing")
+        if not reader.checked():
+            logger.warning("%s: a checkpoint written before checksums; read unverified", path)
+        return record, reader.tensors(name)
+
+    return read_folder(folder, read)
+
+
+def _check_record(reader: FolderReader, path: Path) -> dict[str, Any]:
+    record = reader.read_manifest(STATE_FILE, what="training checkpoint")
+    if record.get("format") not in READABLE_FORMATS:
         raise ValueError(
-            f"{path}: not a DualEdit training checkpoint of format {CHECKPOINT_FORMAT}"
+            f"{path}: not a DualEdit training checkpoint of format {list(READABLE_FORMATS)}"
         )
+    missing = [
+        k for k in ("tensors", "state", "optimizer", "rng", "meta") if not isinstance(record.get(k), (dict, str))
+    ]
+    if record["format"] >= 2 and not reader.checked():
+        missing.append("files")
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}; the checkpoint is damaged")
     return record
 
 

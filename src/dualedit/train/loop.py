@@ -12,7 +12,9 @@ the layers, so the model must be on the accelerator's device before, not after.
 `editors/dualedit/train.py` (`train_dualedit`) is the example.
 
 Files under `out_dir`: `best/` and `last/` (`Trainable.save`, the method's editor folder),
-`checkpoint/` (resumable state, see checkpoint.py), `train_log.json` (loss and validation scores).
+`checkpoint/` (resumable state, with the validation-best folder so far, see checkpoint.py),
+`train_log.json` (loss and validation scores); `best/` only once the run is finished (best.py).
+One run at a time writes to an `out_dir` (a lock beside it): a second is refused at once.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from tqdm.auto import tqdm
 
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
+from dualedit.folders import folder_lock
 from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
 from dualedit.train.checkpoint import (
     LoopState,
+    checkpoint_dir,
     has_checkpoint,
     load_checkpoint,
     read_checkpoint_meta,
@@ -52,13 +56,14 @@ from dualedit.train.data import (
     split_indices,
     steps_per_epoch,
 )
+from dualedit.train.best import BEST_DIR, publish_best
+from dualedit.train.devices import input_device, same_device
 from dualedit.train.meta import check_resume, run_meta
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.trainable import Trainable
 
 logger = logging.getLogger(__name__)
 
-BEST_DIR = "best"
 LAST_DIR = "last"
 LOG_FILE = "train_log.json"
 #: Names a loss term or a metric may not take: they are the log entries' own fields.
@@ -124,128 +129,132 @@ def train(
     started = time.perf_counter()
     if not isinstance(trainable, Trainable):
         raise TypeError(f"trainable: not a Trainable ({type(trainable).__name__})")
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(trainable.close)
-        settings = settings if settings is not None else TrainSettings()
-        if not isinstance(settings, TrainSettings):
-            raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
-        if accelerator is None:
-            accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"out_dir {out_dir} exists and is not a folder")
-        rank, world, main = (
-            accelerator.process_index,
-            accelerator.num_processes,
-            accelerator.is_main_process,
-        )
-        train_idx, val_idx = validation_split(
-            train_dataset, settings, val_fraction=val_fraction, processes=world
-        )
-        device = _input_device(model)
-        if not hasattr(model, "hf_device_map") and not _same_device(device, accelerator.device):
-            raise ValueError(
-                f"the model is on {device}, the accelerator on {accelerator.device}: move it "
-                "(place_model) before building the trainable"
+    with contextlib.ExitStack() as run_lock:  # held until best/ is published
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(trainable.close)
+            settings = settings if settings is not None else TrainSettings()
+            if not isinstance(settings, TrainSettings):
+                raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+            if accelerator is None:
+                accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            out_dir = Path(out_dir)
+            if out_dir.exists() and not out_dir.is_dir():
+                raise ValueError(f"out_dir {out_dir} exists and is not a folder")
+            rank, world, main = (
+                accelerator.process_index,
+                accelerator.num_processes,
+                accelerator.is_main_process,
             )
-        backbone = get_backbone(model)
-        cleanup.callback(model.train, model.training)
-        model.eval()
-        params = _trained_parameters(trainable)
-        optimizer = torch.optim.Adam(params, lr=settings.lr)
-        meta = run_meta(trainable, train_dataset, settings, len(val_idx))
-        state, resumed_from = _start(out_dir, resume, meta, trainable, optimizer, settings, main)
-        accelerator.wait_for_everyone()
-        val_batches = [
-            encode_edits_batch(
-                [train_dataset[j] for j in chunk],
-                train_dataset.task,
-                processor,
-                backbone,
-                train_dataset.images,
+            if main:  # a second run on this out_dir is refused at once (FolderLocked)
+                run_lock.enter_context(folder_lock(out_dir, timeout=0, what="training run's folder"))
+            train_idx, val_idx = validation_split(
+                train_dataset, settings, val_fraction=val_fraction, processes=world
             )
-            for chunk in _chunks(val_idx[rank::world], settings.eval_batch_size)
-        ]
-        loader = torch.utils.data.DataLoader(
-            StepBatches(
-                train_dataset,
-                train_idx,
-                batch_size=settings.batch_size,
-                seed=settings.seed,
-                start=state.step,
-                stop=settings.max_steps if state.stop_reason is None else state.step,
-                rank=rank,
-                world=world,
-                processor=processor,
-                backbone=backbone,
-            ),
-            batch_size=None,
-            collate_fn=keep_as_is,
-            num_workers=settings.num_workers,
-        )
-        bar = tqdm(
-            total=settings.max_steps,
-            initial=state.step,
-            disable=not (progress and main),
-            desc=f"training {trainable.name}",
-        )
-        term_names: list[str] | None = None  # the trainable's loss terms, sorted
-        step_time, steps_run = 0.0, 0
-        tick = time.perf_counter()
-        for batch in loader:
-            # -- step: lr, loss, backward, average, clip, Adam ----------------------------------
-            lr = _lr_at(settings, state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, terms = trainable.loss(batch.to(device))
-            term_names = _check_terms(terms, term_names)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # One layout on every process: "loss", then the terms in sorted order.
-            logged = torch.stack([loss, *(terms[k] for k in term_names)]).detach()
-            logged = _average_gradients(params, logged, accelerator)
-            max_norm = settings.grad_clip if settings.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            optimizer.step()
-            state.step += 1
-            steps_run += 1
-            step_time += time.perf_counter() - tick
-            bar.update(1)
-            # -- log -------------------------------------------------------------------------
-            values = dict(zip(["loss", *term_names], logged.tolist(), strict=True))
-            _accumulate(state, values, float(grad_norm), lr)
-            if state.step % settings.log_every == 0:
-                entry = _flush(state)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            # -- validation, best folder, early stopping ---------------------------------------
-            if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
-                metrics = _validate(trainable, val_batches, device, accelerator)
-                _record_eval(state, metrics, settings)
-                if state.best_step == state.step and main:
-                    trainable.save(out_dir / BEST_DIR)
-                logger.info("%s: step %d validation %s", trainable.name, state.step, state.log[-1])
-            # -- checkpoint --------------------------------------------------------------------
-            stop = state.stop_reason is not None or state.step >= settings.max_steps
-            if stop and state.pending:
-                _flush(state)
-            if state.step % settings.checkpoint_every == 0 or stop:
-                if main:
-                    save_checkpoint(out_dir, state, trainable.module, optimizer, meta)
-                    _write_log(out_dir, state, meta)
-                accelerator.wait_for_everyone()
+            device = input_device(model)
+            if not hasattr(model, "hf_device_map") and not same_device(device, accelerator.device):
+                raise ValueError(
+                    f"the model is on {device}, the accelerator on {accelerator.device}: move it "
+                    "(place_model) before building the trainable"
+                )
+            backbone = get_backbone(model)
+            cleanup.callback(model.train, model.training)
+            model.eval()
+            params = _trained_parameters(trainable)
+            optimizer = torch.optim.Adam(params, lr=settings.lr)
+            meta = run_meta(trainable, train_dataset, settings, len(val_idx))
+            state, resumed_from = _start(out_dir, resume, meta, trainable, optimizer, settings, main)
+            accelerator.wait_for_everyone()
+            val_batches = [
+                encode_edits_batch(
+                    [train_dataset[j] for j in chunk],
+                    train_dataset.task,
+                    processor,
+                    backbone,
+                    train_dataset.images,
+                )
+                for chunk in _chunks(val_idx[rank::world], settings.eval_batch_size)
+            ]
+            loader = torch.utils.data.DataLoader(
+                StepBatches(
+                    train_dataset,
+                    train_idx,
+                    batch_size=settings.batch_size,
+                    seed=settings.seed,
+                    start=state.step,
+                    stop=settings.max_steps if state.stop_reason is None else state.step,
+                    rank=rank,
+                    world=world,
+                    processor=processor,
+                    backbone=backbone,
+                ),
+                batch_size=None,
+                collate_fn=keep_as_is,
+                num_workers=settings.num_workers,
+            )
+            bar = tqdm(
+                total=settings.max_steps,
+                initial=state.step,
+                disable=not (progress and main),
+                desc=f"training {trainable.name}",
+            )
+            term_names: list[str] | None = None  # the trainable's loss terms, sorted
+            step_time, steps_run = 0.0, 0
             tick = time.perf_counter()
-            if stop:
-                break
-        bar.close()
-        if main:
-            trainable.save(out_dir / LAST_DIR)
-            _write_log(out_dir, state, meta)
+            for batch in loader:
+                # -- step: lr, loss, backward, average, clip, Adam ----------------------------------
+                lr = _lr_at(settings, state.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, terms = trainable.loss(batch.to(device))
+                term_names = _check_terms(terms, term_names)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # One layout on every process: "loss", then the terms in sorted order.
+                logged = torch.stack([loss, *(terms[k] for k in term_names)]).detach()
+                logged = _average_gradients(params, logged, accelerator)
+                max_norm = settings.grad_clip if settings.grad_clip is not None else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                state.step += 1
+                steps_run += 1
+                step_time += time.perf_counter() - tick
+                bar.update(1)
+                # -- log -------------------------------------------------------------------------
+                values = dict(zip(["loss", *term_names], logged.tolist(), strict=True))
+                _accumulate(state, values, float(grad_norm), lr)
+                if state.step % settings.log_every == 0:
+                    entry = _flush(state)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                # -- validation, best folder, early stopping ---------------------------------------
+                if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
+                    metrics = _validate(trainable, val_batches, device, accelerator)
+                    _record_eval(state, metrics, settings)
+                    if state.best_step == state.step and main:
+                        trainable.save(checkpoint_dir(out_dir) / BEST_DIR)
+                    logger.info("%s: step %d validation %s", trainable.name, state.step, state.log[-1])
+                # -- checkpoint --------------------------------------------------------------------
+                stop = state.stop_reason is not None or state.step >= settings.max_steps
+                if stop and state.pending:
+                    _flush(state)
+                if state.step % settings.checkpoint_every == 0 or stop:
+                    if main:
+                        save_checkpoint(out_dir, state, trainable.module, optimizer, meta)
+                        _write_log(out_dir, state, meta)
+                    accelerator.wait_for_everyone()
+                tick = time.perf_counter()
+                if stop:
+                    break
+            bar.close()
+            if main:
+                trainable.save(out_dir / LAST_DIR)
+                _write_log(out_dir, state, meta)
+            accelerator.wait_for_everyone()
+        # The trainable is closed (its hooks removed) before the finish step loads the best folder.
+        best_dir = out_dir / BEST_DIR if state.best_step is not None else None
+        summary = None
+        if best_dir is not None and main:
+            summary = publish_best(out_dir, trainable, train_dataset, val_idx, finish)
         accelerator.wait_for_everyone()
-    best_dir = out_dir / BEST_DIR if state.best_step is not None else None
-    summary = None
-    if finish and best_dir is not None and main:
-        summary = trainable.finish(best_dir, train_dataset, val_idx)
-    accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,
         best_dir=best_dir,
@@ -260,13 +269,6 @@ def train(
         log_path=out_dir / LOG_FILE,
         finish=summary,
     )
-
-
-def place_model(model: nn.Module, accelerator: Accelerator) -> None:
-    """Move `model` to `accelerator.device` unless it is there already or sharded
-    (`hf_device_map`): what a caller of `train` does before building the trainable."""
-    if not hasattr(model, "hf_device_map") and _input_device(model) != accelerator.device:
-        model.to(accelerator.device)
 
 
 def validation_split(
@@ -504,14 +506,3 @@ def _write_log(out_dir: Path, state: LoopState, meta: dict[str, Any]) -> None:
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether `a` and `b` are one device ("cpu" and "cpu:0" are; "cuda" is the current GPU)."""
-    if a.type != b.type:
-        return False
-    return a.type == "cpu" or a.index is None or b.index is None or a.index == b.index

@@ -177,6 +177,7 @@ def calibrate_adapters(
     val_edits: int | None = None,
     mode: str = "single",
     gate_key: str | None = None,
+    ignore_base_mismatch: bool = False,
 ) -> TauChoice:
     """Choose tau for saved adapters on the validation edits and save the adapters with it.
 
@@ -189,6 +190,8 @@ def calibrate_adapters(
         val_edits: how many validation edits training held out (None: `TrainSettings`'s).
         mode: "single" or "sequential" (see `choose_tau`).
         gate_key: choose tau for this gate key and save it with the adapters (None: theirs).
+        ignore_base_mismatch: load adapters saved for other base weights (see
+            `Editor.from_pretrained`).
 
     Returns:
         The `TauChoice`.
@@ -207,7 +210,9 @@ def calibrate_adapters(
                          "edits of the train split")
     n_val = TrainSettings().val_edits if val_edits is None else val_edits
     _, val_idx = split_indices(len(train_dataset), n_val)
-    overrides = {} if gate_key is None else {"gate_key": gate_key}
+    overrides: dict[str, Any] = {} if gate_key is None else {"gate_key": gate_key}
+    if ignore_base_mismatch:
+        overrides["ignore_base_mismatch"] = True
     return calibrate_on(
         model, processor, Path(adapters_dir), train_dataset, val_idx, mode,
         out_dir=Path(out_dir) if out_dir is not None else None, **overrides,

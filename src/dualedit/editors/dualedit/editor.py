@@ -36,6 +36,7 @@ from dualedit.editors.base import (
     Editor,
     ImageInput,
     ImageLoader,
+    check_saved_model,
     open_image,
     user_requests,
 )
@@ -44,10 +45,12 @@ from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
 from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
+    adapter_config,
     load_adapter_tensors,
     load_adapter_weights,
-    read_adapter_config,
 )
+from dualedit.editors.files import EditorFolder, read_editor_folder
+from dualedit.folders import FolderWriter
 from dualedit.editors.dualedit.gate import GateDecision, decision_of
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
 from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
@@ -68,7 +71,6 @@ _CONFIG_FIELDS = config_fields(DualEditConfig)
 # Adapters are initialised from this seed (the global RNG is left alone), so two editors built
 # the same way start from the same weights.
 INIT_SEED = 0
-
 
 
 class DualEditor(Editor):
@@ -108,6 +110,7 @@ class DualEditor(Editor):
         pretrained: str | os.PathLike | None = None,
         memory_device: str | torch.device | None = None,
         batch_size: int = 8,
+        ignore_base_mismatch: bool = False,
         **options: Any,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -118,11 +121,13 @@ class DualEditor(Editor):
         depth = backbone.depth(model)
         hidden = backbone.hidden_size(model)
         model_type = model.config.model_type
+        folder = None
         if pretrained is not None:
             if config is not None:
                 raise TypeError("dualedit: give `config` or `pretrained`, not both")
-            saved = read_adapter_config(pretrained, model_type, hidden)
-            config, options = _merge_config(saved, options), {}
+            folder = read_editor_folder(pretrained)
+            check_saved_model(folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch)
+            config, options = _merge_config(adapter_config(folder), options), {}
         super().__init__(model, processor, backbone, config=config, **options)
         self.config: DualEditConfig = self.config.resolve(
             depth, hidden, model_type, _layer_dtype(self.backbone.layer(model, 0))
@@ -133,8 +138,6 @@ class DualEditor(Editor):
         self.text_adapter = self._new_adapter(self.config.text_layer, hidden)
         self.visual_adapter = self._new_adapter(self.config.visual_layer, hidden)
         self.adapters = nn.ModuleDict({"text": self.text_adapter, "visual": self.visual_adapter})
-        if pretrained is not None:
-            self.load_adapter_weights(Path(pretrained) / WEIGHTS_FILE)
         self.memory = EditMemory(
             hidden,
             text_layer=self.config.text_layer,
@@ -143,8 +146,10 @@ class DualEditor(Editor):
             text_keys=self.config.text_keys,
             device=memory_device,
         )
-        if pretrained is not None and (Path(pretrained) / MEMORY_INDEX_FILE).is_file():
-            self.memory.read(pretrained)
+        if folder is not None:
+            self.load_state(folder.meta, folder.tensors, str(folder.path / WEIGHTS_FILE))
+            self.load_files(folder)
+            self._revisions[str(Path(pretrained).absolute().resolve())] = folder.revision
         self.hooks = DualEditHooks(
             model, self.backbone, self.config, self.text_adapter, self.visual_adapter, self.memory
         )
@@ -404,16 +409,21 @@ class DualEditor(Editor):
         """Load adapter tensors (strict names and shapes); the edits live in the memory files."""
         load_adapter_tensors(self.adapters, tensors, where=where)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `adapter_config.json` and `adapter_model.safetensors`, and the edit memory
-        (`memory.json`, `memory.safetensors`) when edits are stored. Returns the directory."""
-        directory = super().save_pretrained(directory)
+    def write_files(self, writer: FolderWriter) -> list[str]:
+        """The edit memory (`memory.json`, `memory.safetensors`) when edits are stored (none of
+        an earlier save is kept otherwise)."""
         if len(self.memory):
-            self.memory.save(directory)
-        else:
-            for name in (MEMORY_INDEX_FILE, MEMORY_STATES_FILE):
-                (directory / name).unlink(missing_ok=True)  # no stale edits of an earlier save
-        return directory
+            return self.memory.write(writer)
+        writer.drop(MEMORY_INDEX_FILE, MEMORY_STATES_FILE)
+        return []
+
+    def load_files(self, folder: EditorFolder) -> None:
+        """The stored edits, when the folder holds any."""
+        if MEMORY_INDEX_FILE in folder.files:
+            states = folder.files.get(MEMORY_STATES_FILE)
+            if states is None:
+                raise FileNotFoundError(f"edit store file {folder.path / MEMORY_STATES_FILE} not found")
+            self.memory.take(folder.files[MEMORY_INDEX_FILE], states, folder.path)
 
     @classmethod
     def from_pretrained(
@@ -422,6 +432,8 @@ class DualEditor(Editor):
         processor: Any,
         directory: str | os.PathLike,
         backbone: Backbone | None = None,
+        *,
+        ignore_base_mismatch: bool = False,
         **overrides: Any,
     ) -> DualEditor:
         """An editor with the adapters (and stored edits) saved in `directory`; run-time fields
@@ -434,7 +446,8 @@ class DualEditor(Editor):
                 saved adapters', a changed architecture field, or weights that do not match
                 (missing / unexpected keys).
         """
-        return cls(model, processor, backbone, pretrained=str(directory), **overrides)
+        return cls(model, processor, backbone, pretrained=str(directory),
+                   ignore_base_mismatch=ignore_base_mismatch, **overrides)
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Load adapter weights strictly (names missing and unexpected keys, wrong shapes)."""

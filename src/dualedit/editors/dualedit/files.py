@@ -1,9 +1,11 @@
-"""DualEdit's side of its editor folder (`editors/files.py`): the saved `DualEditConfig`, read
-back with the legacy defaults of older folders, and the adapter weights, loaded strictly.
+"""DualEdit's side of its editor folder (`editors/files.py`): the saved `DualEditConfig`, and the
+adapter weights, loaded strictly.
 
 The config JSON records the resolved `DualEditConfig`, the base model's name, model type, hidden
-size and depth, and the versions of dualedit, transformers and torch. Loading checks the base
-model (type, hidden size) and the weights strictly (missing and unexpected keys, shapes).
+size, depth and weight fingerprint, and the versions of dualedit, transformers and torch. Every
+config field is required; only format-1 folders (written before three fields existed) get those
+fields' values of that time. Loading checks the base model and the weights strictly (missing and
+unexpected keys, shapes, NaN).
 """
 
 from __future__ import annotations
@@ -12,22 +14,57 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dualedit.editors.dualedit.config import DualEditConfig
-from dualedit.editors.files import CONFIG_FILE, WEIGHTS_FILE, read_editor_meta
+from dualedit.editors.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    EditorFolder,
+    read_editor_folder,
+)
 from dualedit.editors.weights import check_tensors
+from dualedit.folders import check_finite
 
 METHOD = "dualedit"
+#: What format-1 folders (no field yet) held: adapters trained the released way, gate key of then.
+FORMAT_1_DEFAULTS = {"text_prompt_end": False, "text_keys": "all", "gate_key": "prompt_end_image"}
 
 __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
+    "adapter_config",
     "load_adapter_tensors",
     "load_adapter_weights",
     "read_adapter_config",
 ]
+
+
+def adapter_config(folder: EditorFolder) -> DualEditConfig:
+    """The `DualEditConfig` saved in an editor folder (every field required).
+
+    Raises:
+        ValueError: another method's folder, or a config field missing or invalid (named).
+    """
+    path = folder.path / CONFIG_FILE
+    meta = folder.meta
+    if meta["method"] != METHOD:
+        raise ValueError(
+            f"{path}: saved by method {meta['method']!r}, not DualEdit (dualedit.load_editor "
+            "picks the class from the folder)"
+        )
+    fields = dict(meta["config"])
+    if meta["format"] == 1:
+        fields = {**FORMAT_1_DEFAULTS, **fields}
+    missing = [name for name in DualEditConfig.__dataclass_fields__ if name not in fields]
+    if missing:
+        raise ValueError(
+            f"{path}: config lacks field(s) {missing}; the folder is incomplete or damaged"
+        )
+    for name in ("tau", "text_layer", "visual_layer"):
+        if fields[name] is None:
+            raise ValueError(f"{path}: config field {name!r} is null; a saved editor fixes it")
+    return DualEditConfig.from_dict(fields, where=str(path))
 
 
 def read_adapter_config(
@@ -37,16 +74,12 @@ def read_adapter_config(
 
     Raises:
         FileNotFoundError: no adapter_config.json.
-        ValueError: another method's folder, another model type or hidden size, or an unknown
-            format.
+        ValueError: another method's folder, another model type or hidden size, a damaged
+            file, a missing field, or an unknown format.
     """
-    path = Path(directory) / CONFIG_FILE
-    meta = read_editor_meta(directory)
-    if meta["method"] != METHOD:
-        raise ValueError(
-            f"{path}: saved by method {meta['method']!r}, not DualEdit (dualedit.load_editor "
-            "picks the class from the folder)"
-        )
+    folder = read_editor_folder(directory)
+    path = folder.path / CONFIG_FILE
+    meta = folder.meta
     if meta.get("model_type") != model_type:
         raise ValueError(
             f"{path}: adapters were trained for model_type {meta.get('model_type')!r} "
@@ -57,33 +90,39 @@ def read_adapter_config(
             f"{path}: adapters expect hidden size {meta.get('hidden_size')}, this model has "
             f"{hidden_size}"
         )
-    if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{path}: no \"config\" object")
-    fields = dict(meta["config"])
-    # Files written before the field existed hold adapters trained the released way.
-    fields.setdefault("text_prompt_end", False)
-    fields.setdefault("text_keys", "all")
-    # Before gate_key defaulted per architecture, a file without it meant this one.
-    fields.setdefault("gate_key", "prompt_end_image")
-    return DualEditConfig.from_dict(fields, where=str(path))
+    return adapter_config(folder)
 
 
 def load_adapter_weights(adapters: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights into `adapters` strictly, casting to their dtype.
+    """Load weights from a safetensors file into `adapters` strictly, casting to their dtype
+    (the file is not verified against a manifest: prefer loading the whole folder).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: missing or unexpected keys (named), or a shape that does not match.
+        ValueError: not a safetensors file, missing or unexpected keys (named), a shape that does
+            not match, or NaN.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights {path} not found")
-    load_adapter_tensors(adapters, load_file(str(path)), where=str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    load_adapter_tensors(adapters, tensors, where=str(path))
 
 
 def load_adapter_tensors(
     adapters: nn.Module, tensors: dict[str, torch.Tensor], *, where: str = "adapters"
 ) -> None:
-    """Load `tensors` into `adapters` strictly (names and shapes), casting to their dtype."""
+    """Load `tensors` into `adapters` strictly (names, shapes, floating dtypes, finite values),
+    casting to their dtype."""
     check_tensors(adapters.state_dict(), tensors, where=where)
+    wrong = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if wrong:
+        raise ValueError(f"{where}: tensors {wrong} are not floating point")
+    check_finite(tensors, where)
     adapters.load_state_dict(tensors, strict=True)

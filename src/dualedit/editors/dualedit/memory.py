@@ -41,14 +41,16 @@ from dualedit.editors.dualedit.gate import (
     text_key_positions,
 )
 from dualedit.editors.memory import MAX_ID_LENGTH  # noqa: F401  (re-exported)
-from dualedit.editors.memory import EditStore, Field, argmax_rows, read_index
+from dualedit.editors.memory import EditStore, Field, argmax_rows
+from dualedit.folders import FolderWriter
 
 logger = logging.getLogger(__name__)
 
-MEMORY_FORMAT = 3
+MEMORY_FORMAT = 4
 # Format 1: no "text_keys" (always "all") and no "image_mean" key part; format 2: no
-# "image_groups" key part. Parts a file lacks are unknown (NaN) for its edits.
-READABLE_FORMATS = (1, 2, 3)
+# "image_groups" key part; format 3: no checksums. Parts a file lacks are unknown (NaN) for its
+# edits.
+READABLE_FORMATS = (1, 2, 3, 4)
 PART_SINCE_FORMAT = {"image_mean": 2, "image_groups": 3}
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
@@ -352,24 +354,33 @@ class EditMemory:
     # -- files --------------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `memory.safetensors`, then `memory.json`, under `directory` (atomically each);
-        returns the directory."""
-        meta = {"format": MEMORY_FORMAT, **{name: getattr(self, name) for name in MODEL_FIELDS}}
+        """Write `memory.safetensors` and `memory.json` to `directory` as a whole (other files
+        of the folder are kept; see `EditStore.save`); returns the directory."""
         directory = self._store.save(
-            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE, meta=meta
+            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE, meta=self._meta()
         )
         logger.info("saved %d edits (%d bytes) to %s", len(self), self.total_bytes(), directory)
         return directory
+
+    def write(self, writer: FolderWriter) -> list[str]:
+        """Write the memory files into a folder being written (an editor folder)."""
+        return self._store.write(
+            writer, index_file=INDEX_FILE, tensors_file=STATES_FILE, meta=self._meta()
+        )
 
     @classmethod
     def load(
         cls, directory: str | os.PathLike, *, device: torch.device | str | None = None
     ) -> EditMemory:
         """A new memory with the edits saved in `directory` by `save` (FileNotFoundError: a file
-        is missing; ValueError: the files are malformed or disagree with each other)."""
-        index = _read_index(Path(directory) / INDEX_FILE)
+        is missing; ValueError: the files are malformed, damaged or disagree)."""
+        directory = Path(directory)
+        index, tensors, _ = EditStore.read_files(
+            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE
+        )
+        index = _check_index(index, directory / INDEX_FILE)
         memory = cls(**{name: index[name] for name in MODEL_FIELDS}, device=device)
-        memory.read(directory)
+        memory.take(index, tensors, directory)
         return memory
 
     def read(self, directory: str | os.PathLike) -> None:
@@ -377,22 +388,34 @@ class EditMemory:
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: the files are malformed, or were saved for another hidden size, other
-                layers or another model type than this memory's (the message names which).
+            ValueError: the files are malformed or damaged, or were saved for another hidden
+                size, other layers or another model type than this memory's (named).
         """
+        directory = Path(directory)
+        index, tensors, _ = EditStore.read_files(
+            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE
+        )
+        self.take(index, tensors, directory)
+
+    def take(
+        self, index: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+    ) -> None:
+        """Replace this memory's edits by a saved index and its tensors, read from `directory`
+        (checked against this memory's model fields and against each other)."""
         index_path = Path(directory) / INDEX_FILE
-        index = _read_index(index_path)
+        index = _check_index(index, index_path)
         for name in MODEL_FIELDS:
             if index[name] != getattr(self, name):
                 raise ValueError(
                     f"{index_path}: {name} is {index[name]!r}, this memory needs "
                     f"{getattr(self, name)!r}"
                 )
-        self._store.read(
-            directory,
-            index_file=INDEX_FILE,
-            tensors_file=STATES_FILE,
-            index=index,
+        _check_lengths(index, index_path)
+        self._store.take(
+            index,
+            tensors,
+            index_path=index_path,
+            tensors_path=Path(directory) / STATES_FILE,
             # Unknown for edits stored before the part existed: NaN, refused by gate_vectors.
             fill={
                 f"key.{part}": float("nan")
@@ -400,16 +423,46 @@ class EditMemory:
                 if index["format"] < since
             },
             share=[("text", "visual")] if self.text_layer == self.visual_layer else [],
+            allow_nonfinite=[f"key.{part}" for part in PART_SINCE_FORMAT],
         )
 
+    def _meta(self) -> dict[str, Any]:
+        return {"format": MEMORY_FORMAT, **{name: getattr(self, name) for name in MODEL_FIELDS}}
 
-def _read_index(path: Path) -> dict[str, Any]:
-    index = read_index(path)
+
+def _check_lengths(index: dict[str, Any], path: Path) -> None:
+    """Per edit, the text layer keeps every position of the visual layer's ("all") or its
+    non-image ones ("text": fewer by the model's image positions, the same for every edit with
+    an image): lengths that break this belong to other edits (swapped, shifted)."""
+    text, visual = index.get("text_lengths"), index.get("visual_lengths")
+    if not (isinstance(text, list) and isinstance(visual, list)) or len(text) != len(visual):
+        return  # the store names what is wrong with the lists themselves
+    if not all(isinstance(n, int) for n in text + visual):
+        return
+    gaps = [v - t for t, v in zip(text, visual, strict=True)]
+    image_gaps = sorted({g for g in gaps if g})
+    for i, gap in enumerate(gaps):
+        if index["text_keys"] == "all":
+            wrong = gap != 0
+        else:
+            wrong = gap < 0 or (gap and len(image_gaps) > 1)
+        if wrong:
+            raise ValueError(
+                f"{path}: edit {i} keeps {text[i]} text and {visual[i]} visual positions, which "
+                f"does not fit text_keys {index['text_keys']!r} (the lengths belong to other "
+                "edits: the index is damaged)"
+            )
+
+
+def _check_index(index: dict[str, Any], path: Path) -> dict[str, Any]:
+    index = dict(index)
     if index.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not an edit memory index of format {READABLE_FORMATS}")
     if index["format"] == 1:
         index.setdefault("text_keys", "all")  # format 1 always stored every position
     missing = [name for name in MODEL_FIELDS if name not in index]  # the store checks the rest
+    if index["format"] >= 4 and "files" not in index:
+        missing.append("files")
     if missing:
         raise ValueError(f"{path}: missing field(s) {missing}")
     return index

@@ -26,7 +26,8 @@ from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.losses import METRICS, edit_pass
 from dualedit.numerics import flush_denormals
 from dualedit.train.data import EditBatch
-from dualedit.train.loop import place_model, train, validation_split
+from dualedit.train.devices import place_model
+from dualedit.train.loop import train, validation_split
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.meta import base_model_meta
 
