@@ -396,7 +396,7 @@ class Editor(ABC):
         editor.load_state(meta, folder.tensors, where)
         editor.load_files(folder)
         editor.source = where
-        editor._revisions[_folder_key(directory)] = folder.revision
+        editor._revisions[_folder_key(directory)] = folder.revision or ""
         return editor
 
 

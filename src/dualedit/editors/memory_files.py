@@ -183,7 +183,7 @@ class StoreFiles:
             share=share,
             allow_nonfinite=allow_nonfinite,
         )
-        self._revisions[str(directory.absolute().resolve())] = revision
+        self._revisions[str(directory.absolute().resolve())] = revision or ""
         return index
 
     def take(

@@ -41,9 +41,13 @@ class FolderReader:
         self.manifest_name: str | None = None
 
     def exists(self, name: str) -> bool:
+        """Whether this version of the folder has `name` (FolderChanged: the file is gone
+        because a writer swapped the folder meanwhile; the read starts again)."""
         try:
             os.stat(name, dir_fd=self._fd)
         except FileNotFoundError:
+            if self._swapped():
+                raise FolderChanged(name) from None
             return False
         return True
 

@@ -113,8 +113,9 @@ def write_folder(
 
     Args:
         manifest: the name of the folder's manifest (read for `expect_revision`).
-        expect_revision: the revision the caller loaded; if the folder's manifest now has
-            another, `ConcurrentChange` (None: no check, the folder is simply replaced).
+        expect_revision: the revision the caller loaded ("" for a folder written before
+            revisions); if the folder's manifest now has another, `ConcurrentChange` (None: no
+            check, the folder is simply replaced; a folder removed meanwhile is written anew).
         timeout: seconds to wait for another writer.
 
     Raises:
@@ -134,9 +135,9 @@ def write_folder(
         raise ValueError(f"{directory}: exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(target, timeout=timeout, what=what):
-        if expect_revision is not None:
-            now = current_revision(target, manifest)
-            if now is not None and now != expect_revision:
+        if expect_revision is not None and target.is_dir():
+            now = current_revision(target, manifest) or ""
+            if now != expect_revision:
                 raise ConcurrentChange(
                     f"{directory}: saved by another process after this one loaded it (revision "
                     f"{expect_revision}, now {now}); nothing was written. Load the folder again "

@@ -149,7 +149,7 @@ class DualEditor(Editor):
         if folder is not None:
             self.load_state(folder.meta, folder.tensors, str(folder.path / WEIGHTS_FILE))
             self.load_files(folder)
-            self._revisions[str(Path(pretrained).absolute().resolve())] = folder.revision
+            self._revisions[str(Path(pretrained).absolute().resolve())] = folder.revision or ""
         self.hooks = DualEditHooks(
             model, self.backbone, self.config, self.text_adapter, self.visual_adapter, self.memory
         )
