@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.folders import replace_folder
+from dualedit.folders import lock_path, replace_folder
 from dualedit.train.checkpoint import checkpoint_dir
 from dualedit.train.trainable import Trainable
 
@@ -43,4 +43,5 @@ def publish_best(
         replace_folder(work, out_dir / BEST_DIR)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        lock_path(work).unlink(missing_ok=True)  # only this run (it holds the run's lock) used it
     return summary
