@@ -172,7 +172,6 @@ def replace_folder(
                 shutil.copytree(entry, writer.staging / entry.name)
             else:
                 shutil.copy2(entry, writer.staging / entry.name)
-            writer._entries[entry.name] = {}
         if target.is_dir():  # nothing of the old folder stays
             writer.drop(*(p.name for p in target.iterdir()))
     return target
