@@ -81,7 +81,7 @@ def test_methods_lists_every_registered_method(capsys):
     assert {line[0]: line[1] for line in lines} == {
         name: "trained" if spec.trainable else "untrained" for name, spec in METHODS.items()
     }
-    assert "steps=20" in out and "text_layer=None" in out
+    assert "steps=None" in out and "vision_blocks=0" in out and "text_layer=None" in out
 
 
 def test_a_trained_method_without_its_weights_is_refused(tmp_path, capsys):

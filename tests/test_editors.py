@@ -119,12 +119,12 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
     model, processor = tiny_factory(arch)
     model.train()  # mode must come back as it was
     editor = make_editor("ft-l", model, processor, steps=15, lr=1e-2)
-    assert editor.layer == 4  # last-but-one of 6 decoder layers
+    assert editor.layer == 5  # the last of 6 decoder layers
     mlp_names = {
         name for name, p in model.named_parameters()
         if any(p is q for q in editor.module.parameters())
     }
-    assert mlp_names and all(".4." in name for name in mlp_names)
+    assert mlp_names and all(".5." in name for name in mlp_names)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     before = snapshot(model)
     acc_before = rel_accuracy(model, processor, RECORDS[:1], tiny_images)
@@ -144,6 +144,39 @@ def test_ft_l_trains_only_its_mlp_and_restores_exactly(arch, tiny_factory, tiny_
     assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == acc_before
     editor.restore()  # a second restore is a no-op
     assert_byte_identical(model, before)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_ft_v_trains_only_the_vision_side_and_restores_exactly(arch, tiny_factory, tiny_images):
+    """FT-V tunes what maps image features into the language model (LLaVA: the projector;
+    BLIP-2: Q-Former, query tokens, language projection), with `vision_blocks` last encoder
+    blocks on request; the language model is untouched and restore is byte-exact."""
+    model, processor = tiny_factory(arch)
+    editor = make_editor("ft-v", model, processor, steps=15, lr=1e-2, vision_blocks=1)
+    tuned = {
+        name for name, p in model.named_parameters()
+        if any(p is q for q in editor.module.parameters())
+    }
+    adapter = ("multi_modal_projector",) if arch == "llava" else (
+        "qformer", "query_tokens", "language_projection")
+    last = len(editor.backbone.vision_blocks(model)) - 1
+    blocks = {name for name in tuned if "encoder.layers" in name}
+    assert blocks and all(f"encoder.layers.{last}." in name for name in blocks)
+    assert all(any(part in name for part in adapter) for name in tuned - blocks)
+    assert not any("language_model" in name for name in tuned)
+    before = snapshot(model)
+    acc_before = rel_accuracy(model, processor, RECORDS[:1], tiny_images)
+    editor.apply(edit_requests(RECORDS[:1], "vqa"), tiny_images)
+    state = model.state_dict()
+    changed = {name for name, t in state.items() if not torch.equal(as_bytes(t), before[name][2])}
+    assert changed and changed <= tuned
+    assert editor.config_dict()["steps"] == 15 and editor.config_dict()["lr"] == 1e-2
+    with editor.disabled():
+        assert rel_accuracy(model, processor, RECORDS[:1], tiny_images) == acc_before
+    editor.restore()
+    assert_byte_identical(model, before)
+    with pytest.raises(ValueError, match="vision_blocks: 9, but the vision encoder has"):
+        make_editor("ft-v", model, processor, vision_blocks=9)
 
 
 def test_ft_l_fits_several_records_together(tiny_factory, tiny_images):

@@ -98,7 +98,8 @@ def test_ft_l_single_raises_rel_and_restores(arch, tiny_factory, dataset):
     assert edited.runs[0].means["rel"] == 100.0
     assert edited.runs[0].means["gen_em"] == 100.0
     assert [r["gen_text"] for r in edited.runs[0].records] == ["blue", "star", "3"]
-    assert edited.editor_options["layer"] == 4
+    assert edited.editor_options["layer"] == 5  # the last decoder layer
+    assert edited.editor_options["steps"] == 20 and edited.editor_options["lr"] == 1e-2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the harness left the weights alone: the unedited scores come out again.

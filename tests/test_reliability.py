@@ -269,3 +269,20 @@ def test_cli_prints_file_errors_in_one_line_and_exits_2(saved_dualedit, capsys):
         "[Errno 13] Permission denied: '/x/y'"
     )
     assert _one_line(ValueError("two\nlines")) == "two lines"
+
+
+def test_eval_split_val_is_the_validation_edits_of_the_train_split(tmp_path):
+    """`--split val` scores exactly the records training holds out (`split_indices`), never the
+    eval split: for tuning an untrained method's options."""
+    from test_train_data import write_tiny_mmedit
+
+    from dualedit.evaluate import _dataset
+    from dualedit.train.data import split_indices
+    from dualedit.train.settings import TrainSettings
+
+    train = write_tiny_mmedit(tmp_path, n=80)
+    val = _dataset(tmp_path, "vqa", "val")
+    _, held_out = split_indices(len(train), TrainSettings().val_edits)
+    assert len(val) == TrainSettings().val_edits == len(held_out)
+    assert list(val) == [train[i] for i in held_out]
+    assert val.images is train.images or val.images.root == train.images.root

@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
-    p.add_argument("--split", choices=["train", "eval"], default="eval")
+    p.add_argument("--split", choices=["train", "eval", "val"], default="eval",
+                   help="val: the validation edits of the train split (for tuning options)")
     p.add_argument("--protocol", choices=["single", "sequential"], default="single")
     p.add_argument("--n", type=int, nargs="+", default=[1, 10, 100], help="sequential N values")
     p.add_argument("--scorer", choices=["paper", "easyedit"], default="paper")

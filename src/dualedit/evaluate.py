@@ -69,6 +69,21 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
     return model, processor
 
 
+#: `split="val"`: the validation edits of the train split, the selection training holds out (for
+#: tuning a method's options without touching the eval split).
+VAL_SPLIT = "val"
+
+
+def _dataset(root: str | os.PathLike, task: str, split: str) -> Any:
+    if split != VAL_SPLIT:
+        return load_split(root, task, split)
+    from dualedit.train.data import split_indices
+    from dualedit.train.settings import TrainSettings
+
+    train = load_split(root, task, "train")
+    return train.select(split_indices(len(train), TrainSettings().val_edits)[1])
+
+
 def run_eval(
     *,
     model_path: str | os.PathLike | None = None,
@@ -90,7 +105,8 @@ def run_eval(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Results:
-    """Evaluate `method` on one dataset split and write `results.json` + `table.md` to `out_dir`.
+    """Evaluate `method` on one dataset split ("eval", "train", or "val": the train split's
+    validation edits) and write `results.json` + `table.md` to `out_dir`.
 
     The editor is `open_editor(method=method, directory=editor_dir, options=editor_options,
     untrained=untrained, ignore_base_mismatch=...)`: a trained method needs `editor_dir` (e.g. a `dualedit train` best/
@@ -103,7 +119,7 @@ def run_eval(
         raise ValueError("give exactly one of model_path and model_and_processor")
     check_editor_request(method, editor_dir, untrained)  # before minutes of loading
     model, processor = model_and_processor or load_vlm(model_path)
-    dataset = load_split(data_root, task, split)
+    dataset = _dataset(data_root, task, split)
     editor = open_editor(
         model,
         processor,

@@ -31,7 +31,7 @@ def config_from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
 
     Example:
         >>> config_from_dict(FineTuneConfig, {"steps": 5})
-        FineTuneConfig(layer=None, steps=5, lr=0.0005, batch_size=8)
+        FineTuneConfig(layer=None, steps=5, lr=None, batch_size=8)
     """
     if not isinstance(data, dict):
         raise TypeError(f"{where}: expected a JSON object of options, got {type(data).__name__}")

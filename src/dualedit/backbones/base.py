@@ -127,6 +127,15 @@ class Backbone(ABC):
     def vision_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules that turn pixels into image-token embeddings (encoder and projection)."""
 
+    @abstractmethod
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The vision encoder's transformer blocks, first to last."""
+
+    @abstractmethod
+    def vision_adapter(self, model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
+        """What maps vision features into the language model (FT-V's default targets): LLaVA's
+        multi-modal projector; BLIP-2's Q-Former, its query tokens and language projection."""
+
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """All parameters of the vision side (for FT-V), including any outside `vision_modules`."""
         return [p for module in self.vision_modules(model) for p in module.parameters()]

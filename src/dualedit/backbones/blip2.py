@@ -64,6 +64,16 @@ class Blip2Backbone(Backbone):
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return super().vision_parameters(model) + [model.query_tokens]
 
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.vision_model.encoder.layers
+
+    def vision_adapter(self, model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
+        return {
+            "qformer": model.qformer,
+            "query_tokens": model.query_tokens,
+            "language_projection": model.language_projection,
+        }
+
     def image_token_id(self, model_or_config: Any) -> int:
         index = config_of(model_or_config).image_token_index
         if index is None:

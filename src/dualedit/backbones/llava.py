@@ -42,6 +42,12 @@ class LlavaBackbone(Backbone):
         """[vision tower, multi-modal projector]."""
         return [model.model.vision_tower, model.model.multi_modal_projector]
 
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.vision_tower.encoder.layers
+
+    def vision_adapter(self, model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
+        return {"multi_modal_projector": model.model.multi_modal_projector}
+
     def image_token_id(self, model_or_config: Any) -> int:
         return int(config_of(model_or_config).image_token_id)
 

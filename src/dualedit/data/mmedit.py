@@ -7,6 +7,8 @@ file is loaded; images are opened only when asked for, with a small LRU cache.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -195,6 +197,13 @@ class MMEditDataset(Sequence[EditRecord]):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def select(self, indices: Sequence[int]) -> MMEditDataset:
+        """The records at `indices` (in that order) as a dataset of their own, sharing the image
+        store (e.g. the validation edits of a train split, `train.data.split_indices`)."""
+        chosen = copy.copy(self)
+        chosen._records = tuple(self._records[i] for i in indices)
+        return chosen
 
     @overload
     def __getitem__(self, index: int) -> EditRecord: ...

@@ -10,7 +10,12 @@ of decoder layer outputs).
 from dualedit.editors.base import EditId, EditInfo, Editor, EditRequest, ImageLoader
 from dualedit.editors.calls import StackCall
 from dualedit.editors.capture import LayerTrace
-from dualedit.editors.finetune import FineTuneConfig, FineTuneLayer
+from dualedit.editors.finetune import (
+    FineTuneConfig,
+    FineTuneLayer,
+    FineTuneVision,
+    FineTuneVisionConfig,
+)
 from dualedit.editors.hooks import HookSet
 from dualedit.editors.none import NoEditor
 from dualedit.editors.registry import (
@@ -31,6 +36,8 @@ __all__ = [
     "Editor",
     "FineTuneConfig",
     "FineTuneLayer",
+    "FineTuneVision",
+    "FineTuneVisionConfig",
     "HookSet",
     "ImageLoader",
     "LayerTrace",

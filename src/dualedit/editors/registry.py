@@ -18,7 +18,8 @@ from typing import Any
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.editors import finetune, none
+from dualedit.editors import none
+from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
 from dualedit.editors.files import saved_method
@@ -46,7 +47,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-for _spec in (none.METHOD, finetune.METHOD, dualedit_method.METHOD):
+for _spec in (none.METHOD, ftl.METHOD, ftv.METHOD, dualedit_method.METHOD):
     register_method(_spec)
 
 
