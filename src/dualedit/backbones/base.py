@@ -109,6 +109,12 @@ class Backbone(ABC):
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
         """The feed-forward block of decoder layer `layer` (parameters to train for FT-L)."""
 
+    def ffn_ends(self, model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
+        """(module whose input is the feed-forward block's input, module whose output is its
+        output) of layer `layer`: the same MLP module where the block is one (LLaMA)."""
+        mlp = self.mlp(model, layer)
+        return mlp, mlp
+
     @abstractmethod
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
         """The last linear map of layer `layer`'s feed-forward block (its output projection)."""

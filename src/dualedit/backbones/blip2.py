@@ -49,6 +49,10 @@ class Blip2Backbone(Backbone):
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
         return self.layer(model, layer).fc2
 
+    def ffn_ends(self, model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
+        block = self.layer(model, layer)
+        return block.fc1, block.fc2
+
     def language_model_head(self, model: nn.Module) -> nn.Module:
         return model.language_model.lm_head
 

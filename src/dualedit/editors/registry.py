@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.editors import none
+from dualedit.editors import none, patcher
 from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
@@ -47,7 +47,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-for _spec in (none.METHOD, ftl.METHOD, ftv.METHOD, dualedit_method.METHOD):
+for _spec in (none.METHOD, ftl.METHOD, ftv.METHOD, patcher.METHOD, dualedit_method.METHOD):
     register_method(_spec)
 
 
