@@ -60,3 +60,16 @@ def test_options_are_checked(tiny_llava):
         make_editor("tp", model, processor, memory_task="images")
     with pytest.raises(ValueError, match="tp option steps"):
         make_editor("tp", model, processor, steps=0)
+
+
+def test_eval_gives_tp_the_evaluated_data_folder_as_its_memory():
+    """`dualedit eval`, bench and the demo fill the method's train-data options with the data
+    folder and task they evaluate, unless the user gave them."""
+    from dualedit.editors import METHODS
+
+    spec = METHODS["tp"]
+    assert spec.with_train_data(None, "/w", "caption") == {
+        "memory_data": "/w", "memory_task": "caption"}
+    assert spec.with_train_data({"memory_data": "/other"}, "/w", "vqa") == {
+        "memory_data": "/other", "memory_task": "vqa"}
+    assert METHODS["ft-l"].with_train_data({"steps": 3}, "/w", "vqa") == {"steps": 3}

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from dualedit.data.mmedit import load_split
-from dualedit.editors.registry import check_editor_request, open_editor
+from dualedit.editors.registry import check_editor_request, get_method, open_editor
 from dualedit.eval.harness import evaluate
 from dualedit.eval.report import markdown_table, write_results
 from dualedit.io import atomic_write_text
@@ -118,6 +118,9 @@ def run_eval(
     if (model_path is None) == (model_and_processor is None):
         raise ValueError("give exactly one of model_path and model_and_processor")
     check_editor_request(method, editor_dir, untrained)  # before minutes of loading
+    if editor_dir is None and method is not None:
+        # A method that reads a train split when it edits reads this data folder's.
+        editor_options = get_method(method).with_train_data(editor_options, data_root, task)
     model, processor = model_and_processor or load_vlm(model_path)
     dataset = _dataset(data_root, task, split)
     editor = open_editor(

@@ -10,8 +10,8 @@ row of K, b, V per edit). Each edit trains its own neuron, the earlier ones fixe
   neuron fires on the edit input (a = x . k + b);
 - the memory loss: `relu(a - memory_margin)` on the FFN inputs of held-out unrelated inputs (the
   text and image locality questions of the first `memory_size` records of a train split,
-  `memory_data`), so that it stays silent elsewhere. Without `memory_data` the memory loss is
-  off (a warning says so).
+  `memory_data`; `dualedit eval` and the demo give the evaluated data folder's), so that it
+  stays silent elsewhere. Without `memory_data` the memory loss is off (a warning says so).
 
 ReLU, not the FFN's own activation, gates the patch: a silent neuron adds exactly zero. Edits
 accumulate neuron by neuron (the sequential protocol), `remove(id)` drops one neuron, `restore`
@@ -326,4 +326,6 @@ METHOD = MethodSpec(
     name=TransformerPatcher.name,
     editor=TransformerPatcher,
     summary="Transformer-Patcher: one trained neuron per edit in the last FFN; untrained",
+    train_data_option="memory_data",
+    train_task_option="memory_task",
 )

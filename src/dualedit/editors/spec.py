@@ -44,6 +44,10 @@ class MethodSpec:
             (`calibrate(model, processor, directory, train_dataset, *, out_dir, **options)`),
             e.g. DualEdit's gate threshold; None: it has none.
         recipe: the small-model recipe of the demo.
+        train_data_option, train_task_option: config fields that name an MMEdit data folder
+            and task whose train split the method reads when it edits (Transformer-Patcher's
+            memory set); `eval`, `bench` and the demo fill them with the evaluated data folder
+            and task unless given. None: the method reads no data.
     """
 
     name: str
@@ -52,6 +56,20 @@ class MethodSpec:
     train: Callable[..., Any] | None = None
     calibrate: Callable[..., Any] | None = None
     recipe: Recipe = field(default_factory=Recipe)
+    train_data_option: str | None = None
+    train_task_option: str | None = None
+
+    def with_train_data(
+        self, options: Mapping[str, Any] | None, data_root: Any, task: str
+    ) -> dict[str, Any]:
+        """`options` with the train-data fields filled in where the method has them and they
+        are not given."""
+        filled = dict(options or {})
+        if self.train_data_option is not None:
+            filled.setdefault(self.train_data_option, str(data_root))
+        if self.train_task_option is not None:
+            filled.setdefault(self.train_task_option, task)
+        return filled
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.editor.name:
