@@ -24,7 +24,9 @@ def test_a_neuron_per_edit_fits_it_stays_silent_elsewhere_and_is_removable(
     write_tiny_mmedit(tmp_path, n=12)
     model, processor = tiny_factory(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = make_editor("tp", model, processor, memory_data=str(tmp_path), memory_size=8)
+    editor = make_editor(
+        "tp", model, processor, memory_data=str(tmp_path), memory_size=8, steps=40
+    )
     try:
         batch = encode([r.sample() for r in REQUESTS], processor, editor.backbone, tiny_images)
         mask = batch.target_mask
