@@ -42,6 +42,21 @@ def config_from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
     return cls(**data)
 
 
+def check_positive(
+    where: str, name: str, value: Any, *, number: bool = False, optional: bool = True
+) -> None:
+    """ValueError naming option `name` of `where` unless `value` is a positive int (a positive
+    number with `number`), or None when `optional`."""
+    if value is None and optional:
+        return
+    types = (int, float) if number else (int,)
+    if isinstance(value, bool) or not isinstance(value, types) or not value > 0:
+        what = "a positive number" if number else "a positive int"
+        raise ValueError(
+            f"{where} option {name}: expected {what}{' or null' if optional else ''}, got {value!r}"
+        )
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as a plain dict (its own `to_dict` when it has one)."""
     to_dict = getattr(config, "to_dict", None)

@@ -110,6 +110,9 @@ class Editor(ABC):
         self._next_id = 0
         #: {folder: revision} of the folders this editor was loaded from or saved to.
         self._revisions: dict[str, str | None] = {}
+        #: The base model's fingerprint, computed once (the base weights are fixed for an
+        #: editor's life; only its edits change what the model computes).
+        self._base_fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def make_config(cls, config: Any = None, options: dict[str, Any] | None = None) -> Any:
@@ -327,8 +330,10 @@ class Editor(ABC):
 
     def base_fingerprint(self) -> dict[str, Any]:
         """The fingerprint of the unedited model's weights (`dualedit.fingerprint`)."""
-        with self.disabled():
-            return base_fingerprint(self.model)
+        if self._base_fingerprint is None:
+            with self.disabled():
+                self._base_fingerprint = base_fingerprint(self.model)
+        return self._base_fingerprint
 
     def write_files(self, writer: FolderWriter) -> list[str]:
         """Write the method's files besides config and tensors into a folder being saved
@@ -385,7 +390,9 @@ class Editor(ABC):
                 is damaged, or its tensors do not match.
         """
         folder = read_editor_folder(directory)
-        check_saved_model(folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch)
+        fingerprint = check_saved_model(
+            folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch
+        )
         meta, where = folder.meta, str(Path(directory))
         if meta["method"] != cls.name:
             raise ValueError(
@@ -397,6 +404,7 @@ class Editor(ABC):
         editor.load_files(folder)
         editor.source = where
         editor._revisions[_folder_key(directory)] = folder.revision or ""
+        editor._base_fingerprint = fingerprint
         return editor
 
 
@@ -418,9 +426,10 @@ def check_saved_model(
     backbone: Backbone | None = None,
     *,
     ignore_base_mismatch: bool = False,
-) -> None:
+) -> dict[str, Any] | None:
     """Refuse to load a folder saved for another model: model type, hidden size, depth, and the
-    base weights' fingerprint (unless `ignore_base_mismatch`).
+    base weights' fingerprint (unless `ignore_base_mismatch`). Returns the model's fingerprint
+    when it was computed (None otherwise), for the editor to keep.
 
     Raises:
         ValueError: naming the folder, what differs and the override.
@@ -437,8 +446,9 @@ def check_saved_model(
             base = meta.get("base_model") or "unnamed base"
             raise ValueError(f"{path}: saved for {key} {meta[key]!r} ({base}), this model has {value!r}")
     if "base_fingerprint" not in meta or ignore_base_mismatch:
-        return
-    reason = fingerprint_mismatch(meta["base_fingerprint"], base_fingerprint(model))
+        return None
+    fingerprint = base_fingerprint(model)
+    reason = fingerprint_mismatch(meta["base_fingerprint"], fingerprint)
     if reason:
         raise ValueError(
             f"{path}: saved for other base weights than this model's ({reason}; saved for "
@@ -447,6 +457,7 @@ def check_saved_model(
             "model it was trained on, or pass ignore_base_mismatch=True (CLI: "
             "--ignore-base-mismatch) if you know the two are the same model"
         )
+    return fingerprint
 
 
 def _folder_key(directory: str | os.PathLike) -> str:

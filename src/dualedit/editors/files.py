@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from dualedit.folders import FolderReader, FolderWriter, check_finite, read_folder, write_folder
+from dualedit.folders import (
+    FolderReader,
+    FolderWriter,
+    check_finite,
+    read_folder,
+    write_folder,
+)
 from dualedit.version import versions
 
 logger = logging.getLogger(__name__)
@@ -63,10 +69,6 @@ class EditorFolder:
         tensors = self.files.get(WEIGHTS_FILE, {})
         check_finite(tensors, self.path / WEIGHTS_FILE)
         return tensors
-
-    @property
-    def checked(self) -> bool:
-        return self.revision is not None
 
 
 def write_editor_folder(
@@ -116,15 +118,12 @@ def read_editor_folder(directory: str | os.PathLike) -> EditorFolder:
     directory = Path(directory)
 
     def read(reader: FolderReader) -> EditorFolder:
-        if not reader.exists(CONFIG_FILE):
-            what = "not a saved editor folder"
-            raise FileNotFoundError(f"{directory / CONFIG_FILE} not found ({directory}: {what})")
-        meta = _check_meta(reader.read_manifest(CONFIG_FILE, what="editor config"), directory)
+        meta = _read_meta(reader, directory)
         if meta["format"] >= 3:
             names = sorted(meta["files"])
         else:
             names = sorted(
-                n for n in os.listdir(directory) if n.endswith((".json", ".safetensors"))
+                n for n in reader.names() if n.endswith((".json", ".safetensors"))
                 and n != CONFIG_FILE and not n.startswith(".")
             )
             logger.warning(
@@ -151,22 +150,24 @@ def read_editor_meta(directory: str | os.PathLike) -> dict[str, Any]:
     not read."""
     directory = Path(directory)
 
-    def read(reader: FolderReader) -> dict[str, Any]:
-        if not reader.exists(CONFIG_FILE):
-            raise FileNotFoundError(
-                f"{directory / CONFIG_FILE} not found ({directory}: not a saved editor folder)"
-            )
-        return _check_meta(reader.read_manifest(CONFIG_FILE, what="editor config"), directory)
-
     if not directory.is_dir():
         what = "no such folder" if not directory.exists() else "not a folder"
         raise FileNotFoundError(f"{directory / CONFIG_FILE} not found ({directory}: {what})")
-    return read_folder(directory, read)
+    return read_folder(directory, lambda reader: _read_meta(reader, directory))
 
 
 def saved_method(directory: str | os.PathLike) -> str:
     """The method name an editor folder was saved by."""
     return read_editor_meta(directory)["method"]
+
+
+def _read_meta(reader: FolderReader, directory: Path) -> dict[str, Any]:
+    """The folder's config, read through `reader` and checked."""
+    if not reader.exists(CONFIG_FILE):
+        raise FileNotFoundError(
+            f"{directory / CONFIG_FILE} not found ({directory}: not a saved editor folder)"
+        )
+    return _check_meta(reader.read_manifest(CONFIG_FILE, what="editor config"), directory)
 
 
 def _check_meta(meta: dict[str, Any], directory: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class Field:
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.width) or self.width < 1:
+        if not is_int(self.width) or self.width < 1:
             raise ValueError(f"Field: width must be a positive int, got {self.width!r}")
 
 
@@ -74,7 +74,7 @@ def argmax_rows(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def top_k_rows(similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best columns of each row, best first: [batch, n] -> ([batch, k'], [batch, k']) with
     k' = min(k, n) (a store of fewer edits than k gives them all)."""
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"top_k: k must be a positive int, got {k!r}")
     best, positions = similarity.topk(min(k, similarity.shape[-1]), dim=-1)
     return positions, best
@@ -260,7 +260,7 @@ class EditStore(StoreFiles):
 
         def build() -> torch.Tensor:
             if not column:
-                return torch.zeros((0, field.width), dtype=_empty_dtype(field), device=device)
+                return torch.zeros((0, field.width), dtype=empty_dtype(field), device=device)
             return torch.stack([t.to(device) for t in column])  # [n_edits, width]
 
         if not cache:
@@ -334,7 +334,3 @@ class EditStore(StoreFiles):
                 )
         elif tuple(shape) != (field.width,):
             raise ValueError(f"{what} has shape {tuple(shape)}, expected ({field.width},)")
-
-
-_is_int = is_int
-_empty_dtype = empty_dtype

@@ -34,11 +34,12 @@ from dualedit.backbones import Backbone
 from dualedit.data.prompts import encode, group_by_image
 from dualedit.data.requests import EditRequest
 from dualedit.editors.base import EditId, Editor, ImageLoader
-from dualedit.editors.finetune.core import SMALL_DEPTH, check_positive
+from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.hooks import HookSet
 from dualedit.editors.memory import EditStore, Field
 from dualedit.editors.spec import MethodSpec
 from dualedit.editors.weights import frozen
+from dualedit.options import check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class PatcherConfig:
 
     def __post_init__(self) -> None:
         check_positive("tp", "steps", self.steps)
-        check_positive("tp", "lr", self.lr, float)
-        check_positive("tp", "memory_size", self.memory_size)
+        check_positive("tp", "lr", self.lr, number=True)
+        check_positive("tp", "memory_size", self.memory_size, optional=False)
         for name in ("act_margin", "memory_margin", "act_weight", "memory_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -104,12 +105,10 @@ class TransformerPatcher(Editor):
 
     def __init__(self, model: nn.Module, processor: Any, backbone: Backbone | None = None, **kw):
         super().__init__(model, processor, backbone, **kw)
-        depth = self.backbone.depth(model)
-        scale = "small" if depth < SMALL_DEPTH else "real"
-        defaults = DEFAULTS.get((model.config.model_type, scale), DEFAULTS[("llava", scale)])
+        defaults = backbone_defaults(DEFAULTS, model, self.backbone)
         self.steps = self.config.steps if self.config.steps is not None else defaults["steps"]
         self.lr = self.config.lr if self.config.lr is not None else defaults["lr"]
-        self.layer = depth - 1
+        self.layer = self.backbone.depth(model) - 1
         self.ffn_in, self.ffn_out = self.backbone.ffn_ends(model, self.layer)
         hidden = self.backbone.hidden_size(model)
         self.store = EditStore(
@@ -117,7 +116,8 @@ class TransformerPatcher(Editor):
         )
         self._active = True
         self._trial: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._memory_queries: torch.Tensor | None = None
+        self._memory_queries: torch.Tensor | None = None  # [m, hidden], computed once
+        self._warned_no_memory = False
         self._taps: list[torch.Tensor] | None = None
         self._ffn_input: torch.Tensor | None = None  # between the two hooks of one layer call
         self.hooks = HookSet()
@@ -235,11 +235,11 @@ class TransformerPatcher(Editor):
     def _memory(self, device: torch.device) -> torch.Tensor | None:
         """The FFN inputs of the unrelated inputs ([m, hidden] float32), computed once."""
         if self.config.memory_data is None:
-            if self._memory_queries is None:
+            if not self._warned_no_memory:
                 logger.warning("tp: no memory_data given; the memory loss is off")
-                self._memory_queries = torch.empty(0)
+                self._warned_no_memory = True
             return None
-        if self._memory_queries is None or not self._memory_queries.numel():
+        if self._memory_queries is None:
             from dualedit.data.mmedit import load_split
 
             split = load_split(self.config.memory_data, self.config.memory_task, "train")

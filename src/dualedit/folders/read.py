@@ -40,6 +40,10 @@ class FolderReader:
         self.manifest: dict[str, Any] | None = None
         self.manifest_name: str | None = None
 
+    def names(self) -> list[str]:
+        """The names of this version's entries."""
+        return os.listdir(self._fd)
+
     def exists(self, name: str) -> bool:
         """Whether this version of the folder has `name` (FolderChanged: the file is gone
         because a writer swapped the folder meanwhile; the read starts again)."""

@@ -126,7 +126,9 @@ class DualEditor(Editor):
             if config is not None:
                 raise TypeError("dualedit: give `config` or `pretrained`, not both")
             folder = read_editor_folder(pretrained)
-            check_saved_model(folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch)
+            fingerprint = check_saved_model(
+                folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch
+            )
             config, options = _merge_config(adapter_config(folder), options), {}
         super().__init__(model, processor, backbone, config=config, **options)
         self.config: DualEditConfig = self.config.resolve(
@@ -150,6 +152,7 @@ class DualEditor(Editor):
             self.load_state(folder.meta, folder.tensors, str(folder.path / WEIGHTS_FILE))
             self.load_files(folder)
             self._revisions[str(Path(pretrained).absolute().resolve())] = folder.revision or ""
+            self._base_fingerprint = fingerprint
         self.hooks = DualEditHooks(
             model, self.backbone, self.config, self.text_adapter, self.visual_adapter, self.memory
         )

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +26,10 @@ from dualedit.backbones import Backbone
 from dualedit.data.prompts import encode
 from dualedit.data.requests import EditRequest
 from dualedit.editors.base import EditId, Editor, ImageLoader
+from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.weights import WeightSnapshot, frozen
 
 logger = logging.getLogger(__name__)
-
-#: Models with fewer decoder layers than this get the small-model defaults (the built-in world's
-#: models have 6); others the defaults for the real checkpoints.
-SMALL_DEPTH = 12
-
-
-def check_positive(method: str, name: str, value: Any, kind: type = int) -> None:
-    """ValueError unless `value` is None or a positive `kind` (int, or a number for float)."""
-    if value is None:
-        return
-    types = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types) or not value > 0:
-        what = "a positive int" if kind is int else "a positive number"
-        raise ValueError(f"{method} option {name}: expected {what} or null, got {value!r}")
-
 
 class TunedTensors(nn.Module):
     """The model's modules and parameters a method fine-tunes, gathered under one module (the
@@ -62,14 +48,17 @@ class FineTuneEditor(Editor):
     """Base of the fine-tuning methods: fine-tunes `targets()` on the edit samples.
 
     Saved folders hold the tuned tensors under their names in `targets` ("mlp.down_proj.weight",
-    "multi_modal_projector.linear_1.weight", ...). The config must have `steps`, `lr` (None: the method's default for the backbone,
-    `defaults`) and `batch_size`; `config_dict` records the resolved values.
+    "multi_modal_projector.linear_1.weight", ...). The config must have `steps`, `lr` (None:
+    the method's default for the backbone, from `DEFAULTS`) and `batch_size`; `config_dict`
+    records the resolved values.
     """
+
+    #: {(model type, scale): {"steps", "lr"}} (`editors.defaults.backbone_defaults`).
+    DEFAULTS: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {}
 
     def __init__(self, model: nn.Module, processor: Any, backbone: Backbone | None = None, **kw):
         super().__init__(model, processor, backbone, **kw)
-        scale = "small" if self.backbone.depth(model) < SMALL_DEPTH else "real"
-        defaults = self.defaults(model.config.model_type, scale)
+        defaults = backbone_defaults(self.DEFAULTS, model, self.backbone)
         self.steps = self.config.steps if self.config.steps is not None else defaults["steps"]
         self.lr = self.config.lr if self.config.lr is not None else defaults["lr"]
         self.module = TunedTensors(self.targets())
@@ -78,11 +67,6 @@ class FineTuneEditor(Editor):
     @abstractmethod
     def targets(self) -> dict[str, nn.Module | nn.Parameter]:
         """What is fine-tuned: {name: module or parameter of the model}."""
-
-    @classmethod
-    @abstractmethod
-    def defaults(cls, model_type: str, scale: str) -> dict[str, Any]:
-        """{"steps", "lr"} for a model type ("llava", "blip-2") and scale ("small", "real")."""
 
     def config_dict(self) -> dict[str, Any]:
         """The config with steps and lr resolved (saved folders name what was run)."""

@@ -9,8 +9,9 @@ from typing import Any
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.editors.finetune.core import FineTuneEditor, check_positive
+from dualedit.editors.finetune.core import FineTuneEditor
 from dualedit.editors.spec import MethodSpec
+from dualedit.options import check_positive
 
 #: Steps and lr per (model type, scale). "small": the built-in world's 6-layer models, chosen on
 #: validation edits of the train split (docs/results.md, "FT-L and FT-V tuned"); "real":
@@ -47,10 +48,8 @@ class FineTuneConfig:
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise ValueError(f"ft-l option layer: expected an int or None, got {self.layer!r}")
         check_positive("ft-l", "steps", self.steps)
-        check_positive("ft-l", "batch_size", self.batch_size)
-        if self.batch_size is None:
-            raise ValueError("ft-l option batch_size: expected a positive int, got None")
-        check_positive("ft-l", "lr", self.lr, float)
+        check_positive("ft-l", "batch_size", self.batch_size, optional=False)
+        check_positive("ft-l", "lr", self.lr, number=True)
 
 
 class FineTuneLayer(FineTuneEditor):
@@ -58,6 +57,7 @@ class FineTuneLayer(FineTuneEditor):
 
     name = "ft-l"
     Config = FineTuneConfig
+    DEFAULTS = DEFAULTS
 
     def __init__(self, model: nn.Module, processor: Any, backbone: Backbone | None = None, **kw):
         self.layer: int | None = None
@@ -67,10 +67,6 @@ class FineTuneLayer(FineTuneEditor):
         depth = self.backbone.depth(self.model)
         self.layer = self.config.layer if self.config.layer is not None else depth - 1
         return {"mlp": self.backbone.mlp(self.model, self.layer)}  # validates the layer index
-
-    @classmethod
-    def defaults(cls, model_type: str, scale: str) -> dict[str, Any]:
-        return DEFAULTS.get((model_type, scale), DEFAULTS[("llava", scale)])
 
     def config_dict(self) -> dict[str, Any]:
         """The config with the layer, steps and lr resolved."""

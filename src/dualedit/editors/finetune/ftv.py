@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from dualedit.editors.finetune.core import FineTuneEditor, check_positive
+from dualedit.editors.finetune.core import FineTuneEditor
 from dualedit.editors.spec import MethodSpec
+from dualedit.options import check_positive
 
 #: Steps and lr per (model type, scale): "small" chosen on validation edits of the built-in
 #: world's train split (docs/results.md, "FT-L and FT-V tuned"); "real" not from a paper (none
@@ -45,10 +46,8 @@ class FineTuneVisionConfig:
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
             raise ValueError(f"ft-v option vision_blocks: expected an int >= 0, got {blocks!r}")
         check_positive("ft-v", "steps", self.steps)
-        if self.batch_size is None:
-            raise ValueError("ft-v option batch_size: expected a positive int, got None")
-        check_positive("ft-v", "batch_size", self.batch_size)
-        check_positive("ft-v", "lr", self.lr, float)
+        check_positive("ft-v", "batch_size", self.batch_size, optional=False)
+        check_positive("ft-v", "lr", self.lr, number=True)
 
 
 class FineTuneVision(FineTuneEditor):
@@ -56,6 +55,7 @@ class FineTuneVision(FineTuneEditor):
 
     name = "ft-v"
     Config = FineTuneVisionConfig
+    DEFAULTS = DEFAULTS
 
     def targets(self) -> dict[str, nn.Module | nn.Parameter]:
         parts = dict(self.backbone.vision_adapter(self.model))
@@ -68,10 +68,6 @@ class FineTuneVision(FineTuneEditor):
         for i in range(len(blocks) - self.config.vision_blocks, len(blocks)):
             parts[f"vision_block_{i}"] = blocks[i]
         return parts
-
-    @classmethod
-    def defaults(cls, model_type: str, scale: str) -> dict[str, Any]:
-        return DEFAULTS.get((model_type, scale), DEFAULTS[("llava", scale)])
 
 
 METHOD = MethodSpec(
