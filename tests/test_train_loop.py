@@ -17,7 +17,7 @@ from test_train_data import write_tiny_mmedit
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.editors.dualedit import DualEditor, train_dualedit
-from dualedit.train import TrainSettings
+from dualedit.train import TrainSettings, read_trained_seconds
 from dualedit.train.checkpoint import (
     STATE_FILE,
     CheckpointMismatch,
@@ -149,7 +149,14 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_factory, tiny_vlm, tin
     logs = [
         json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("straight", "resumed")
     ]
-    assert logs[0]["entries"] == logs[1]["entries"]
+    untimed = [
+        [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log["entries"]] for log in logs
+    ]
+    assert untimed[0] == untimed[1]
+    # The wall time trained is carried over the kill: it keeps growing across the two calls.
+    times = [e["elapsed_s"] for e in logs[1]["entries"]]
+    assert all(t > 0 for t in times) and times == sorted(times)
+    assert read_trained_seconds(tmp_path / "resumed") == times[-1]
     # A finished run resumed with the same budget does nothing more.
     again = run(tmp_path / "resumed", 6)
     assert again.resumed_from == 6 and again.steps == 6 and again.step_seconds is None

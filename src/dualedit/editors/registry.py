@@ -18,10 +18,11 @@ from typing import Any
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.editors import none, patcher
+from dualedit.editors import ike, none, patcher
 from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
+from dualedit.editors.visedit import method as visedit_method
 from dualedit.editors.files import saved_method
 from dualedit.editors.spec import MethodSpec
 
@@ -47,7 +48,15 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-for _spec in (none.METHOD, ftl.METHOD, ftv.METHOD, patcher.METHOD, dualedit_method.METHOD):
+for _spec in (
+    none.METHOD,
+    ftl.METHOD,
+    ftv.METHOD,
+    ike.METHOD,
+    patcher.METHOD,
+    visedit_method.METHOD,
+    dualedit_method.METHOD,
+):
     register_method(_spec)
 
 

@@ -18,6 +18,7 @@ from dualedit.train.checkpoint import (
 )
 from dualedit.train.data import EditBatch, encode_edits_batch, split_indices, step_records
 from dualedit.train.devices import place_model
+from dualedit.train.log import read_trained_seconds
 from dualedit.train.loop import train, validation_split
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.meta import base_model_meta
@@ -34,6 +35,7 @@ __all__ = [
     "encode_edits_batch",
     "load_checkpoint",
     "place_model",
+    "read_trained_seconds",
     "save_checkpoint",
     "split_indices",
     "step_records",

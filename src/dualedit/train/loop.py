@@ -20,7 +20,6 @@ One run at a time writes to an `out_dir` (a lock beside it): a second is refused
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import shutil
@@ -38,7 +37,6 @@ from tqdm.auto import tqdm
 from dualedit.backbones import get_backbone
 from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.folders import folder_lock
-from dualedit.io import atomic_write_text
 from dualedit.numerics import flush_denormals
 from dualedit.train.checkpoint import (
     LoopState,
@@ -58,6 +56,7 @@ from dualedit.train.data import (
 )
 from dualedit.train.best import BEST_DIR, publish_best
 from dualedit.train.devices import input_device, same_device
+from dualedit.train.log import LOG_FILE, accumulate, flush, trained_seconds, write_log
 from dualedit.train.meta import check_resume, run_meta
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.trainable import Trainable
@@ -65,10 +64,11 @@ from dualedit.train.trainable import Trainable
 logger = logging.getLogger(__name__)
 
 LAST_DIR = "last"
-LOG_FILE = "train_log.json"
 #: Names a loss term or a metric may not take: they are the log entries' own fields.
-RESERVED_TERMS: frozenset[str] = frozenset({"loss", "grad_norm", "lr", "steps", "step", "kind"})
-RESERVED_METRICS: frozenset[str] = frozenset({"score", "improved", "step", "kind"})
+RESERVED_TERMS: frozenset[str] = frozenset(
+    {"loss", "grad_norm", "lr", "steps", "step", "kind", "elapsed_s"}
+)
+RESERVED_METRICS: frozenset[str] = frozenset({"score", "improved", "step", "kind", "elapsed_s"})
 
 
 @flush_denormals()  # subnormal floats slow CPU training many times over (numerics.py)
@@ -199,6 +199,10 @@ def train(
             )
             term_names: list[str] | None = None  # the trainable's loss terms, sorted
             step_time, steps_run = 0.0, 0
+            # Wall time of the run so far, over every call of a resumed run (up to the last entry
+            # before a kill): logged in each entry as "elapsed_s".
+            elapsed_before = trained_seconds(state.log) or 0.0
+            call_started = time.perf_counter()
             tick = time.perf_counter()
             for batch in loader:
                 # -- step: lr, loss, backward, average, clip, Adam ----------------------------------
@@ -221,25 +225,28 @@ def train(
                 bar.update(1)
                 # -- log -------------------------------------------------------------------------
                 values = dict(zip(["loss", *term_names], logged.tolist(), strict=True))
-                _accumulate(state, values, float(grad_norm), lr)
+                accumulate(state, values, float(grad_norm), lr)
                 if state.step % settings.log_every == 0:
-                    entry = _flush(state)
+                    entry = flush(state)
+                    entry["elapsed_s"] = elapsed_before + time.perf_counter() - call_started
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 # -- validation, best folder, early stopping ---------------------------------------
                 if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
                     metrics = _validate(trainable, val_batches, device, accelerator)
                     _record_eval(state, metrics, settings)
+                    elapsed = elapsed_before + time.perf_counter() - call_started
+                    state.log[-1]["elapsed_s"] = elapsed
                     if state.best_step == state.step and main:
                         trainable.save(checkpoint_dir(out_dir) / BEST_DIR)
                     logger.info("%s: step %d validation %s", trainable.name, state.step, state.log[-1])
                 # -- checkpoint --------------------------------------------------------------------
                 stop = state.stop_reason is not None or state.step >= settings.max_steps
                 if stop and state.pending:
-                    _flush(state)
+                    flush(state)
                 if state.step % settings.checkpoint_every == 0 or stop:
                     if main:
                         save_checkpoint(out_dir, state, trainable.module, optimizer, meta)
-                        _write_log(out_dir, state, meta)
+                        write_log(out_dir, state, meta)
                     accelerator.wait_for_everyone()
                 tick = time.perf_counter()
                 if stop:
@@ -247,7 +254,7 @@ def train(
             bar.close()
             if main:
                 trainable.save(out_dir / LAST_DIR)
-                _write_log(out_dir, state, meta)
+                write_log(out_dir, state, meta)
             accelerator.wait_for_everyone()
         # The trainable is closed (its hooks removed) before the finish step loads the best folder.
         best_dir = out_dir / BEST_DIR if state.best_step is not None else None
@@ -404,27 +411,6 @@ def _average_gradients(
     return flat[offset:]
 
 
-def _accumulate(state: LoopState, values: dict[str, float], grad_norm: float, lr: float) -> None:
-    pending = state.pending
-    for key, value in values.items():
-        pending[key] = pending.get(key, 0.0) + value
-    pending["grad_norm"] = pending.get("grad_norm", 0.0) + grad_norm
-    pending["steps"] = pending.get("steps", 0.0) + 1
-    pending["lr"] = lr
-
-
-def _flush(state: LoopState) -> dict[str, Any]:
-    """Turn the pending sums into a "train" log entry (means over the steps since the last)."""
-    pending = state.pending
-    steps = pending.pop("steps")
-    lr = pending.pop("lr")
-    entry = {"kind": "train", "step": state.step, "lr": lr, "steps": int(steps)}
-    entry.update({key: value / steps for key, value in sorted(pending.items())})
-    state.log.append(entry)
-    state.pending = {}
-    return entry
-
-
 # -- validation ------------------------------------------------------------------------------------
 
 
@@ -490,18 +476,6 @@ def _record_eval(state: LoopState, metrics: dict[str, float], settings: TrainSet
             state.best_score,
             state.best_step,
         )
-
-
-def _write_log(out_dir: Path, state: LoopState, meta: dict[str, Any]) -> None:
-    record = {
-        "meta": meta,
-        "step": state.step,
-        "best_score": state.best_score,
-        "best_step": state.best_step,
-        "stop_reason": state.stop_reason,
-        "entries": state.log,
-    }
-    atomic_write_text(out_dir / LOG_FILE, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -95,6 +95,9 @@ class DualEditConfig:
         >>> DualEditConfig(width=64, heads=4).resolve(32, hidden_size=4096, model_type="llava")
         DualEditConfig(text_layer=16, visual_layer=19, width=64, heads=4, tau=0.6, ...)
     """
+
+    #: Fields that shape the adapter weights (they must match when weights are loaded).
+    architecture: ClassVar[tuple[str, ...]] = ARCHITECTURE_FIELDS
 
     text_layer: int | None = None
     visual_layer: int | None = None
@@ -246,7 +249,7 @@ class DualEditConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown DualEditConfig field(s) {unknown}")
+            raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
         return cls(**data)
 
 

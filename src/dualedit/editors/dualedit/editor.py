@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -42,10 +41,11 @@ from dualedit.editors.base import (
 )
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.adapter import CrossAttentionAdapter
-from dualedit.editors.dualedit.config import ARCHITECTURE_FIELDS, DualEditConfig
+from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.files import (
     WEIGHTS_FILE,
     adapter_config,
+    merge_config,
     load_adapter_tensors,
     load_adapter_weights,
 )
@@ -63,11 +63,9 @@ from dualedit.editors.dualedit.memory import (
     pad_states,
 )
 from dualedit.editors.weights import GradFlags, freeze
-from dualedit.options import config_fields
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_FIELDS = config_fields(DualEditConfig)
 # Adapters are initialised from this seed (the global RNG is left alone), so two editors built
 # the same way start from the same weights.
 INIT_SEED = 0
@@ -129,7 +127,8 @@ class DualEditor(Editor):
             fingerprint = check_saved_model(
                 folder, model, backbone, ignore_base_mismatch=ignore_base_mismatch
             )
-            config, options = _merge_config(adapter_config(folder), options), {}
+            saved = adapter_config(folder, type(self).Config, self.name)
+            config, options = merge_config(saved, options, self.name), {}
         super().__init__(model, processor, backbone, config=config, **options)
         self.config: DualEditConfig = self.config.resolve(
             depth, hidden, model_type, _layer_dtype(self.backbone.layer(model, 0))
@@ -137,9 +136,14 @@ class DualEditor(Editor):
         self.source = None if pretrained is None else str(pretrained)
         self.memory_device = memory_device
         self.batch_size = batch_size
-        self.text_adapter = self._new_adapter(self.config.text_layer, hidden)
-        self.visual_adapter = self._new_adapter(self.config.visual_layer, hidden)
-        self.adapters = nn.ModuleDict({"text": self.text_adapter, "visual": self.visual_adapter})
+        layers = {"text": self.config.text_layer, "visual": self.config.visual_layer}
+        self.adapters = nn.ModuleDict(
+            {kind: self._new_adapter(layers[kind], hidden, kind) for kind in self.adapter_kinds}
+        )
+        self.text_adapter: CrossAttentionAdapter | None = (
+            self.adapters["text"] if "text" in self.adapters else None
+        )
+        self.visual_adapter: CrossAttentionAdapter = self.adapters["visual"]
         self.memory = EditMemory(
             hidden,
             text_layer=self.config.text_layer,
@@ -170,14 +174,22 @@ class DualEditor(Editor):
         """The resolved config (recorded in results.json and saved beside the weights)."""
         return self.config.to_dict()
 
-    def _new_adapter(self, layer: int, hidden: int) -> CrossAttentionAdapter:
+    #: The adapters the editor holds (and saves); VisEdit has only the visual one.
+    adapter_kinds: tuple[str, ...] = ("text", "visual")
+
+    def _new_adapter(self, layer: int, hidden: int, kind: str) -> CrossAttentionAdapter:
+        """The adapter of `kind` ("text" or "visual") on `layer`, from the fixed init seed."""
         device = _layer_device(self.backbone.layer(self.model, layer))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            adapter = CrossAttentionAdapter(
-                hidden, self.config.width, self.config.heads, dtype=self.config.torch_dtype
-            )
+            adapter = self._adapter_module(hidden, kind)
         return adapter.to(device)
+
+    def _adapter_module(self, hidden: int, kind: str) -> CrossAttentionAdapter:
+        """A new adapter module (VisEdit's visual adapter adds its influence map)."""
+        return CrossAttentionAdapter(
+            hidden, self.config.width, self.config.heads, dtype=self.config.torch_dtype
+        )
 
     # -- attaching ----------------------------------------------------------------------------
 
@@ -475,22 +487,6 @@ def states_of(
     visual, visual_mask = pad_states([s[1] for s in states], device)
     keys = {k: torch.stack([s[2][k] for s in states]).to(text.device) for k in states[0][2]}
     return EditStates(text, text_mask, visual, visual_mask, keys)
-
-
-def _merge_config(saved: DualEditConfig, given: dict[str, Any]) -> DualEditConfig:
-    """The saved config with the run-time fields of `given` replaced."""
-    unknown = sorted(set(given) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"method 'dualedit': unknown option(s) {unknown}; known: {sorted(_CONFIG_FIELDS)}"
-        )
-    changed = [k for k in ARCHITECTURE_FIELDS if k in given and given[k] != getattr(saved, k)]
-    if changed:
-        raise ValueError(
-            f"dualedit: {changed} differ from the saved adapters' "
-            f"{ {k: getattr(saved, k) for k in changed} }; the weights fix them"
-        )
-    return dataclasses.replace(saved, **given)
 
 
 def _edit_states(

@@ -10,8 +10,10 @@ unexpected keys, shapes, NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from dualedit.editors.files import (
 )
 from dualedit.editors.weights import check_tensors
 from dualedit.folders import check_finite
+from dualedit.options import config_fields
 
 METHOD = "dualedit"
 #: What format-1 folders (no field yet) held: adapters trained the released way, gate key of then.
@@ -34,29 +37,33 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "adapter_config",
+    "merge_config",
     "load_adapter_tensors",
     "load_adapter_weights",
     "read_adapter_config",
 ]
 
 
-def adapter_config(folder: EditorFolder) -> DualEditConfig:
-    """The `DualEditConfig` saved in an editor folder (every field required).
+def adapter_config(
+    folder: EditorFolder, config_class: type[DualEditConfig] = DualEditConfig, method: str = METHOD
+) -> DualEditConfig:
+    """The `DualEditConfig` (or `config_class`, for a method built on DualEdit's adapters such
+    as VisEdit, named `method`) saved in an editor folder (every field required).
 
     Raises:
         ValueError: another method's folder, or a config field missing or invalid (named).
     """
     path = folder.path / CONFIG_FILE
     meta = folder.meta
-    if meta["method"] != METHOD:
+    if meta["method"] != method:
         raise ValueError(
-            f"{path}: saved by method {meta['method']!r}, not DualEdit (dualedit.load_editor "
+            f"{path}: saved by method {meta['method']!r}, not {method!r} (dualedit.load_editor "
             "picks the class from the folder)"
         )
     fields = dict(meta["config"])
     if meta["format"] == 1:
         fields = {**FORMAT_1_DEFAULTS, **fields}
-    missing = [name for name in DualEditConfig.__dataclass_fields__ if name not in fields]
+    missing = [name for name in config_fields(config_class) if name not in fields]
     if missing:
         raise ValueError(
             f"{path}: config lacks field(s) {missing}; the folder is incomplete or damaged"
@@ -64,7 +71,7 @@ def adapter_config(folder: EditorFolder) -> DualEditConfig:
     for name in ("tau", "text_layer", "visual_layer"):
         if fields[name] is None:
             raise ValueError(f"{path}: config field {name!r} is null; a saved editor fixes it")
-    return DualEditConfig.from_dict(fields, where=str(path))
+    return config_class.from_dict(fields, where=str(path))
 
 
 def read_adapter_config(
@@ -126,3 +133,22 @@ def load_adapter_tensors(
         raise ValueError(f"{where}: tensors {wrong} are not floating point")
     check_finite(tensors, where)
     adapters.load_state_dict(tensors, strict=True)
+
+
+def merge_config(
+    saved: DualEditConfig, given: dict[str, Any], method: str = "dualedit"
+) -> DualEditConfig:
+    """The saved config with the run-time fields of `given` replaced."""
+    known = config_fields(type(saved))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(
+            f"method {method!r}: unknown option(s) {unknown}; known: {sorted(known)}"
+        )
+    changed = [k for k in saved.architecture if k in given and given[k] != getattr(saved, k)]
+    if changed:
+        raise ValueError(
+            f"{method}: {changed} differ from the saved adapters' "
+            f"{ {k: getattr(saved, k) for k in changed} }; the weights fix them"
+        )
+    return dataclasses.replace(saved, **given)

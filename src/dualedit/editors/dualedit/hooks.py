@@ -120,6 +120,7 @@ def apply_adapter(
     h_edit: torch.Tensor,
     edit_mask: torch.Tensor,
     edit_index: torch.Tensor | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`h` with the adapter applied at the positions of `mask` only (a new tensor).
 
@@ -132,6 +133,8 @@ def apply_adapter(
         mask: [batch, seq] bool, positions to edit.
         h_edit: [u, m, hidden] edit states; edit_mask [u, m] bool.
         edit_index: [batch] long, the row of `h_edit` each input uses; None: row i uses row i.
+        anchor: [u, hidden] one state per edit, for adapters whose `delta` takes one (VisEdit's
+            influence map reads the edit's last prompt token); None: not passed.
 
     Returns:
         [batch, seq, hidden], equal to `h` bit for bit outside `mask`.
@@ -155,7 +158,10 @@ def apply_adapter(
         edit_rows = None  # every row is edited, each with its own edit
     else:
         edit_rows = rows
-    delta = adapter.delta(queries, h_edit, edit_mask, edit_rows)  # [r, n, hidden]
+    if anchor is None:
+        delta = adapter.delta(queries, h_edit, edit_mask, edit_rows)  # [r, n, hidden]
+    else:
+        delta = adapter.delta(queries, h_edit, edit_mask, edit_rows, anchor=anchor)
     row_index = rows[:, None].expand(-1, n)[valid]  # [k]
     pos_index = order[valid]  # [k]
     # h + delta at the selected positions (each at most once), h itself everywhere else.
@@ -169,7 +175,8 @@ class DualEditHooks:
         model: the VLM (never copied, never modified: the hooks return new tensors).
         backbone: its backbone (where the decoder layers are).
         config: a resolved `DualEditConfig`.
-        text_adapter, visual_adapter: the adapters.
+        text_adapter, visual_adapter: the adapters (no text adapter: None, with
+            `config.use_text` False).
         memory: the edit memory looked up when a call gives no edits itself.
 
     Attributes:
@@ -186,12 +193,14 @@ class DualEditHooks:
         model: nn.Module,
         backbone: Backbone,
         config: DualEditConfig,
-        text_adapter: CrossAttentionAdapter,
+        text_adapter: CrossAttentionAdapter | None,
         visual_adapter: CrossAttentionAdapter,
         memory: EditMemory,
     ):
         if not config.resolved:
             raise ValueError("DualEditHooks needs a resolved DualEditConfig (config.resolve)")
+        if config.use_text and text_adapter is None:
+            raise ValueError("DualEditHooks: use_text is on but there is no text adapter")
         self.model = model
         self.backbone = backbone
         self.config = config
@@ -380,6 +389,9 @@ class DualEditHooks:
             mask = image_mask & attention_mask
             if self.config.gate_scope == "both":
                 mask = mask & gate_open
+            anchor = None
+            if getattr(self.visual_adapter, "uses_anchor", False):
+                anchor = states.keys["prompt_end"].to(device)  # [u, hidden]
             edited = apply_adapter(
                 self.visual_adapter,
                 edited,
@@ -387,6 +399,7 @@ class DualEditHooks:
                 states.visual.to(device),
                 states.visual_mask.to(device),
                 edit_index,
+                anchor,
             )
         return None if edited is h else replace_layer_output(output, edited)
 

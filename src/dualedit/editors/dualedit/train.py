@@ -47,6 +47,8 @@ class DualEditTrainable:
         calibration: how `finish` stores the validation edits while it chooses tau: "single" or
             "sequential" (see `calibrate.choose_tau`).
         backbone: where the model's layers are (None: looked up).
+        editor_class: `DualEditor` or a method built on its adapters (VisEdit's `VisEditor`):
+            the editor trained, its `Config` and its name in the run meta.
 
     Example:
         >>> trainable = DualEditTrainable(model, processor, config={"width": 256})
@@ -64,6 +66,7 @@ class DualEditTrainable:
         text_loc_kl: bool = True,
         calibration: str = "single",
         backbone: Backbone | None = None,
+        editor_class: type[DualEditor] = DualEditor,
     ):
         if calibration not in CALIBRATION_MODES:
             raise ValueError(
@@ -71,10 +74,11 @@ class DualEditTrainable:
             )
         if not isinstance(text_loc_kl, bool):
             raise TypeError(f"text_loc_kl must be a bool, got {text_loc_kl!r}")
-        config = _resolve_config(config, where="DualEditTrainable config")
+        config = _resolve_config(config, editor_class.Config, where=f"{editor_class.name} config")
+        self.name = editor_class.name
         self.text_loc_kl = text_loc_kl
         self.calibration = calibration
-        self.editor = DualEditor(
+        self.editor = editor_class(
             model, processor, backbone if backbone is not None else get_backbone(model),
             config=config,
         )
@@ -129,6 +133,7 @@ def train_dualedit(
     accelerator: Accelerator | None = None,
     calibrate_tau: bool = True,
     calibration: str = "single",
+    editor_class: type[DualEditor] = DualEditor,
 ) -> TrainResult:
     """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
 
@@ -157,6 +162,8 @@ def train_dualedit(
         calibration: how the validation edits are stored while tau is chosen: "single" (one
             at a time) or "sequential" (all at once, as the sequential protocol holds them);
             see `calibrate.choose_tau`.
+        editor_class: the editor trained (`DualEditor`, or VisEdit's `VisEditor`, which shares
+            its adapters, hooks and edited pass).
 
     Returns:
         A `TrainResult` (best score and step, folders, timing, `tau`).
@@ -179,7 +186,7 @@ def train_dualedit(
     settings = settings if settings is not None else TrainSettings()
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
-    config = _resolve_config(config, where="train_dualedit config")
+    config = _resolve_config(config, editor_class.Config, where=f"train {editor_class.name} config")
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     validation_split(
@@ -187,7 +194,8 @@ def train_dualedit(
     )
     place_model(model, accelerator)
     trainable = DualEditTrainable(
-        model, processor, config=config, text_loc_kl=settings.text_loc_kl, calibration=calibration
+        model, processor, config=config, text_loc_kl=settings.text_loc_kl, calibration=calibration,
+        editor_class=editor_class,
     )
     result = train(
         trainable,
@@ -206,8 +214,11 @@ def train_dualedit(
 
 
 def _resolve_config(
-    config: DualEditConfig | dict[str, Any] | None, *, where: str
+    config: DualEditConfig | dict[str, Any] | None,
+    config_class: type[DualEditConfig] = DualEditConfig,
+    *,
+    where: str,
 ) -> DualEditConfig:
     if isinstance(config, dict):
-        return DualEditConfig.from_dict(config, where=where)
-    return config if config is not None else DualEditConfig()
+        return config_class.from_dict(config, where=where)
+    return config if config is not None else config_class()
