@@ -161,7 +161,9 @@ def test_generate_with_a_kv_cache_matches_a_greedy_forward(setup, tiny_images):
     prompt = Sample(request.image, request.prompt, "")
     batch = encode_prompts([prompt], processor, backbone, tiny_images)
     tokenizer = processor.tokenizer
-    greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": tokenizer.pad_token_id}
+    # Three tokens whatever the edit makes likely (an edit may make EOS the first answer).
+    greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": tokenizer.pad_token_id,
+              "min_new_tokens": 3}
     with torch.no_grad():
         cached = editor.generate(batch, max_new_tokens=3, use_cache=True, **greedy)  # [1, 3]
         uncached = editor.generate(batch, max_new_tokens=3, use_cache=False, **greedy)

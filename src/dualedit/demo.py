@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from dualedit.editors.registry import get_method
+from dualedit.editors.registry import METHODS, get_method
 from dualedit.editors.spec import MethodSpec
 from dualedit.eval.report import markdown_table, results_dict
 from dualedit.evaluate import load_vlm, run_eval
@@ -33,6 +33,33 @@ ARCHS = ("llava", "blip2")
 #: dataset, cached and resumed like the models).
 DEFAULT_METHODS = ("none", "ft-l", "dualedit")
 TASKS = ("vqa", "caption")
+#: The method name that stands for every registered method (`--methods all`).
+ALL_METHODS = "all"
+
+
+def method_names(names: Sequence[str] | None, default: Sequence[str] = DEFAULT_METHODS) -> list[str]:
+    """The methods to run: `names` (`"all"` among them: every registered method, in registry
+    order), or `default` when none are given; each once, in the order given.
+
+    Raises:
+        ValueError: an unknown name (the message lists the registered ones).
+
+    Example:
+        >>> method_names(["ft-l", "none", "ft-l"])
+        ['ft-l', 'none']
+    """
+    chosen: list[str] = []
+    for name in names or default:
+        expanded = list(METHODS) if name == ALL_METHODS else [name]
+        for method in expanded:
+            if method not in METHODS:
+                raise ValueError(
+                    f"unknown method {method!r}; available: {', '.join(METHODS)} "
+                    f"(or {ALL_METHODS!r} for every one)"
+                )
+            if method not in chosen:
+                chosen.append(method)
+    return chosen
 
 
 def default_cache_dir() -> Path:
@@ -124,8 +151,10 @@ def run_demo(
     """Run the demo and return its Markdown table.
 
     Writes `out_dir/results.json` (every run, plus each model's pretraining metrics) and
-    `out_dir/table.md`. `world_options` (for `build_world`) and `pretrain_options` (`size`,
-    `settings` for `pretrain`) shrink the demo for tests; the defaults are the real demo.
+    `out_dir/table.md`. `methods`: registered names, `"all"` for every registered method
+    (default: `DEFAULT_METHODS`, the fast subset). `world_options` (for `build_world`) and
+    `pretrain_options` (`size`, `settings` for `pretrain`) shrink the demo for tests; the
+    defaults are the real demo.
     `train_settings`: the training of every trained method (default: each method's recipe,
     `MethodSpec.recipe.train`); `train_steps` replaces its step budget. The summary records, per
     trained method, backbone and dataset, the run behind the rows (steps, best step, the
@@ -155,8 +184,7 @@ def _run_demo(
 ) -> str:
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    methods = list(methods) if methods else list(DEFAULT_METHODS)
-    specs = [get_method(m) for m in methods]  # unknown names fail here, before any work
+    specs = [get_method(m) for m in method_names(methods)]  # unknown names fail before any work
     world_dir = cached_world(cache, seed, progress, world_options)
     all_results, pretraining, trained_runs = [], {}, {}
     for arch in archs:

@@ -86,7 +86,9 @@ def insert_prefix(
     if len(prefixes) != n_rows or len(starts) != n_rows:
         raise ValueError(f"{len(prefixes)} prefixes and {len(starts)} starts for {n_rows} rows")
     mask = batch.attention_mask.bool()  # [batch, seq]
-    left = bool((~mask[:, 0]).any()) and bool(mask[:, -1].all())
+    # A prompt batch whose rows all end in the last column is left-padded (or unpadded): it
+    # stays so, for generate(); teacher-forced batches are right-padded.
+    left = isinstance(batch, PromptBatch) and bool(mask[:, -1].all())
     lengths = mask.sum(dim=1).tolist()
     new_width = max(length + len(prefix) for length, prefix in zip(lengths, prefixes))
     input_ids = torch.full((n_rows, new_width), pad_id, dtype=batch.input_ids.dtype)

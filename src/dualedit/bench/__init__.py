@@ -1,0 +1,11 @@
+"""Benchmarks of the registered methods (`dualedit bench ...`).
+
+quality.py   run_quality_bench: methods x backbones x datasets (x seeds) -> results.json, table.md;
+             where the models and data come from (the built-in world, or a model and MMEdit folder)
+cells.py     one cell: train (cached), evaluate, time one edit's apply; its resumable file
+table.py     the cells' aggregates over seeds and the Markdown table shaped like the paper's Table 2
+"""
+
+from dualedit.bench.quality import run_quality_bench
+
+__all__ = ["run_quality_bench"]
