@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dualedit.bench.command import add_bench_parser
+
 
 def _cmd_world(args: argparse.Namespace) -> int:
     from dualedit.world import build_world
@@ -50,6 +52,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     for task, value in sorted(acc.items()):
         if isinstance(value, (int, float)):
             print(f"  held-out answer-token accuracy {task}: {100 * value:.2f}%")
+    return 0
+
+
+def _cmd_pretrain_context(args: argparse.Namespace) -> int:
+    from dualedit.small_vlm.context_reading import ContextSettings, teach_context_reading
+
+    given = {"steps": args.steps, "seed": args.seed}
+    settings = ContextSettings(**{k: v for k, v in given.items() if v is not None})
+    metrics = teach_context_reading(
+        args.model, args.world, args.out, settings=settings, progress=not args.quiet,
+        threads=args.threads, force=args.force,
+    )
+    print(f"context-reading variant written to {args.out}")
+    for when in ("before", "after"):
+        cells = ", ".join(f"{k} {v:.1f}%" for k, v in metrics[when].items())
+        print(f"  held-out lessons answered {when}: {cells}")
     return 0
 
 
@@ -246,31 +264,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from dualedit.bench.quality import run_quality_bench
-
-    table = run_quality_bench(
-        args.out,
-        methods=args.methods,
-        backbones=args.backbones,
-        datasets=args.datasets,
-        protocol=args.protocol,
-        n_values=tuple(args.n),
-        seeds=tuple(args.seeds),
-        limit=args.limit,
-        cache_dir=args.cache,
-        model=args.model,
-        data=args.data,
-        apply_samples=args.apply_samples,
-        progress=not args.quiet,
-        threads=args.threads,
-        train_steps=args.train_steps,
-    )
-    print(table)
-    print(f"results written to {Path(args.out) / 'results.json'}")
-    return 0
-
-
 def _add_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="the method's config as a JSON object (unknown keys are refused)")
@@ -320,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate input and output token embeddings (as LLaVA-1.5's Vicuna); "
                         "the default ties them, see dualedit.small_vlm.configs.TIE_EMBEDDINGS")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "pretrain-context",
+        help="teach a pretrained small VLM to read a stated fact from its context (the model "
+        "variant for in-context editing, IKE)",
+    )
+    p.add_argument("--model", required=True, type=Path, help="a model `dualedit pretrain` wrote")
+    p.add_argument("--world", required=True, type=Path, help="the world it was pretrained on")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=None, help="lesson steps (default 600)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="teach again even if cached")
+    p.set_defaults(func=_cmd_pretrain_context)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -429,38 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads for the whole demo (default: torch's; 1 when the CPU is shared)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks of the registered methods")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    q = bench_sub.add_parser(
-        "quality", help="methods x backbones x datasets (x seeds) -> a table shaped like the "
-        "paper's Table 2, with training time, apply time and bytes per edit; resumable")
-    q.add_argument("--out", required=True, type=Path,
-                   help="folder for results.json, table.md and cells/ (reused on a rerun)")
-    q.add_argument("--methods", nargs="+", default=None,
-                   help="registered methods or `all` (default: all)")
-    q.add_argument("--backbones", nargs="+", default=None, choices=["llava", "blip2"],
-                   help="the built-in world's small models (default: both)")
-    q.add_argument("--datasets", nargs="+", default=["vqa", "caption"], choices=["vqa", "caption"],
-                   help="vqa: E-VQA, caption: E-IC (default: both)")
-    q.add_argument("--protocol", choices=["single", "sequential"], default="single")
-    q.add_argument("--n", type=int, nargs="+", default=[1, 10, 100], help="sequential N values")
-    q.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="world seeds, each with its own world and models (several: mean ± std)")
-    q.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
-    q.add_argument("--cache", "--cache-dir", dest="cache", type=Path, default=None,
-                   help="worlds, models and trained runs (default: ~/.cache/dualedit, the demo's)")
-    q.add_argument("--model", type=Path, default=None,
-                   help="a VLM folder to benchmark instead of the built-in ones (with --data)")
-    q.add_argument("--data", type=Path, default=None,
-                   help="an MMEdit folder (vqa/, caption/, images/) for --model; a trained "
-                        "method is trained on its train split")
-    q.add_argument("--apply-samples", type=int, default=10,
-                   help="eval records one edit's apply is timed on (0: not timed)")
-    q.add_argument("--train-steps", type=int, default=None,
-                   help="training steps of each trained method (default: its recipe's)")
-    q.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the whole bench (default: torch's)")
-    q.set_defaults(func=_cmd_bench_quality)
+    add_bench_parser(sub)
     return parser
 
 

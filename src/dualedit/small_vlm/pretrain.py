@@ -186,7 +186,7 @@ def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
     return (losses * weights[keep]).sum() / weights[keep].sum()
 
 
-def _language_side(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def language_side(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Everything but the vision tower: connector (projector / queries, Q-Former, projection)
     and language model."""
     frozen = {id(p) for p in vision_tower(model).parameters()}
@@ -213,7 +213,7 @@ def train_vlm(
     text_rows = torch.nonzero(corpus.image_index < 0).flatten()
     image_batches = _Batches(image_rows, settings.batch_size, generator)
     text_batches = _Batches(text_rows, settings.text_batch_size, generator)
-    params = _language_side(model)
+    params = language_side(model)
     vision_tower(model).requires_grad_(False)
     optimizer = _adamw(params, settings.lr, settings.weight_decay)
     model.train()
@@ -265,7 +265,9 @@ def _cached(out_dir: Path, settings: dict) -> dict | None:
     return metrics if metrics.get("settings") == settings else None
 
 
-def _write_atomic(out_dir: Path, model, processor, metrics: dict) -> None:
+def write_model_folder(
+    out_dir: Path, model, processor, metrics: dict, metrics_file: str = METRICS_FILE
+) -> None:
     """Everything into a temp sibling folder, then one rename; an old folder is removed after."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -274,7 +276,7 @@ def _write_atomic(out_dir: Path, model, processor, metrics: dict) -> None:
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n",
+        (tmp / metrics_file).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n",
                                         encoding="utf-8")
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -351,7 +353,7 @@ def pretrain(
             world_dir, arch, size, seed, progress, settings, tie_embeddings
         )
     metrics["settings"] = key
-    _write_atomic(out_dir, model, processor, metrics)
+    write_model_folder(out_dir, model, processor, metrics)
     logger.info("%s model written to %s in %.0f s", arch, out_dir, metrics["train_seconds"])
     return metrics
 
