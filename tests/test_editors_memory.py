@@ -111,6 +111,31 @@ def test_a_tensor_under_two_names_is_kept_and_counted_once():
     assert s.tensors("a")[0] is s.tensors("b")[0]
 
 
+def test_fields_holding_the_same_tensors_are_written_once(tmp_path):
+    def two():
+        return EditStore({"a": Field(WIDTH, sequence=True), "b": Field(WIDTH, sequence=True)})
+
+    s = two()
+    h = [torch.randn(n, WIDTH) for n in (3, 5)]
+    for t in h:
+        s.add({"a": t, "b": t})
+    s.save(tmp_path, **FILES)
+    assert json.loads((tmp_path / "store.json").read_text())["same_as"] == {"b": "a"}
+    assert set(load_file(str(tmp_path / "store.safetensors"))) == {"a"}  # 8 rows, once
+    loaded = two()
+    loaded.read(tmp_path, **FILES)
+    assert all(torch.equal(x, y) for x, y in zip(loaded.tensors("b"), h))
+    assert loaded.tensors("a")[1] is loaded.tensors("b")[1]  # shared again in memory
+    # One edit apart: both written.
+    s.add({"a": h[0], "b": h[0].clone()})
+    s.save(tmp_path / "apart", **FILES)
+    assert "same_as" not in json.loads((tmp_path / "apart" / "store.json").read_text())
+    # A damaged mapping is refused by name.
+    rewrite_json(tmp_path / "store.json", lambda d: d.update(same_as={"b": "key"}))
+    with pytest.raises(ValueError, match="same_as"):
+        two().read(tmp_path, **FILES)
+
+
 def test_field_dtype_converts_on_add():
     s = EditStore({"key": Field(WIDTH, dtype=torch.float32)})
     s.add({"key": torch.ones(WIDTH, dtype=torch.bfloat16)})

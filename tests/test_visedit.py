@@ -77,6 +77,9 @@ def test_edits_only_image_positions_and_saves_one_adapter(
     editor.save_pretrained(tmp_path / "saved")
     names = set(json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["files"])
     assert "memory.json" in names
+    # One layer, every position: the edit's states are written once, not as text and visual.
+    index = json.loads((tmp_path / "saved" / "memory.json").read_text())
+    assert index["same_as"] == {"visual": "text"}
     loaded = load_editor(model, processor, tmp_path / "saved")
     try:
         assert isinstance(loaded, VisEditor)

@@ -25,6 +25,9 @@ from dualedit.folders import (
 logger = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 64
+#: Index field naming the sequence fields written once under an earlier field (their tensors
+#: are the same objects for every edit).
+SAME_AS = "same_as"
 
 
 def check_id(edit_id: object) -> int | str:
@@ -69,12 +72,15 @@ class StoreFiles:
             The names written.
         """
         meta = dict(meta or {})
-        clash = sorted(set(meta) & (self._index_fields() | set(MANIFEST_FIELDS)))
+        clash = sorted(set(meta) & (self._index_fields() | {SAME_AS} | set(MANIFEST_FIELDS)))
         if clash:
             raise ValueError(f"save(): meta field(s) {clash} are written by the store itself")
+        same = self._same_columns()
         tensors = {}
         for name, field in self.fields.items():
             column = self._columns[name]
+            if name in same:
+                continue  # the same tensors as an earlier field's: written once, under it
             if not column:
                 tensors[name] = torch.zeros((0, field.width), dtype=empty_dtype(field))
             elif field.sequence:
@@ -91,9 +97,28 @@ class StoreFiles:
                 for name in self._sequences()
             },
         }
+        if same:
+            index[SAME_AS] = same
         writer.tensors(tensors_file, tensors)
         writer.manifest(index_file, index, covers=[tensors_file])
         return [tensors_file, index_file]
+
+    def _same_columns(self) -> dict[str, str]:
+        """{field: earlier field} for sequence fields that hold the very same tensors as an
+        earlier one for every edit (DualEdit's text and visual states when the two layers are one
+        and the text adapter reads every position)."""
+        same: dict[str, str] = {}
+        names = self._sequences()
+        for j, name in enumerate(names):
+            column = self._columns[name]
+            for earlier in names[:j]:
+                other = self._columns[earlier]
+                if earlier not in same and column and len(column) == len(other) and all(
+                    a is b for a, b in zip(column, other)
+                ):
+                    same[name] = earlier
+                    break
+        return same
 
     def save(
         self,
@@ -217,6 +242,9 @@ class StoreFiles:
         index = dict(index)
         ids, info, lengths = self._check_index(index, index_path)
         tensors = dict(tensors)
+        same = self._check_same(index, tensors, lengths, index_path, tensors_path)
+        for name, earlier in same.items():
+            tensors[name] = tensors[earlier]
         check_finite(tensors, tensors_path, allow=allow_nonfinite)
         for name, value in (fill or {}).items():
             if name not in tensors:
@@ -250,6 +278,8 @@ class StoreFiles:
                 name: rows[name][i].clone().to(device=self.device, dtype=field.dtype)
                 for name, field in self.fields.items()
             }
+            for name, earlier in same.items():
+                row[name] = row[earlier]
             for first, second in share:
                 a, b = row[first], row[second]
                 if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
@@ -257,6 +287,32 @@ class StoreFiles:
             self._append(edit_id, row, dict(info[i]))
         self._next_id = max(self._next_id, index["next_id"])
         self._cache.clear()
+
+    def _check_same(
+        self,
+        index: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, list[int]],
+        index_path: Path,
+        tensors_path: Path,
+    ) -> dict[str, str]:
+        """The index's {field: earlier field written in its place}, checked: sequence fields,
+        the same lengths, the field itself absent from the tensor file."""
+        same = index.get(SAME_AS, {})
+        sequences = self._sequences()
+        if not isinstance(same, dict) or not all(
+            a in sequences and b in sequences and a != b for a, b in same.items()
+        ):
+            raise ValueError(f"{index_path}: {SAME_AS} must map sequence fields to others")
+        for name, earlier in same.items():
+            if lengths[name] != lengths[earlier]:
+                raise ValueError(
+                    f"{index_path}: {name} is stored as {earlier} but their lengths differ"
+                )
+            if name in tensors:
+                raise ValueError(f"{tensors_path}: holds {name}, which {index_path} stores "
+                                 f"as {earlier}")
+        return same
 
     def _check_index(
         self, index: Mapping[str, Any], path: Path
