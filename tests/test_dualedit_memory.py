@@ -409,7 +409,7 @@ def test_edits_and_files_without_image_groups_refuse_only_the_group_key(tmp_path
     full.add(*edit(0))
     full.save(tmp_path)
     index = legacy(json.loads((tmp_path / "memory.json").read_text()))
-    assert index["format"] == 4
+    assert index["format"] == 5
     index["format"] = 2
     (tmp_path / "memory.json").write_text(json.dumps(index))
     tensors = load_file(str(tmp_path / "memory.safetensors"))

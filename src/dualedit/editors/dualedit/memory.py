@@ -46,11 +46,12 @@ from dualedit.folders import FolderWriter
 
 logger = logging.getLogger(__name__)
 
-MEMORY_FORMAT = 4
+MEMORY_FORMAT = 5
 # Format 1: no "text_keys" (always "all") and no "image_mean" key part; format 2: no
-# "image_groups" key part; format 3: no checksums. Parts a file lacks are unknown (NaN) for its
-# edits.
-READABLE_FORMATS = (1, 2, 3, 4)
+# "image_groups" key part; format 3: no checksums; format 4: text and visual states always
+# written apart (format 5 writes states shared by both once, `same_as`). Parts a file lacks are
+# unknown (NaN) for its edits.
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 PART_SINCE_FORMAT = {"image_mean": 2, "image_groups": 3}
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
