@@ -30,6 +30,8 @@ _EXPORTS = {
     "DualEditConfig": "dualedit.editors.dualedit",
     "DualEditor": "dualedit.editors.dualedit",
     "GateDecision": "dualedit.editors.dualedit",
+    "IKEditor": "dualedit.editors.ike",
+    "VisEditor": "dualedit.editors.visedit",
     "TrainSettings": "dualedit.train",
     "edit_and_ask": "dualedit.editing",
     "load_vlm": "dualedit.evaluate",
@@ -43,8 +45,10 @@ __all__ = [
     "EditRequest",
     "Editor",
     "GateDecision",
+    "IKEditor",
     "MethodSpec",
     "TrainSettings",
+    "VisEditor",
     "__version__",
     "edit_and_ask",
     "load_editor",
@@ -71,6 +75,8 @@ if TYPE_CHECKING:
         GateDecision,
         train_dualedit,
     )
+    from dualedit.editors.ike import IKEditor
+    from dualedit.editors.visedit import VisEditor
     from dualedit.evaluate import load_vlm
     from dualedit.train import TrainSettings
 
