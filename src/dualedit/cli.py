@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="a model `dualedit pretrain` wrote")
     p.add_argument("--world", required=True, type=Path, help="the world it was pretrained on")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=None, help="lesson steps (default 600)")
+    p.add_argument("--steps", type=int, default=None, help="lesson steps (default 2000)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="teach again even if cached")

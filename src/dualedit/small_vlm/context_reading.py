@@ -59,7 +59,8 @@ class ContextSettings:
 
     Attributes:
         steps, batch_size, lr: AdamW steps on the connector and language model, the lessons per
-            step (image and text-only batches alternate), the rate.
+            step (image and text-only batches alternate), the rate. (600 steps at lr 3e-4 taught
+            the small LLaVA to copy a stated answer in only 6.8 % of held-out lessons.)
         shares: the proportions of copy, retain and plain lessons.
         fact_prefix, question_prefix: the context's words around the fact and the question
             (IKE's template, `dualedit.editors.ike.TEMPLATES["ike"]`).
@@ -67,9 +68,9 @@ class ContextSettings:
         seed: the lessons drawn and their order.
     """
 
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-3
     shares: tuple[float, float, float] = (0.4, 0.3, 0.3)
     fact_prefix: str = "New Fact: "
     question_prefix: str = "\nPrompt: "
@@ -219,7 +220,7 @@ def teach_context_reading(
             nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             if (step + 1) % 50 == 0:
-                curve.append({"step": step + 1, "loss": float(loss)})
+                curve.append({"step": step + 1, "loss": loss.item()})
         model.eval()
         for p in frozen:
             p.requires_grad_(True)
