@@ -125,6 +125,13 @@ def test_a_killed_bench_resumes_and_changed_settings_redo_a_cell(tmp_path, cache
     for method, stat in stats.items():
         now = _cell_file(out, method).stat()
         assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    # --retime: no evaluation, the scores kept, apply timed again in this run.
+    before = json.loads(_cell_file(out, "ft-l").read_text())
+    calls = _spy_run_eval(monkeypatch, fail_on=("none", "ft-l"))
+    run_quality_bench(out, methods=["none", "ft-l"], retime=True, **kwargs)
+    after = json.loads(_cell_file(out, "ft-l").read_text())
+    assert calls == [] and after["results"] == before["results"]
+    assert after["apply_s_median"] != before["apply_s_median"] and after["apply_samples"] == 1
     # Another limit is another cell: redone, and its file says so.
     calls = _spy_run_eval(monkeypatch)
     run_quality_bench(out, methods=["none"], **{**kwargs, "limit": 1})
@@ -273,6 +280,7 @@ def test_cli_bench_quality_passes_its_options(monkeypatch, tmp_path, capsys):
     assert (kw["train_steps"], kw["threads"], kw["progress"]) == (5, 1, False)
     assert kw["cache_dir"] == tmp_path / "c" and kw["apply_samples"] == 10
     assert kw["model"] is None and kw["data"] is None and kw["limit"] is None
+    assert kw["retime"] is False
     assert "table" in capsys.readouterr().out
 
 

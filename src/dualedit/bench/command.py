@@ -25,6 +25,7 @@ def run_bench_quality(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         threads=args.threads,
         train_steps=args.train_steps,
+        retime=args.retime,
     )
     print(table)
     print(f"results written to {Path(args.out) / 'results.json'}")
@@ -64,4 +65,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="training steps of each trained method (default: its recipe's)")
     q.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the whole bench (default: torch's)")
+    q.add_argument("--retime", action="store_true",
+                   help="time apply again for cells reused from an earlier run (scores kept), so "
+                        "all timings and ratios come from this run")
     q.set_defaults(func=run_bench_quality)

@@ -31,6 +31,7 @@ from dualedit.bench.cells import (
     cell_settings,
     jsonable,
     read_cell,
+    retime_cell,
     run_cell,
     write_cell,
 )
@@ -179,6 +180,7 @@ def run_quality_bench(
     pretrain_options: dict | None = None,
     train_steps: int | None = None,
     train_settings: TrainSettings | None = None,
+    retime: bool = False,
 ) -> str:
     """Benchmark methods x backbones x datasets (x seeds); write results.json and table.md.
 
@@ -203,6 +205,9 @@ def run_quality_bench(
         world_options, pretrain_options: for `build_world` and `pretrain` (tests shrink them).
         train_steps: replaces the step budget of every trained method's training.
         train_settings: the training of every trained method (default: each one's recipe).
+        retime: measure apply time and bytes again for the cells reused from their files (their
+            scores are kept), so every cell's timing, and the ratios to DualEdit's, come from
+            this run.
 
     Returns:
         The Markdown table (also in `table.md`).
@@ -225,6 +230,7 @@ def run_quality_bench(
         apply_samples=_count("apply_samples", apply_samples),
         cache=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         progress=progress,
+        retime=bool(retime),
     )
     seeds = _seeds(seeds)
     if train_steps is not None:
@@ -294,6 +300,9 @@ def _run_cells(
             if cell is None:
                 logger.info("cell %s: running", job.name)
                 cell = run_cell(job, run, source, settings)
+                write_cell(path, cell)
+            elif run.retime:
+                cell = retime_cell(cell, job, run, source)
                 write_cell(path, cell)
             else:
                 logger.info("cell %s: reused from %s", job.name, path)
