@@ -199,6 +199,13 @@ class Editor(ABC):
         ]
         return new
 
+    def _forget(self, edit_id: EditId) -> None:
+        """Drop one held edit's description (KeyError naming an unknown id)."""
+        kept = [info for info in self._held if info.id != edit_id]
+        if len(kept) == len(self._held):
+            raise KeyError(f"no edit with id {edit_id!r} ({len(self._held)} edits)")
+        self._held = kept
+
     def _new_ids(self, n: int, ids: Sequence[EditId] | None) -> list[EditId]:
         if ids is None:
             new: list[EditId] = list(range(self._next_id, self._next_id + n))

@@ -21,12 +21,11 @@ Demonstrations that do not fit the model's context are dropped, the least simila
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from dualedit.editors.base import EditId, Editor, EditInfo, ImageLoader
 from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.prefix import PrefixedBatch, head_tokens, insert_prefix, prompt_start
 from dualedit.editors.spec import MethodSpec
+from dualedit.editors.switch import Switchable
 from dualedit.options import check_positive
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Fact:
     key: Any  # the fact's retrieval vector (lexical weights or an embedding)
 
 
-class IKEditor(Editor):
+class IKEditor(Switchable, Editor):
     """In-context editing (see the module docstring). The model's weights are never touched;
     `logits` and `generate` read the prefixed input."""
 
@@ -152,7 +152,6 @@ class IKEditor(Editor):
         self.encoder = encoder
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.facts: list[Fact] = []
-        self._active = True
         self._heads: dict[bool, list[int]] = {}
         self._pool: _Pool | None = None
         text_config = getattr(model.config, "text_config", model.config)
@@ -249,19 +248,8 @@ class IKEditor(Editor):
 
     def remove(self, edit_id: EditId) -> None:
         """Forget one fact (KeyError for an unknown id)."""
-        kept = [fact for fact in self.facts if fact.id != edit_id]
-        if len(kept) == len(self.facts):
-            raise KeyError(f"no edit with id {edit_id!r} ({len(self.facts)} edits)")
-        self.facts = kept
-        self._held = [info for info in self._held if info.id != edit_id]
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        active, self._active = self._active, False
-        try:
-            yield
-        finally:
-            self._active = active
+        self._forget(edit_id)
+        self.facts = [fact for fact in self.facts if fact.id != edit_id]
 
     def load_state(
         self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
@@ -277,7 +265,7 @@ class IKEditor(Editor):
     def prefixed(self, batch: EncodedBatch | PromptBatch) -> PrefixedBatch | None:
         """`batch` with each row's fact and demonstrations inserted before its question (None:
         no fact held, or the editor disabled)."""
-        if not self.facts or not self._active:
+        if not self.facts or not self.active:
             return None
         has_image = batch.pixel_values is not None
         if has_image not in self._heads:

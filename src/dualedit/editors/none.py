@@ -34,10 +34,7 @@ class NoEditor(Editor):
 
     def remove(self, edit_id: EditId) -> None:
         """Forget one booked request (KeyError for an unknown id)."""
-        kept = [info for info in self._held if info.id != edit_id]
-        if len(kept) == len(self._held):
-            raise KeyError(f"no edit with id {edit_id!r} ({len(self._held)} edits)")
-        self._held = kept
+        self._forget(edit_id)
 
     def disabled(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

@@ -38,6 +38,7 @@ from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.hooks import HookSet
 from dualedit.editors.memory import EditStore, Field
 from dualedit.editors.spec import MethodSpec
+from dualedit.editors.switch import Switchable
 from dualedit.editors.weights import frozen
 from dualedit.options import check_positive
 
@@ -97,7 +98,7 @@ class PatcherConfig:
             raise ValueError(f"tp option memory_data: a folder path, got {self.memory_data!r}")
 
 
-class TransformerPatcher(Editor):
+class TransformerPatcher(Switchable, Editor):
     """One neuron per edit in the last FFN of the language model (see the module docstring)."""
 
     name = "tp"
@@ -114,7 +115,6 @@ class TransformerPatcher(Editor):
         self.store = EditStore(
             {"key": Field(hidden), "bias": Field(1), "value": Field(hidden)}, device=None
         )
-        self._active = True
         self._trial: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._memory_queries: torch.Tensor | None = None  # [m, hidden], computed once
         self._warned_no_memory = False
@@ -135,7 +135,7 @@ class TransformerPatcher(Editor):
         if self._taps is not None:
             self._taps.append(x)
         keys, biases, values = self._patches(x)
-        if keys is None or not self._active:
+        if keys is None or not self.active:
             return None
         act = F.relu(x.to(keys.dtype) @ keys.T + biases)  # [batch, seq, n_patches]
         return output + (act @ values).to(output.dtype)  # [batch, seq, hidden]
@@ -268,14 +268,6 @@ class TransformerPatcher(Editor):
         """Drop one edit's neuron (KeyError for an unknown id)."""
         self.store.remove(edit_id)
         self._held = [info for info in self._held if info.id != edit_id]
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        active, self._active = self._active, False
-        try:
-            yield
-        finally:
-            self._active = active
 
     def detach(self) -> None:
         self.hooks.remove()
