@@ -119,7 +119,7 @@ class Fact:
     id: EditId
     context: list[int]
     demonstrations: list[list[int]]
-    key: Any  # the fact's retrieval vector (lexical weights or an embedding)
+    question: str  # the edit's prompt, which a question is matched against
 
 
 class IKEditor(Switchable, Editor):
@@ -154,6 +154,8 @@ class IKEditor(Switchable, Editor):
         self.facts: list[Fact] = []
         self._heads: dict[bool, list[int]] = {}
         self._pool: _Pool | None = None
+        #: (fact ids, their retrieval keys), built when several facts are first matched.
+        self._fact_keys: tuple[tuple[EditId, ...], Any] | None = None
         text_config = getattr(model.config, "text_config", model.config)
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
 
@@ -238,7 +240,7 @@ class IKEditor(Switchable, Editor):
             id=edit_id,
             context=self._tokens(fact_prefix + fact + question_prefix),
             demonstrations=demonstrations,
-            key=self._keys([sample.prompt]),
+            question=sample.prompt,
         )
 
     def restore(self) -> None:
@@ -275,9 +277,10 @@ class IKEditor(Switchable, Editor):
         if self.tokenizer.bos_token_id is not None:
             leading.add(int(self.tokenizer.bos_token_id))
         mask = batch.attention_mask.bool().cpu()
+        input_ids = batch.input_ids.cpu()
         rows, starts, questions = [], [], []
-        for i in range(batch.input_ids.shape[0]):
-            row = batch.input_ids[i].cpu()[mask[i]].tolist()
+        for i in range(input_ids.shape[0]):
+            row = input_ids[i][mask[i]].tolist()
             start = prompt_start(row, head, leading)
             end = int(batch.prompt_end[i]) - int((~mask[i, : int(batch.prompt_end[i])]).sum()) + 1
             rows.append(row)
@@ -293,12 +296,11 @@ class IKEditor(Switchable, Editor):
         """The held fact nearest each question (the only one when one is held)."""
         if len(self.facts) == 1:
             return [self.facts[0]] * len(questions)
-        texts = [self.tokenizer.decode(q) for q in questions]
-        if self.encoder is not None:
-            keys = torch.cat([fact.key for fact in self.facts])  # [n_facts, d]
-        else:
-            keys = _Lexical([fact.key.documents[0] for fact in self.facts])
-        nearest = self._nearest(keys, texts, questions, 1)
+        ids = tuple(fact.id for fact in self.facts)
+        if self._fact_keys is None or self._fact_keys[0] != ids:
+            self._fact_keys = (ids, self._keys([fact.question for fact in self.facts]))
+        texts = [] if self.encoder is None else [self.tokenizer.decode(q) for q in questions]
+        nearest = self._nearest(self._fact_keys[1], texts, questions, 1)
         return [self.facts[near[0]] for near in nearest]
 
     def _prefix(self, fact: Fact, length: int) -> list[int]:

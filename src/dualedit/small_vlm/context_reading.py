@@ -39,6 +39,7 @@ from dualedit.data.prompts import Sample, encode, target_text, task_prompt
 from dualedit.numerics import cpu_threads, flush_denormals
 from dualedit.small_vlm.corpus import read_corpus
 from dualedit.small_vlm.tokenizer import split_words
+from dualedit.small_vlm.vision import vision_tower
 from dualedit.train.checkpoint import weights_fingerprint
 from dualedit.version import versions
 
@@ -205,25 +206,24 @@ def teach_context_reading(
     with cpu_threads(threads), flush_denormals():
         before = accuracy(model, processor, evaluation, images)
         params = [p for _, p in language_side(model)]
-        frozen = [p for p in model.parameters() if all(p is not q for q in params)]
-        for p in frozen:
-            p.requires_grad_(False)
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        vision_tower(model).requires_grad_(False)  # as pretraining's language stage
         model.train()
         curve = []
-        for step in tqdm(range(settings.steps), desc="context reading", disable=not progress):
-            has_image = step % 2 == 0 or not by_kind[False]
-            drawn = lessons(by_kind[has_image], settings.batch_size, answers, rng, settings)
-            loss, _ = _loss_and_hits(model, processor, [s for _, s in drawn], images)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if (step + 1) % 50 == 0:
-                curve.append({"step": step + 1, "loss": loss.item()})
-        model.eval()
-        for p in frozen:
-            p.requires_grad_(True)
+        try:
+            for step in tqdm(range(settings.steps), desc="context reading", disable=not progress):
+                has_image = step % 2 == 0 or not by_kind[False]
+                drawn = lessons(by_kind[has_image], settings.batch_size, answers, rng, settings)
+                loss, _ = _loss_and_hits(model, processor, [s for _, s in drawn], images)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                if (step + 1) % 50 == 0:
+                    curve.append({"step": step + 1, "loss": loss.item()})
+        finally:
+            model.eval()
+            vision_tower(model).requires_grad_(True)
         after = accuracy(model, processor, evaluation, images)
     metrics = {
         "key": key,
