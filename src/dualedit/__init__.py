@@ -31,6 +31,8 @@ _EXPORTS = {
     "DualEditor": "dualedit.editors.dualedit",
     "GateDecision": "dualedit.editors.dualedit",
     "IKEditor": "dualedit.editors.ike",
+    "KnowledgeEditor": "dualedit.editors.ke",
+    "MENDEditor": "dualedit.editors.mend",
     "VisEditor": "dualedit.editors.visedit",
     "TrainSettings": "dualedit.train",
     "edit_and_ask": "dualedit.editing",
@@ -46,6 +48,8 @@ __all__ = [
     "Editor",
     "GateDecision",
     "IKEditor",
+    "KnowledgeEditor",
+    "MENDEditor",
     "MethodSpec",
     "TrainSettings",
     "VisEditor",
@@ -76,6 +80,8 @@ if TYPE_CHECKING:
         train_dualedit,
     )
     from dualedit.editors.ike import IKEditor
+    from dualedit.editors.ke import KnowledgeEditor
+    from dualedit.editors.mend import MENDEditor
     from dualedit.editors.visedit import VisEditor
     from dualedit.evaluate import load_vlm
     from dualedit.train import TrainSettings

@@ -116,6 +116,12 @@ class Backbone(ABC):
         return mlp, mlp
 
     @abstractmethod
+    def mlp_linears(self, model: nn.Module, layer: int) -> dict[str, nn.Linear]:
+        """The linear maps of layer `layer`'s feed-forward block by their module names, input
+        side first (LLaMA: gate_proj, up_proj, down_proj; OPT: fc1, fc2): what MEND and KE
+        edit."""
+
+    @abstractmethod
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
         """The last linear map of layer `layer`'s feed-forward block (its output projection)."""
 

@@ -46,6 +46,10 @@ class Blip2Backbone(Backbone):
         block = self.layer(model, layer)
         return nn.ModuleList([block.fc1, block.fc2])
 
+    def mlp_linears(self, model: nn.Module, layer: int) -> dict[str, nn.Linear]:
+        block = self.layer(model, layer)
+        return {"fc1": block.fc1, "fc2": block.fc2}
+
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
         return self.layer(model, layer).fc2
 

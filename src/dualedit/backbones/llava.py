@@ -29,6 +29,10 @@ class LlavaBackbone(Backbone):
         """`layer.mlp` (LlamaMLP: gate_proj, up_proj, down_proj)."""
         return self.layer(model, layer).mlp
 
+    def mlp_linears(self, model: nn.Module, layer: int) -> dict[str, nn.Linear]:
+        mlp = self.layer(model, layer).mlp
+        return {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Linear:
         return self.layer(model, layer).mlp.down_proj
 

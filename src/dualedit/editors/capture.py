@@ -144,3 +144,70 @@ class LayerTrace:
                 f"the forward finished without running decoder layer {self.layers[-1]}"
             )
         return self.outputs
+
+
+class LinearTrace:
+    """The inputs and output gradients of some linear maps during a forward and backward: what
+    a gradient-based editor (MEND, KE) reads, since the fine-tuning gradient of a linear map's
+    weight is `sum_p delta_p x_p^T` over positions p (its rank-1 decomposition).
+
+    On enter each module gets a forward hook (in a `HookSet`) that keeps its input x [batch, seq,
+    d_in] (detached) and adds a zero "probe" [batch, seq, d_out] to its output, a leaf that
+    requires grad: the output's value is unchanged, and `torch.autograd.grad(loss,
+    trace.probes())` gives delta, the gradient of the loss with respect to the output, without
+    any model parameter requiring grad and without cutting the graph through the layers between
+    two traced maps. Each forward overwrites the previous one's values.
+
+    Args:
+        modules: {name: nn.Linear} (any module called once per forward with one tensor input).
+
+    Example:
+        >>> with LinearTrace({"l5.down": backbone.mlp_out(model, 5)}) as trace:
+        ...     loss = nll(model(**inputs).logits)
+        ...     grads = trace.gradients(loss)            # {name: delta [b, s, d_out]}
+        >>> trace.inputs["l5.down"]                      # x [b, s, d_in]
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        if not modules:
+            raise ValueError("LinearTrace: no modules given")
+        self.modules = dict(modules)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._probes: dict[str, torch.Tensor] = {}
+        self._hooks = HookSet()
+
+    def __enter__(self) -> LinearTrace:
+        if not self._hooks.attached:
+            for name, module in self.modules.items():
+                self._hooks.forward_hook(module, self._hook(name))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove()
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                raise RuntimeError(f"LinearTrace on {name!r} needs grad mode on")
+            self.inputs[name] = args[0].detach()  # [batch, seq, d_in]
+            probe = torch.zeros_like(output, requires_grad=True)  # [batch, seq, d_out]
+            self._probes[name] = probe
+            return output + probe
+
+        return hook
+
+    def probes(self) -> list[torch.Tensor]:
+        """The probes of the last forward, in `modules` order."""
+        missing = [name for name in self.modules if name not in self._probes]
+        if missing:
+            raise RuntimeError(f"LinearTrace: the forward did not run {missing}")
+        return [self._probes[name] for name in self.modules]
+
+    def gradients(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: d loss / d output} [batch, seq, d_out] of the last forward (no other
+        gradient is accumulated anywhere)."""
+        grads = torch.autograd.grad(loss, self.probes(), allow_unused=True)
+        return {
+            name: grad if grad is not None else torch.zeros_like(self._probes[name])
+            for name, grad in zip(self.modules, grads, strict=True)
+        }

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +35,7 @@ from dualedit.data.requests import EditRequest
 from dualedit.editors.base import EditId, Editor, EditInfo, ImageLoader
 from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.prefix import PrefixedBatch, head_tokens, insert_prefix, prompt_start
+from dualedit.editors.retrieval import LexicalIndex
 from dualedit.editors.spec import MethodSpec
 from dualedit.editors.switch import Switchable
 from dualedit.options import check_positive
@@ -199,11 +198,11 @@ class IKEditor(Switchable, Editor):
         if self.encoder is not None:
             embedded = torch.as_tensor(self.encoder(texts), dtype=torch.float32)  # [n, d]
             return torch.nn.functional.normalize(embedded, dim=-1)
-        return _Lexical([self._tokens(text) for text in texts])
+        return LexicalIndex([self._tokens(text) for text in texts])
 
     def _nearest(self, keys: Any, query_texts: list[str], query_tokens: list[list[int]], k: int):
         """Indices of the `k` entries of `keys` nearest each query, nearest first."""
-        if isinstance(keys, _Lexical):
+        if isinstance(keys, LexicalIndex):
             return [keys.nearest(tokens, k) for tokens in query_tokens]
         queries = self._keys(query_texts)  # [q, d]
         scores = queries @ keys.T  # [q, n]
@@ -361,28 +360,6 @@ class _Pool:
     facts: list[str]
     demos: list[dict[str, list[int]]]
     keys: Any
-
-
-class _Lexical:
-    """Idf-weighted bag-of-tokens vectors of documents, compared by cosine."""
-
-    def __init__(self, documents: list[list[int]]):
-        self.documents = documents
-        frequency = Counter(token for doc in documents for token in set(doc))
-        n = len(documents)
-        self.idf = {token: math.log((n + 1) / (df + 1)) + 1.0 for token, df in frequency.items()}
-        self.vectors = [self.vector(doc) for doc in documents]
-
-    def vector(self, tokens: list[int]) -> dict[int, float]:
-        counts = Counter(tokens)
-        weights = {t: c * self.idf.get(t, 1.0) for t, c in counts.items()}
-        norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
-        return {t: w / norm for t, w in weights.items()}
-
-    def nearest(self, tokens: list[int], k: int) -> list[int]:
-        query = self.vector(tokens)
-        scores = [sum(w * vec.get(t, 0.0) for t, w in query.items()) for vec in self.vectors]
-        return sorted(range(len(scores)), key=lambda j: (-scores[j], j))[:k]
 
 
 def _request_of(info: EditInfo) -> EditRequest:

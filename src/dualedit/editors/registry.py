@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from dualedit.backbones import Backbone
-from dualedit.editors import ike, none, patcher
+from dualedit.editors import ike, ke, mend, none, patcher
 from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
@@ -52,7 +52,9 @@ for _spec in (
     none.METHOD,
     ftl.METHOD,
     ftv.METHOD,
+    ke.METHOD,
     ike.METHOD,
+    mend.METHOD,
     patcher.METHOD,
     visedit_method.METHOD,
     dualedit_method.METHOD,

@@ -160,7 +160,7 @@ def train(
             cleanup.callback(model.train, model.training)
             model.eval()
             params = _trained_parameters(trainable)
-            optimizer = torch.optim.Adam(params, lr=settings.lr)
+            optimizer = torch.optim.Adam(_parameter_groups(trainable, params, settings))
             meta = run_meta(trainable, train_dataset, settings, len(val_idx))
             state, resumed_from = _start(out_dir, resume, meta, trainable, optimizer, settings, main)
             accelerator.wait_for_everyone()
@@ -208,7 +208,7 @@ def train(
                 # -- step: lr, loss, backward, average, clip, Adam ----------------------------------
                 lr = _lr_at(settings, state.step)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_factor", 1.0)
                 loss, terms = trainable.loss(batch.to(device))
                 term_names = _check_terms(terms, term_names)
                 optimizer.zero_grad(set_to_none=True)
@@ -324,6 +324,27 @@ def _trained_parameters(trainable: Trainable) -> list[nn.Parameter]:
         if not p.requires_grad:
             raise ValueError(f"{trainable.name}: parameter {names[id(p)]} does not require grad")
     return params
+
+
+def _parameter_groups(
+    trainable: Trainable, params: list[nn.Parameter], settings: TrainSettings
+) -> list[dict[str, Any]]:
+    """Adam's parameter groups: every parameter at `settings.lr`, except those a trainable's
+    optional `parameter_lrs()` ({module parameter name: lr}, e.g. MEND's step sizes) names.
+    Each group's "lr_factor" scales the schedule's rate (warm-up included)."""
+    rates = getattr(trainable, "parameter_lrs", lambda: {})()
+    names = {id(p): name for name, p in trainable.module.named_parameters()}
+    unknown = sorted(set(rates) - set(names.values()))
+    if unknown:
+        raise ValueError(f"{trainable.name}: parameter_lrs names unknown parameters {unknown}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        rate = rates.get(names[id(p)], settings.lr)
+        groups.setdefault(float(rate), []).append(p)
+    return [
+        {"params": group, "lr": rate, "lr_factor": rate / settings.lr}
+        for rate, group in groups.items()
+    ]
 
 
 def _start(

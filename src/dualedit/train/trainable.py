@@ -77,6 +77,9 @@ class Trainable(Protocol):
         DualEdit's tau calibration); returns a summary (`TrainResult.finish`) or None."""
         ...
 
+    # Optional: `parameter_lrs() -> {module parameter name: learning rate}` for parameters
+    # trained at their own rate (MEND's step sizes); the rest take `TrainSettings.lr`.
+
     def close(self) -> None:
         """Release hooks and give back `requires_grad` flags (called in `finally`)."""
         ...

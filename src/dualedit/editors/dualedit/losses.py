@@ -19,50 +19,13 @@ is the mean over the global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from dualedit.data.prompts import EncodedBatch
 from dualedit.editors.dualedit.editor import DualEditor
-
 from dualedit.editors.dualedit.memory import EditStates, edit_states
 from dualedit.train.data import EditBatch
-
-#: Validation metric names, as in the evaluation harness; the score is their mean.
-METRICS: tuple[str, ...] = ("rel", "t_gen", "v_gen", "t_loc", "m_loc")
-
-
-@dataclass
-class PassOutput:
-    """Per-edit values of one pass over n edits (each [n]).
-
-    Attributes:
-        nll: {"rel", "t_gen", "v_gen"}: mean NLL of the alt target tokens.
-        kl: {"m_loc"[, "t_loc"]}: mean KL(unedited || edited) over the answer positions.
-        accuracy: {"rel", "t_gen", "v_gen"}: fraction of target tokens predicted (argmax).
-        agreement: {"m_loc"[, "t_loc"]}: fraction of answer positions where the edited argmax
-            equals the unedited one.
-    """
-
-    nll: dict[str, torch.Tensor]
-    kl: dict[str, torch.Tensor]
-    accuracy: dict[str, torch.Tensor]
-    agreement: dict[str, torch.Tensor]
-
-    def loss(self, text_loc_kl: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(l_rel + l_gen + l_loc, {"l_rel", "l_gen", "l_loc"}) averaged over the edits."""
-        l_rel = self.nll["rel"].mean()
-        l_gen = self.nll["t_gen"].mean() + self.nll["v_gen"].mean()
-        l_loc = self.kl["m_loc"].mean()
-        if text_loc_kl:
-            l_loc = l_loc + self.kl["t_loc"].mean()
-        return l_rel + l_gen + l_loc, {"l_rel": l_rel, "l_gen": l_gen, "l_loc": l_loc}
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """{metric: [n] fraction} for `METRICS` (t_loc only when the pass ran it)."""
-        return {**self.accuracy, **self.agreement}
+from dualedit.train.losses import METRICS, PassOutput, pass_output  # noqa: F401  (re-exported)
 
 
 def prefix_layer(editor: DualEditor) -> int:
@@ -131,31 +94,19 @@ def edit_pass(editor: DualEditor, batch: EditBatch, *, text_loc: bool = True) ->
         )  # [k_loc, vocab]
     each = torch.arange(n, device=edits.text.device).repeat(len(images.input_ids) // n)
     logits = _edited_logits(editor, m, hidden, images, edits.select(each))  # [k, vocab]
-    rows = images.target_mask.nonzero()[:, 0]  # [k] the row of each target position
-    targets = images.target_ids[images.target_mask]  # [k]
-    block = rows // n  # [k] which IMAGE_KEYS block
-    out = PassOutput(nll={}, kl={}, accuracy={}, agreement={})
-    token_nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [k]
-    hits = (logits.argmax(dim=-1) == targets).double()  # [k]
-    for i, key in enumerate(("rel", "t_gen", "v_gen")):
-        sel = block == i
-        out.nll[key] = _row_mean(token_nll[sel], rows[sel] - i * n, n)
-        out.accuracy[key] = _row_mean(hits[sel], rows[sel] - i * n, n)
-    sel = block == 3
-    out.kl["m_loc"], out.agreement["m_loc"] = _locality(
-        reference, logits[sel], rows[sel] - 3 * n, n
+    if not text_loc:
+        return pass_output(images, logits, reference, n)
+    text = batch.text
+    with torch.no_grad(), editor.disabled():
+        hidden = backbone.layer_input(model, m, text.input_ids, text.attention_mask)
+        text_reference = backbone.run_from(
+            model, m, hidden, text.attention_mask, logits_at=text.target_mask
+        )  # [k_text, vocab]
+    text_logits = _edited_logits(editor, m, hidden, text, edits)  # [k_text, vocab]
+    return pass_output(
+        images, logits, reference, n,
+        text=text, text_logits=text_logits, text_reference=text_reference,
     )
-    if text_loc:
-        text = batch.text
-        with torch.no_grad(), editor.disabled():
-            hidden = backbone.layer_input(model, m, text.input_ids, text.attention_mask)
-            reference = backbone.run_from(
-                model, m, hidden, text.attention_mask, logits_at=text.target_mask
-            )  # [k_text, vocab]
-        logits = _edited_logits(editor, m, hidden, text, edits)  # [k_text, vocab]
-        text_rows = text.target_mask.nonzero()[:, 0]
-        out.kl["t_loc"], out.agreement["t_loc"] = _locality(reference, logits, text_rows, n)
-    return out
 
 
 def _edited_logits(
@@ -168,24 +119,3 @@ def _edited_logits(
         return editor.backbone.run_from(
             editor.model, m, hidden, batch.attention_mask, logits_at=batch.target_mask
         )
-
-
-def _locality(
-    reference: torch.Tensor, edited: torch.Tensor, rows: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean KL(reference || edited) and argmax agreement over the answer positions.
-
-    reference, edited: [k, vocab] logits at the same positions; rows [k] -> ([n], [n]).
-    """
-    log_ref = F.log_softmax(reference.float(), dim=-1)  # [k, vocab]
-    log_edit = F.log_softmax(edited.float(), dim=-1)  # [k, vocab]
-    token_kl = (log_ref.exp() * (log_ref - log_edit)).sum(dim=-1)  # [k]
-    agree = (reference.argmax(dim=-1) == edited.argmax(dim=-1)).double()  # [k]
-    return _row_mean(token_kl, rows, n), _row_mean(agree, rows, n)
-
-
-def _row_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of `values` [k] per row id in `rows` [k] (0..n-1): [n]; every row has positions."""
-    total = values.new_zeros(n).index_add(0, rows, values)  # [n]
-    count = torch.bincount(rows, minlength=n).to(values.dtype)  # [n]
-    return total / count
