@@ -32,6 +32,7 @@ _EXPORTS = {
     "GateDecision": "dualedit.editors.dualedit",
     "IKEditor": "dualedit.editors.ike",
     "KnowledgeEditor": "dualedit.editors.ke",
+    "LTEditor": "dualedit.editors.lte",
     "MENDEditor": "dualedit.editors.mend",
     "VisEditor": "dualedit.editors.visedit",
     "TrainSettings": "dualedit.train",
@@ -49,6 +50,7 @@ __all__ = [
     "GateDecision",
     "IKEditor",
     "KnowledgeEditor",
+    "LTEditor",
     "MENDEditor",
     "MethodSpec",
     "TrainSettings",
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
     )
     from dualedit.editors.ike import IKEditor
     from dualedit.editors.ke import KnowledgeEditor
+    from dualedit.editors.lte import LTEditor
     from dualedit.editors.mend import MENDEditor
     from dualedit.editors.visedit import VisEditor
     from dualedit.evaluate import load_vlm

@@ -99,10 +99,12 @@ def cached_training(
     progress: bool = True,
     settings: TrainSettings | None = None,
     options: dict[str, Any] | None = None,
+    variant: str | None = None,
 ) -> TrainResult:
     """A trained method's run for (arch, task) on the world's train split, cached under
-    `cache_dir/trained/<method>/<arch>-<task>-seed<seed>`, with the method's recipe (or the
-    given `settings` / config `options`); the seed is the demo's.
+    `cache_dir/trained/<method>/<arch>-<task>-seed<seed>[-<variant>]`, with the method's recipe
+    (or the given `settings` / config `options`, e.g. an ablation's, named by `variant`); the
+    seed is the demo's.
 
     A killed run in the cache resumes from its checkpoint; a finished one trains no step (its
     finishing step, such as DualEdit's tau calibration, runs again), or trains on when
@@ -115,7 +117,8 @@ def cached_training(
     if spec.train is None or (spec.recipe.train is None and settings is None):
         raise ValueError(f"method {spec.name!r} has no training recipe")
     model, processor = model_and_processor
-    out_dir = cache_dir / "trained" / spec.name / f"{arch}-{task}-seed{seed}"
+    run_name = f"{arch}-{task}-seed{seed}" + (f"-{variant}" if variant else "")
+    out_dir = cache_dir / "trained" / spec.name / run_name
     train = functools.partial(
         spec.train,
         model,

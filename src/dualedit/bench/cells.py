@@ -71,10 +71,23 @@ class CellJob:
     task: str
     options: dict[str, Any]
     train_settings: TrainSettings | None
+    #: An ablation's name (None: the method as registered); its trained run and cell file are
+    #: kept apart under it.
+    variant: str | None = None
+    #: The trained run's name when it is not the method's own (an ablation's training); cells
+    #: of one training share it.
+    train_variant: str | None = None
+    #: Config fields given when the trained editor is loaded for evaluation (e.g. gate off).
+    eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The method's name, with the variant's."""
+        return self.spec.name + (f" [{self.variant}]" if self.variant else "")
 
     @property
     def name(self) -> str:
-        return f"seed {self.seed} {self.spec.name} {self.backbone} {self.task}"
+        return f"seed {self.seed} {self.label} {self.backbone} {self.task}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,9 @@ def _json_default(value: Any) -> Any:
 
 def cell_path(out_dir: Path, job: CellJob, protocol: str) -> Path:
     """`out_dir/cells/seed{S}/{method}-{backbone}-{dataset}-{protocol}.json`."""
-    name = "-".join(_safe(part) for part in (job.spec.name, job.backbone, job.task, protocol))
+    parts = (job.spec.name, *([job.variant] if job.variant else []), job.backbone, job.task,
+             protocol)
+    name = "-".join(_safe(part) for part in parts)
     return Path(out_dir) / CELLS_DIR / f"seed{job.seed}" / f"{name}.json"
 
 
@@ -148,6 +163,8 @@ def cell_settings(job: CellJob, run: EvalSettings, source: dict[str, Any]) -> di
         "apply_samples": run.apply_samples,
         "options": job.options,
         "train_settings": job.train_settings,
+        **({"variant": job.variant, "train_variant": job.train_variant,
+            "eval_options": job.eval_options} if job.variant else {}),
         "source": source,
         "dualedit": dualedit_version(),
     })
@@ -193,6 +210,7 @@ def run_cell(
     cell: dict[str, Any] = {
         "seed": job.seed,
         "method": job.spec.name,
+        "variant": job.variant,
         "backbone": job.backbone,
         "dataset": job.task,
         "protocol": run.protocol,
@@ -205,10 +223,11 @@ def run_cell(
         trained = cached_training(
             run.cache, job.spec, source.train_key(job.backbone), job.task, job.seed, data_root,
             model_and_processor, run.progress, job.train_settings, job.options,
+            job.train_variant,
         )
         if trained.best_dir is None:
             raise ValueError(f"{trained.out_dir}: the training of {job.spec.name} saved no editor")
-        editor_dir, options = trained.best_dir, {}
+        editor_dir, options = trained.best_dir, dict(job.eval_options)
         cell["train_s"] = read_trained_seconds(trained.out_dir)
         cell["trained"] = jsonable({
             "path": trained.best_dir,
@@ -268,7 +287,7 @@ def retime_cell(
     editor_dir = (cell.get("trained") or {}).get("path")
     measure = measure_apply(
         *source.model(job.seed, job.backbone), job.spec, source.data_root(job.seed), job.task,
-        editor_dir=editor_dir, options={} if editor_dir else job.options,
+        editor_dir=editor_dir, options=dict(job.eval_options) if editor_dir else job.options,
         samples=run.apply_samples,
     )
     logger.info("cell %s: apply timed again, %.3f ms", job.name, 1000 * measure.median_s)

@@ -32,6 +32,19 @@ def run_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_ablations(args: argparse.Namespace) -> int:
+    from dualedit.bench.ablations import run_ablation_bench
+
+    table = run_ablation_bench(
+        args.out, backbones=args.backbones, datasets=args.datasets, seed=args.seed,
+        limit=args.limit, cache_dir=args.cache, progress=not args.quiet, threads=args.threads,
+        train_steps=args.train_steps,
+    )
+    print(table)
+    print(f"results written to {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`dualedit bench quality ...` on the CLI's subcommands."""
     p = sub.add_parser("bench", help="benchmarks of the registered methods")
@@ -69,3 +82,23 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="time apply again for cells reused from an earlier run (scores kept), so "
                         "all timings and ratios come from this run")
     q.set_defaults(func=run_bench_quality)
+
+    a = bench_sub.add_parser(
+        "ablations", help="the DualEdit paper's Table 3 on the built-in world: layer pairs "
+        "without gate (mapped by depth fraction), text-only / visual-only / both with gate; "
+        "resumable")
+    a.add_argument("--out", required=True, type=Path,
+                   help="folder for results.json, table.md and cells/ (reused on a rerun)")
+    a.add_argument("--backbones", nargs="+", default=None, choices=["llava", "blip2"],
+                   help="the built-in world's small models (default: both)")
+    a.add_argument("--datasets", nargs="+", default=["vqa"], choices=["vqa", "caption"],
+                   help="vqa: E-VQA, caption: E-IC (default: vqa)")
+    a.add_argument("--seed", type=int, default=0, help="world seed")
+    a.add_argument("--limit", type=int, default=None, help="records per dataset (default: all)")
+    a.add_argument("--cache", "--cache-dir", dest="cache", type=Path, default=None,
+                   help="worlds, models and trained runs (default: ~/.cache/dualedit, the demo's)")
+    a.add_argument("--train-steps", type=int, default=None,
+                   help="training steps of every row (default: DualEdit's recipe)")
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the whole bench (default: torch's)")
+    a.set_defaults(func=run_bench_ablations)

@@ -22,6 +22,7 @@ from dualedit.editors import ike, ke, mend, none, patcher
 from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
+from dualedit.editors.lte import method as lte_method
 from dualedit.editors.visedit import method as visedit_method
 from dualedit.editors.files import saved_method
 from dualedit.editors.spec import MethodSpec
@@ -56,6 +57,7 @@ for _spec in (
     ike.METHOD,
     mend.METHOD,
     patcher.METHOD,
+    lte_method.METHOD,
     visedit_method.METHOD,
     dualedit_method.METHOD,
 ):

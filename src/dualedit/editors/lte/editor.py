@@ -136,8 +136,15 @@ class LTEConfig:
                                  f"null, got {layers!r}")
             bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if bad or len(set(layers)) != len(layers):
-                raise ValueError(f"lte option lora_layers: distinct ints >= 0, got {list(layers)!r}")
+                raise ValueError(
+                    f"lte option lora_layers: distinct ints >= 0, got {list(layers)!r}"
+                )
             object.__setattr__(self, "lora_layers", tuple(layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists, so a saved config compares equal on resume)."""
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,21 +303,33 @@ class LTEditor(Switchable, Editor):
 
     # -- retrieval ----------------------------------------------------------------------------
 
-    def choose(self, questions: Sequence[Sequence[int]]) -> list[tuple[Fact | None, float | None]]:
-        """Per question (its tokens): (the fact it reads or None, the nearest fact's score)."""
+    def nearest(self, questions: Sequence[Sequence[int]]) -> list[tuple[Fact, float]]:
+        """Per question (its tokens): the held fact nearest it and their lexical cosine.
+
+        Raises:
+            ValueError: no fact is held.
+        """
         if not self.facts:
-            return [(None, None)] * len(questions)
+            raise ValueError("lte: no fact is held")
         ids = tuple(fact.id for fact in self.facts)
         if self._index is None or self._index[0] != ids:
             self._index = (ids, LexicalIndex([list(fact.key) for fact in self.facts]))
         index = self._index[1]
-        threshold = self.config.threshold
-        out: list[tuple[Fact | None, float | None]] = []
+        out = []
         for question in questions:
             j, score = index.best(list(question))
-            below = threshold is not None and score < threshold
-            out.append((None if below else self.facts[j], score))
+            out.append((self.facts[j], score))
         return out
+
+    def choose(self, questions: Sequence[Sequence[int]]) -> list[Fact | None]:
+        """Per question (its tokens): the fact it reads (None: no fact held, or the nearest
+        scores below `threshold`)."""
+        if not self.facts:
+            return [None] * len(questions)
+        return [fact if self._reads(score) else None for fact, score in self.nearest(questions)]
+
+    def _reads(self, score: float) -> bool:
+        return self.config.threshold is None or score >= self.config.threshold
 
     def explain(self, image: ImageInput, prompt: str) -> FactChoice:
         """Which held fact a question reads, and its score.
@@ -321,15 +340,14 @@ class LTEditor(Switchable, Editor):
         """
         if not isinstance(prompt, str):
             raise TypeError(f"explain: prompt must be a string, got {type(prompt).__name__}")
+        if not self.facts:
+            return FactChoice(None, None, False)
         opened = None if image is None else open_image(image, 0)
         sample = Sample(None if opened is None else "query", prompt, "")
         batch = encode_prompts([sample], self.processor, self.backbone, lambda _: opened)
         _, _, questions = self._row_parts(batch)
-        (fact, score), = self.choose(questions)
-        if score is None:
-            return FactChoice(None, None, False)
-        nearest = fact if fact is not None else self.facts[self._index[1].best(questions[0])[0]]
-        return FactChoice(nearest.id, score, fact is not None)
+        ((fact, score),) = self.nearest(questions)
+        return FactChoice(fact.id, score, self._reads(score))
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -395,7 +413,7 @@ class LTEditor(Switchable, Editor):
         if not self.facts or not self.active:
             return None
         rows, starts, questions = self._row_parts(batch)
-        facts = [fact for fact, _ in self.choose(questions)]
+        facts = self.choose(questions)
         if all(fact is None for fact in facts):
             return None
         prefixes = [() if fact is None else fact.prefix for fact in facts]

@@ -71,7 +71,8 @@ def layer_children(model_type: str, targets: Sequence[str]) -> tuple[str, ...]:
     """
     if model_type not in LAYER_CHILDREN:
         raise ValueError(
-            f"LoRA: no target layout for model type {model_type!r} (known: {sorted(LAYER_CHILDREN)})"
+            f"LoRA: no target layout for model type {model_type!r} "
+            f"(known: {sorted(LAYER_CHILDREN)})"
         )
     table = LAYER_CHILDREN[model_type]
     unknown = [t for t in targets if t not in table]
