@@ -34,6 +34,7 @@ _EXPORTS = {
     "KnowledgeEditor": "dualedit.editors.ke",
     "LTEditor": "dualedit.editors.lte",
     "MENDEditor": "dualedit.editors.mend",
+    "SERACEditor": "dualedit.editors.serac",
     "VisEditor": "dualedit.editors.visedit",
     "TrainSettings": "dualedit.train",
     "edit_and_ask": "dualedit.editing",
@@ -53,6 +54,7 @@ __all__ = [
     "LTEditor",
     "MENDEditor",
     "MethodSpec",
+    "SERACEditor",
     "TrainSettings",
     "VisEditor",
     "__version__",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
     from dualedit.editors.ke import KnowledgeEditor
     from dualedit.editors.lte import LTEditor
     from dualedit.editors.mend import MENDEditor
+    from dualedit.editors.serac import SERACEditor
     from dualedit.editors.visedit import VisEditor
     from dualedit.evaluate import load_vlm
     from dualedit.train import TrainSettings

@@ -85,7 +85,9 @@ def insert_prefix(
     n_rows, width = batch.input_ids.shape
     if len(prefixes) != n_rows or len(starts) != n_rows:
         raise ValueError(f"{len(prefixes)} prefixes and {len(starts)} starts for {n_rows} rows")
-    mask = batch.attention_mask.bool()  # [batch, seq]
+    # Built on the CPU (row by row); the caller moves the new batch where the model is.
+    mask = batch.attention_mask.bool().cpu()  # [batch, seq]
+    batch_ids = batch.input_ids.cpu()
     # A prompt batch whose rows all end in the last column is left-padded (or unpadded): it
     # stays so, for generate(); teacher-forced batches are right-padded.
     left = isinstance(batch, PromptBatch) and bool(mask[:, -1].all())
@@ -96,7 +98,7 @@ def insert_prefix(
     index = torch.zeros((n_rows, width), dtype=torch.long)  # [batch, seq]
     for i in range(n_rows):
         old = mask[i].nonzero().squeeze(1)  # [length] positions of the row's tokens
-        tokens = batch.input_ids[i, old]
+        tokens = batch_ids[i, old]
         prefix = torch.tensor(list(prefixes[i]), dtype=tokens.dtype)
         start = starts[i]
         row = torch.cat([tokens[:start], prefix, tokens[start:]])
@@ -109,15 +111,15 @@ def insert_prefix(
     fields: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "prompt_end": _moved(batch.prompt_end, index),
+        "prompt_end": _moved(batch.prompt_end.cpu(), index),
         "image_mask": backbone.image_mask(backbone.config, input_ids) & attention_mask.bool(),
     }
     if isinstance(batch, EncodedBatch):
         target_mask = torch.zeros((n_rows, new_width), dtype=torch.bool)
         target_ids = torch.full((n_rows, new_width), -100, dtype=batch.target_ids.dtype)
-        rows, cols = batch.target_mask.nonzero(as_tuple=True)
+        rows, cols = batch.target_mask.cpu().nonzero(as_tuple=True)
         target_mask[rows, index[rows, cols]] = True
-        target_ids[rows, index[rows, cols]] = batch.target_ids[rows, cols]
+        target_ids[rows, index[rows, cols]] = batch.target_ids.cpu()[rows, cols]
         fields.update(target_mask=target_mask, target_ids=target_ids)
     return PrefixedBatch(replace(batch, **fields), index)
 

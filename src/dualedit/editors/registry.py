@@ -23,6 +23,7 @@ from dualedit.editors.finetune import ftl, ftv
 from dualedit.editors.base import Editor
 from dualedit.editors.dualedit import method as dualedit_method
 from dualedit.editors.lte import method as lte_method
+from dualedit.editors.serac import method as serac_method
 from dualedit.editors.visedit import method as visedit_method
 from dualedit.editors.files import saved_method
 from dualedit.editors.spec import MethodSpec
@@ -55,6 +56,7 @@ for _spec in (
     ftv.METHOD,
     ke.METHOD,
     ike.METHOD,
+    serac_method.METHOD,
     mend.METHOD,
     patcher.METHOD,
     lte_method.METHOD,
