@@ -41,6 +41,7 @@ from dualedit.editors.registry import get_method
 from dualedit.eval.report import DATASET_NAMES
 from dualedit.io import atomic_write_text
 from dualedit.numerics import cpu_threads
+from dualedit.train import TrainSettings
 from dualedit.version import versions
 
 RESULTS_FILE = "results.json"
@@ -116,6 +117,7 @@ def run_ablation_bench(
     progress: bool = True,
     threads: int | None = None,
     train_steps: int | None = None,
+    train_settings: TrainSettings | None = None,
     world_options: dict | None = None,
     pretrain_options: dict | None = None,
 ) -> str:
@@ -126,6 +128,7 @@ def run_ablation_bench(
         backbones: among "llava", "blip2" (None: both). datasets: "vqa" and/or "caption".
         seed: the world seed. limit: score only the first `limit` eval records.
         train_steps: replaces the recipe's step budget (every row alike).
+        train_settings: every row's training (default: DualEdit's recipe).
         Others as `run_quality_bench`.
 
     Returns:
@@ -143,7 +146,7 @@ def run_ablation_bench(
     )
     source = WorldSource(run.cache, archs, progress=progress, world_options=world_options,
                          pretrain_options=pretrain_options, threads=threads)
-    settings = source.train_settings(spec)
+    settings = train_settings or source.train_settings(spec)
     if train_steps is not None:
         settings = replace(settings, max_steps=train_steps)
     settings = replace(settings, seed=seed)
