@@ -38,6 +38,7 @@ from dualedit.backbones import Backbone
 from dualedit.data.prompts import EncodedBatch, PromptBatch, Sample, encode, encode_prompts
 from dualedit.data.prompts import group_by_image
 from dualedit.data.requests import EditRequest
+from dualedit.editors.defaults import SMALL_DEPTH
 from dualedit.editors.base import EditId, Editor, EditInfo, ImageInput, ImageLoader, open_image
 from dualedit.editors.files import EditorFolder
 from dualedit.editors.memory import EditStore, Field
@@ -73,7 +74,9 @@ class SERACConfig:
             classifier reads; None: depth // 2 (resolved on the model and saved).
         scope_width: the classifier MLP's width (and its embedding's).
         counterfactual_layers: decoder layers kept in the counterfactual model (its first
-            ones); None: all (resolved and saved).
+            ones); None: all of the built-in world's 6-layer models, a quarter of a real
+            checkpoint's (8 of LLaVA-1.5-7B's 32: SERAC's smaller model beside the base);
+            resolved and saved.
         threshold: an input goes to the counterfactual model when its nearest edit's scope
             probability exceeds this (in (0, 1)).
         edit_weight: training weight of the counterfactual model's loss (SERAC's cedit).
@@ -150,7 +153,10 @@ class SERACEditor(Switchable, Editor):
         layer = self.config.scope_layer if self.config.scope_layer is not None else depth // 2
         if layer >= depth:
             raise ValueError(f"serac option scope_layer: {layer} out of range 0..{depth - 1}")
-        kept = self.config.counterfactual_layers or depth
+        # A real checkpoint's counterfactual model is a quarter of its depth, SERAC's smaller
+        # model beside the base (t5-small beside t5-large); the 6-layer models keep all.
+        small = depth < SMALL_DEPTH
+        kept = self.config.counterfactual_layers or (depth if small else depth // 4)
         if kept > depth:
             raise ValueError(f"serac option counterfactual_layers: {kept} > the model's {depth}")
         self.config = dataclasses.replace(
