@@ -13,7 +13,8 @@ from dualedit.data.prompts import encode, record_samples
 from dualedit.data.requests import EditRequest
 from dualedit.editors import get_method, load_editor
 from dualedit.editors.capture import LinearTrace
-from dualedit.editors.gradient.editor import row_nll, select_rows
+from dualedit.data.prompts import select_rows
+from dualedit.editors.gradient.editor import row_nll
 from dualedit.editors.gradient.train import GradientTrainable, gradient_pass
 from dualedit.editors.ke import KnowledgeEditor
 from dualedit.editors.lowrank import Factors, RowUpdates

@@ -9,6 +9,8 @@ processor put the query placeholders first). `encode` makes teacher-forced model
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -213,6 +215,20 @@ class PromptBatch:
 
     def to(self, device: torch.device | str) -> PromptBatch:
         return _to(self, device)
+
+
+def select_rows(batch: Any, rows: slice | torch.Tensor) -> Any:
+    """The rows `rows` (a slice, or [k] long indices) of an `EncodedBatch` or `PromptBatch`, as
+    a batch of the same type and width (every tensor field taken along dim 0)."""
+    fields = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            value = value[rows] if isinstance(rows, slice) else value.index_select(
+                0, rows.to(value.device)
+            )
+        fields[f.name] = value
+    return type(batch)(**fields)
 
 
 def group_by_image(samples: Sequence[Sample]) -> dict[bool, list[int]]:

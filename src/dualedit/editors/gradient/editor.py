@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -54,21 +53,6 @@ def check_targets(where: str, layers: Any, weights: Any) -> tuple[Any, Any]:
         if not weights or any(not isinstance(w, str) or not w for w in weights):
             raise ValueError(f"{where} option weights: MLP map names, got {weights!r}")
     return layers, weights
-
-
-def select_rows(batch: EncodedBatch, rows: slice | torch.Tensor) -> EncodedBatch:
-    """The rows of `batch` (every tensor sliced along dim 0)."""
-    pixels = batch.pixel_values[rows] if batch.pixel_values is not None else None
-    return replace(
-        batch,
-        input_ids=batch.input_ids[rows],
-        attention_mask=batch.attention_mask[rows],
-        pixel_values=pixels,
-        target_mask=batch.target_mask[rows],
-        target_ids=batch.target_ids[rows],
-        prompt_end=batch.prompt_end[rows],
-        image_mask=batch.image_mask[rows],
-    )
 
 
 def row_nll(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:

@@ -23,13 +23,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.editors.gradient.editor import GradientEditor, select_rows
+from dualedit.data.prompts import select_rows
+from dualedit.editors.gradient.editor import GradientEditor
 from dualedit.numerics import flush_denormals
+from dualedit.editors.trained import EditorTrainable
 from dualedit.train.data import EditBatch
 from dualedit.train.devices import place_model
 from dualedit.train.loop import train, validation_split
 from dualedit.train.losses import METRICS, PassOutput, pass_output
-from dualedit.train.meta import base_model_meta
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.editors.weights import freeze
 
@@ -68,7 +69,7 @@ def gradient_pass(editor: GradientEditor, batch: EditBatch) -> PassOutput:
     )
 
 
-class GradientTrainable:
+class GradientTrainable(EditorTrainable):
     """A gradient-based editor's network as the training loop trains it (a `Trainable`).
 
     The base model is frozen (flags given back on `close`); `module` is the editor's network.
@@ -99,25 +100,6 @@ class GradientTrainable:
         edit (each edit alone: its own update)."""
         metrics = gradient_pass(self.editor, batch).metrics()
         return {key: metrics[key] for key in METRICS}
-
-    def run_meta(self) -> dict[str, Any]:
-        return {
-            "config": self.editor.config_dict(),
-            **base_model_meta(self.editor.model, self.editor.backbone),
-        }
-
-    def save(self, directory: Path) -> None:
-        self.editor.save_pretrained(directory)
-
-    def finish(self, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]) -> None:
-        return None
-
-    def close(self) -> None:
-        self._flags.give_back()
-        for p in self.module.parameters():
-            p.grad = None
-        self.editor.detach()
-
 
 @flush_denormals()  # subnormal floats slow CPU training many times over (numerics.py)
 def train_gradient_editor(

@@ -35,16 +35,16 @@ from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.data.prompts import EncodedBatch
+from dualedit.data.prompts import EncodedBatch, select_rows
 from dualedit.data.requests import edit_request
 from dualedit.editors.lte.editor import LTEConfig, LTEditor
 from dualedit.numerics import flush_denormals
 from dualedit.options import config_from_dict
+from dualedit.editors.trained import EditorTrainable
 from dualedit.train.data import EditBatch
 from dualedit.train.devices import place_model
 from dualedit.train.loop import train, validation_split
 from dualedit.train.losses import METRICS, PassOutput, locality, pass_output
-from dualedit.train.meta import base_model_meta
 from dualedit.train.settings import TrainResult, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ LOC_WEIGHT = 0.5
 DEFAULT_SETTINGS = TrainSettings(lr=3e-4)
 
 
-class LTETrainable:
+class LTETrainable(EditorTrainable):
     """LTE's LoRA as the training loop trains it (a `dualedit.train.Trainable`).
 
     Holds an `LTEditor` attached to `model` (base model frozen, no fact stored: each pass gives
@@ -128,21 +128,6 @@ class LTETrainable:
         metrics = out.metrics()
         return {key: metrics[key] for key in METRICS}
 
-    def run_meta(self) -> dict[str, Any]:
-        editor = self.editor
-        return {"config": editor.config_dict(), **base_model_meta(editor.model, editor.backbone)}
-
-    def save(self, directory: Path) -> None:
-        self.editor.save_pretrained(directory)
-
-    def finish(self, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]) -> None:
-        """Nothing to do after training (LTE has no calibrated setting)."""
-        return None
-
-    def close(self) -> None:
-        self.editor.detach()
-
-
 def edit_pass(
     editor: LTEditor,
     batch: EditBatch,
@@ -172,7 +157,7 @@ def edit_pass(
     images = batch.images
     per_row = [prefixes[i % n] for i in range(images.input_ids.shape[0])]
     logits = _prefixed_logits(editor, images, per_row)  # [k, vocab]
-    loc = _rows(images, batch.rows("m_loc"))
+    loc = select_rows(images, batch.rows("m_loc"))
     reference, plain_logits = _plain_logits(editor, loc, plain)  # [k_loc, vocab] each
     plain_kl: dict[str, torch.Tensor] = {}
     if plain_logits is not None:
@@ -234,20 +219,6 @@ def _plain_logits(
             model, m, hidden, batch.attention_mask, logits_at=batch.target_mask
         )
     return reference, edited
-
-
-def _rows(batch: EncodedBatch, rows: slice) -> EncodedBatch:
-    """The rows `rows` of `batch` (every tensor sliced along dim 0)."""
-    return dataclasses.replace(
-        batch,
-        input_ids=batch.input_ids[rows],
-        attention_mask=batch.attention_mask[rows],
-        pixel_values=None if batch.pixel_values is None else batch.pixel_values[rows],
-        target_mask=batch.target_mask[rows],
-        target_ids=batch.target_ids[rows],
-        prompt_end=batch.prompt_end[rows],
-        image_mask=batch.image_mask[rows],
-    )
 
 
 def _target_rows(batch: EncodedBatch) -> torch.Tensor:

@@ -36,7 +36,7 @@ from transformers import PretrainedConfig
 
 from dualedit.backbones import Backbone
 from dualedit.data.prompts import EncodedBatch, PromptBatch, Sample, encode, encode_prompts
-from dualedit.data.prompts import group_by_image
+from dualedit.data.prompts import group_by_image, select_rows
 from dualedit.data.requests import EditRequest
 from dualedit.editors.defaults import SMALL_DEPTH
 from dualedit.editors.base import EditId, Editor, EditInfo, ImageInput, ImageLoader, open_image
@@ -467,17 +467,6 @@ class SERACEditor(Switchable, Editor):
             index, folder.files[MEMORY_TENSORS_FILE],
             index_path=index_path, tensors_path=tensors_path,
         )
-
-
-def select_rows(batch: EncodedBatch | PromptBatch, rows: torch.Tensor) -> Any:
-    """The batch's rows `rows` ([k] long), as a batch of the same type and width."""
-    fields = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            value = value.index_select(0, rows.to(value.device))
-        fields[f.name] = value
-    return type(batch)(**fields)
 
 
 def counterfactual_copy(model: nn.Module, backbone: Backbone, layers: int) -> nn.Module:

@@ -32,21 +32,22 @@ from torch import nn
 from dualedit.backbones import Backbone
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.data.prompts import EncodedBatch
-from dualedit.editors.serac.editor import SERACConfig, SERACEditor, select_rows
+from dualedit.data.prompts import select_rows
+from dualedit.editors.serac.editor import SERACConfig, SERACEditor
 from dualedit.editors.serac.scope import balanced_bce, squared_distances
 from dualedit.editors.weights import freeze
 from dualedit.numerics import flush_denormals
+from dualedit.editors.trained import EditorTrainable
 from dualedit.train.data import EditBatch
 from dualedit.train.devices import place_model
 from dualedit.train.loop import train, validation_split
 from dualedit.train.losses import ANSWER_KEYS, METRICS, pass_output, row_mean
-from dualedit.train.meta import base_model_meta
 from dualedit.train.settings import TrainResult, TrainSettings
 
 logger = logging.getLogger(__name__)
 
 
-class SERACTrainable:
+class SERACTrainable(EditorTrainable):
     """SERAC's classifier and counterfactual model as the training loop trains them.
 
     The base model is frozen (flags given back on `close`); `module` holds the classifier
@@ -164,26 +165,6 @@ class SERACTrainable:
         )
         metrics = out.metrics()
         return {key: metrics[key] for key in METRICS}
-
-    # -- the rest of the protocol ---------------------------------------------------------------
-
-    def run_meta(self) -> dict[str, Any]:
-        return {
-            "config": self.editor.config_dict(),
-            **base_model_meta(self.editor.model, self.editor.backbone),
-        }
-
-    def save(self, directory: Path) -> None:
-        self.editor.save_pretrained(directory)
-
-    def finish(self, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]) -> None:
-        return None
-
-    def close(self) -> None:
-        self._flags.give_back()
-        for p in self.module.parameters():
-            p.grad = None
-        self.editor.detach()
 
 
 def _arange(rows: slice, batch: EncodedBatch) -> torch.Tensor:
