@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from dualedit.data.prompts import EncodedBatch
-from dualedit.editors.gradient.editor import GradientEditor, check_targets
+from dualedit.editors.gradient.editor import MLP_WEIGHTS, GradientEditor, check_targets
 from dualedit.editors.gradient.train import train_gradient_editor
 from dualedit.editors.lowrank import Factors
 from dualedit.editors.spec import MethodSpec, Recipe
@@ -41,12 +41,7 @@ from dualedit.options import check_positive
 from dualedit.train.losses import PassOutput
 from dualedit.train.settings import TrainSettings
 
-#: The MLP maps KE edits per model type (VLKEB's multimodal KE: OPT fc1/fc2, LLaMA up/down of
-#: the last 3 layers).
-DEFAULT_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "llava": ("up_proj", "down_proj"),
-    "blip-2": ("fc1", "fc2"),
-}
+DEFAULT_WEIGHTS = MLP_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)

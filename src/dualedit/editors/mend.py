@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dualedit.data.prompts import EncodedBatch
-from dualedit.editors.gradient.editor import GradientEditor, check_targets
+from dualedit.editors.gradient.editor import MLP_WEIGHTS, GradientEditor, check_targets
 from dualedit.editors.gradient.train import train_gradient_editor
 from dualedit.editors.lowrank import Factors
 from dualedit.editors.spec import MethodSpec, Recipe
@@ -32,12 +32,7 @@ from dualedit.train.losses import PassOutput
 from dualedit.options import check_positive
 from dualedit.train.settings import TrainSettings
 
-#: The MLP maps MEND edits per model type (EasyEdit's and VLKEB's multimodal MEND configs: OPT
-#: fc1/fc2, LLaMA up_proj/down_proj of layers 29-31 of 32).
-DEFAULT_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "llava": ("up_proj", "down_proj"),
-    "blip-2": ("fc1", "fc2"),
-}
+DEFAULT_WEIGHTS = MLP_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)

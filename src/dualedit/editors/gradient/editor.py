@@ -42,6 +42,14 @@ NETWORK_PREFIX = "network."
 EDITED_PREFIX = "edited."
 
 
+#: The MLP maps the multimodal ports of MEND and KE edit (EasyEdit's and VLKEB's configs: OPT
+#: fc1/fc2, LLaMA up_proj/down_proj of layers 29-31 of 32).
+MLP_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "llava": ("up_proj", "down_proj"),
+    "blip-2": ("fc1", "fc2"),
+}
+
+
 def check_targets(where: str, layers: Any, weights: Any) -> tuple[Any, Any]:
     """Validated `layers` (None or ints) and `weights` (None or names) as tuples."""
     if layers is not None:
