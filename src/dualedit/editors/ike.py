@@ -34,7 +34,7 @@ from dualedit.data.prompts import EncodedBatch, PromptBatch
 from dualedit.data.requests import EditRequest
 from dualedit.editors.base import EditId, Editor, EditInfo, ImageLoader
 from dualedit.editors.defaults import backbone_defaults
-from dualedit.editors.prefix import PrefixedBatch, head_tokens, insert_prefix, prompt_start
+from dualedit.editors.prefix import PrefixedBatch, PromptFinder, insert_prefix
 from dualedit.editors.retrieval import LexicalIndex
 from dualedit.editors.spec import MethodSpec
 from dualedit.editors.switch import Switchable
@@ -151,7 +151,7 @@ class IKEditor(Switchable, Editor):
         self.encoder = encoder
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.facts: list[Fact] = []
-        self._heads: dict[bool, list[int]] = {}
+        self._prompts = PromptFinder(processor, self.backbone)
         self._pool: _Pool | None = None
         #: (fact ids, their retrieval keys), built when several facts are first matched.
         self._fact_keys: tuple[tuple[EditId, ...], Any] | None = None
@@ -268,23 +268,8 @@ class IKEditor(Switchable, Editor):
         no fact held, or the editor disabled)."""
         if not self.facts or not self.active:
             return None
-        has_image = batch.pixel_values is not None
-        if has_image not in self._heads:
-            self._heads[has_image] = head_tokens(self.processor, self.backbone, has_image)
-        head = self._heads[has_image]
-        leading = {self.backbone.image_token_id(self.backbone.config)}
-        if self.tokenizer.bos_token_id is not None:
-            leading.add(int(self.tokenizer.bos_token_id))
-        mask = batch.attention_mask.bool().cpu()
-        input_ids = batch.input_ids.cpu()
-        rows, starts, questions = [], [], []
-        for i in range(input_ids.shape[0]):
-            row = input_ids[i][mask[i]].tolist()
-            start = prompt_start(row, head, leading)
-            end = int(batch.prompt_end[i]) - int((~mask[i, : int(batch.prompt_end[i])]).sum()) + 1
-            rows.append(row)
-            starts.append(start)
-            questions.append(row[start:end])
+        parts = self._prompts(batch)
+        rows, starts, questions = parts.rows, parts.starts, parts.questions
         facts = self._facts_for(questions)
         prefixes = [self._prefix(fact, len(row)) for fact, row in zip(facts, rows)]
         return insert_prefix(

@@ -45,6 +45,62 @@ def prompt_start(row: Sequence[int], head: Sequence[int], leading: set[int]) -> 
 
 
 @dataclass
+class PromptRows:
+    """Where each row of a batch has its prompt's text: what a prefix method (IKE, LTE, SERAC)
+    reads before it inserts a prefix. The head tokens are computed once per kind of input
+    (with or without an image).
+
+    Attributes:
+        rows: per row, its unpadded tokens.
+        starts: per row, where its prompt's text starts in `rows[i]` (after the head).
+        questions: per row, its prompt's tokens (from the start to the last prompt token).
+    """
+
+    rows: list[list[int]]
+    starts: list[int]
+    questions: list[list[int]]
+
+
+class PromptFinder:
+    """Splits batches into `PromptRows` for one processor and backbone.
+
+    Example:
+        >>> finder = PromptFinder(processor, backbone)
+        >>> parts = finder(batch)
+        >>> insert_prefix(batch, prefixes, parts.starts, pad_id=pad, backbone=backbone)
+    """
+
+    def __init__(self, processor: Any, backbone: Backbone):
+        self.processor, self.backbone = processor, backbone
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.leading = {backbone.image_token_id(backbone.config)}
+        if tokenizer.bos_token_id is not None:
+            self.leading.add(int(tokenizer.bos_token_id))
+        self._heads: dict[bool, list[int]] = {}
+
+    def head(self, has_image: bool) -> list[int]:
+        """The tokens before a prompt's text (`head_tokens`), computed once."""
+        if has_image not in self._heads:
+            self._heads[has_image] = head_tokens(self.processor, self.backbone, has_image)
+        return self._heads[has_image]
+
+    def __call__(self, batch: EncodedBatch | PromptBatch) -> PromptRows:
+        head = self.head(batch.pixel_values is not None)
+        mask = batch.attention_mask.bool().cpu()  # [batch, seq]
+        input_ids, prompt_end = batch.input_ids.cpu(), batch.prompt_end.cpu()
+        parts = PromptRows([], [], [])
+        for i in range(input_ids.shape[0]):
+            row = input_ids[i][mask[i]].tolist()
+            start = prompt_start(row, head, self.leading)
+            # The last prompt token's index among the row's unpadded tokens.
+            end = int(prompt_end[i]) - int((~mask[i, : int(prompt_end[i])]).sum()) + 1
+            parts.rows.append(row)
+            parts.starts.append(start)
+            parts.questions.append(row[start:end])
+        return parts
+
+
+@dataclass
 class PrefixedBatch:
     """A batch with a prefix inserted into every row.
 

@@ -49,7 +49,7 @@ from dualedit.editors.base import (
 )
 from dualedit.editors.defaults import backbone_defaults
 from dualedit.editors.lte.lora import TARGET_NAMES, LoRA, LoRAHooks, find_targets
-from dualedit.editors.prefix import PrefixedBatch, head_tokens, insert_prefix, prompt_start
+from dualedit.editors.prefix import PrefixedBatch, PromptFinder, insert_prefix
 from dualedit.editors.retrieval import LexicalIndex
 from dualedit.editors.switch import Switchable
 from dualedit.editors.weights import GradFlags, freeze
@@ -206,7 +206,7 @@ class LTEditor(Switchable, Editor):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.facts: list[Fact] = []
         self._index: tuple[tuple[EditId, ...], LexicalIndex] | None = None
-        self._heads: dict[bool, list[int]] = {}
+        self._prompts = PromptFinder(processor, self.backbone)
         self._forced = False
         text_config = getattr(model.config, "text_config", model.config)
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
@@ -355,25 +355,8 @@ class LTEditor(Switchable, Editor):
         self, batch: EncodedBatch | PromptBatch
     ) -> tuple[list[list[int]], list[int], list[list[int]]]:
         """Per row: its unpadded tokens, where its prompt's text starts, its question's tokens."""
-        has_image = batch.pixel_values is not None
-        if has_image not in self._heads:
-            self._heads[has_image] = head_tokens(self.processor, self.backbone, has_image)
-        head = self._heads[has_image]
-        leading = {self.backbone.image_token_id(self.backbone.config)}
-        if self.tokenizer.bos_token_id is not None:
-            leading.add(int(self.tokenizer.bos_token_id))
-        mask = batch.attention_mask.bool().cpu()
-        input_ids = batch.input_ids.cpu()
-        prompt_end = batch.prompt_end.cpu()
-        rows, starts, questions = [], [], []
-        for i in range(input_ids.shape[0]):
-            row = input_ids[i][mask[i]].tolist()
-            start = prompt_start(row, head, leading)
-            end = int(prompt_end[i]) - int((~mask[i, : int(prompt_end[i])]).sum()) + 1
-            rows.append(row)
-            starts.append(start)
-            questions.append(row[start:end])
-        return rows, starts, questions
+        parts = self._prompts(batch)
+        return parts.rows, parts.starts, parts.questions
 
     def prefixed_with(
         self, batch: EncodedBatch | PromptBatch, prefixes: Sequence[Sequence[int]]

@@ -42,7 +42,7 @@ from dualedit.editors.defaults import SMALL_DEPTH
 from dualedit.editors.base import EditId, Editor, EditInfo, ImageInput, ImageLoader, open_image
 from dualedit.editors.files import EditorFolder
 from dualedit.editors.memory import EditStore, Field
-from dualedit.editors.prefix import PrefixedBatch, head_tokens, insert_prefix, prompt_start
+from dualedit.editors.prefix import PrefixedBatch, PromptFinder, insert_prefix
 from dualedit.editors.serac.scope import ScopeClassifier, encoded_states, squared_distances
 from dualedit.editors.switch import Switchable
 from dualedit.editors.weights import check_tensors
@@ -175,7 +175,7 @@ class SERACEditor(Switchable, Editor):
         self.pad_id = int(self.tokenizer.pad_token_id)
         before, after = TEMPLATES[self.config.template]
         self._before, self._after = self._tokens(before), self._tokens(after)
-        self._heads: dict[bool, list[int]] = {}
+        self._prompts = PromptFinder(processor, self.backbone)
         self._version = 0  # bumped when the classifier's weights are loaded (key cache)
         text_config = model.config.get_text_config()
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
@@ -256,20 +256,10 @@ class SERACEditor(Switchable, Editor):
             prompt_only=prompt_only,
         )
 
-    def _head(self, has_image: bool) -> list[int]:
-        if has_image not in self._heads:
-            self._heads[has_image] = head_tokens(self.processor, self.backbone, has_image)
-        return self._heads[has_image]
-
     def _starts(self, batch: EncodedBatch | PromptBatch) -> tuple[list[list[int]], list[int]]:
         """Each row's unpadded tokens and where its prompt's text starts (after the head)."""
-        head = self._head(batch.pixel_values is not None)
-        leading = {self.backbone.image_token_id(self.backbone.config)}
-        if self.tokenizer.bos_token_id is not None:
-            leading.add(int(self.tokenizer.bos_token_id))
-        mask, input_ids = batch.attention_mask.bool().cpu(), batch.input_ids.cpu()
-        rows = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
-        return rows, [prompt_start(row, head, leading) for row in rows]
+        parts = self._prompts(batch)
+        return parts.rows, parts.starts
 
     def fact_tokens(self, batch: EncodedBatch) -> list[list[int]]:
         """The tokens of each row's "prompt target" (an edit sample's, without the head)."""
