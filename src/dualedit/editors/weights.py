@@ -137,3 +137,38 @@ def frozen(model: nn.Module, train: Iterable[nn.Parameter] = ()) -> Iterator[Non
         flags.give_back()
         for p in train:
             p.grad = None
+
+
+class WeightEdits:
+    """Mixin for editors that write their edits into some of the model's tensors (FT-L, FT-V,
+    MEND, KE): one snapshot of `edited_module()` taken before the first edit, `restore` copies it
+    back (byte-identical `state_dict()`), `disabled()` swaps the originals in for a block.
+
+    Put it before `Editor` in the bases; the class defines `edited_module()`.
+    """
+
+    _snapshot: WeightSnapshot | None = None
+
+    def edited_module(self) -> nn.Module:
+        """The module whose tensors the edits are written into."""
+        raise NotImplementedError
+
+    def snapshot(self) -> WeightSnapshot:
+        """The snapshot of the unedited tensors, taken now if no edit was written yet."""
+        if self._snapshot is None:
+            self._snapshot = WeightSnapshot(self.edited_module())
+        return self._snapshot
+
+    def restore(self) -> None:
+        """Copy the original tensors back (byte-identical `state_dict()`); forget every edit."""
+        if self._snapshot is not None:
+            self._snapshot.restore()
+            self._snapshot = None
+        self._held = []
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """The original tensors for the block, the edited ones after."""
+        if self._snapshot is None:
+            return contextlib.nullcontext()
+        return self._snapshot.swapped()
+

@@ -12,7 +12,6 @@ it tunes (`targets`) and its per-backbone defaults (`defaults`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from dualedit.data.prompts import encode
 from dualedit.data.requests import EditRequest
 from dualedit.editors.base import EditId, Editor, ImageLoader
 from dualedit.editors.defaults import backbone_defaults
-from dualedit.editors.weights import WeightSnapshot, frozen
+from dualedit.editors.weights import WeightEdits, frozen
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class TunedTensors(nn.Module):
                 self.add_module(name, part)
 
 
-class FineTuneEditor(Editor):
+class FineTuneEditor(WeightEdits, Editor):
     """Base of the fine-tuning methods: fine-tunes `targets()` on the edit samples.
 
     Saved folders hold the tuned tensors under their names in `targets` ("mlp.down_proj.weight",
@@ -62,7 +61,6 @@ class FineTuneEditor(Editor):
         self.steps = self.config.steps if self.config.steps is not None else defaults["steps"]
         self.lr = self.config.lr if self.config.lr is not None else defaults["lr"]
         self.module = TunedTensors(self.targets())
-        self._snapshot: WeightSnapshot | None = None
 
     @abstractmethod
     def targets(self) -> dict[str, nn.Module | nn.Parameter]:
@@ -92,8 +90,7 @@ class FineTuneEditor(Editor):
         if n_targets == 0:
             raise ValueError(f"{self.name}: the {len(requests)} edits have no target tokens to fit")
         new_ids = self._new_ids(len(requests), ids)  # checked before any weight changes
-        if self._snapshot is None:
-            self._snapshot = WeightSnapshot(self.module)
+        self.snapshot()  # the originals, before the first edit changes them
         params = list(self.module.parameters())
         was_training = self.model.training
         try:
@@ -131,18 +128,8 @@ class FineTuneEditor(Editor):
             reduction="sum",
         )
 
-    def restore(self) -> None:
-        """Copy the original tensors back (byte-identical `state_dict()`)."""
-        if self._snapshot is not None:
-            self._snapshot.restore()
-            self._snapshot = None
-        self._held = []
-
-    def disabled(self) -> contextlib.AbstractContextManager[None]:
-        """The original tensors for the block, the edited ones after."""
-        if self._snapshot is None:
-            return contextlib.nullcontext()
-        return self._snapshot.swapped()
+    def edited_module(self) -> nn.Module:
+        return self.module
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The edited tensors (none while nothing is edited)."""
@@ -155,6 +142,4 @@ class FineTuneEditor(Editor):
         super().load_state(meta, tensors, where)
         if not tensors:
             return
-        snapshot = WeightSnapshot(self.module)
-        snapshot.load(tensors, where=where)  # names and shapes checked, named
-        self._snapshot = snapshot
+        self.snapshot().load(tensors, where=where)  # names and shapes checked, named

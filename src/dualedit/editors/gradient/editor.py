@@ -18,7 +18,6 @@ applied, the edited targets ("edited.<target>.weight").
 
 from __future__ import annotations
 
-import contextlib
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -34,7 +33,7 @@ from dualedit.editors.base import EditId, Editor, ImageLoader
 from dualedit.editors.capture import LinearTrace
 from dualedit.editors.defaults import SMALL_DEPTH
 from dualedit.editors.lowrank import Factors, RowUpdates
-from dualedit.editors.weights import WeightSnapshot, check_tensors
+from dualedit.editors.weights import WeightEdits, check_tensors
 from dualedit.train.losses import PassOutput
 from dualedit.editors.finetune.core import TunedTensors
 
@@ -73,7 +72,7 @@ def row_nll(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
     return (nll / count[rows].to(nll.dtype)).sum()
 
 
-class GradientEditor(Editor):
+class GradientEditor(WeightEdits, Editor):
     """Base of MEND and KE (see the module docstring).
 
     The method's config has `layers` (decoder layers; None: the last `DEFAULT_LAST` of the
@@ -113,7 +112,6 @@ class GradientEditor(Editor):
         self.network: nn.Module = self.build_network(shapes).to(parameter.device)
         self.edited = TunedTensors({k.replace(".", "_"): m for k, m in self.targets.items()})
         self.row_updates = RowUpdates(self.targets)
-        self._snapshot: WeightSnapshot | None = None
 
     @property
     def first_layer(self) -> int:
@@ -222,8 +220,7 @@ class GradientEditor(Editor):
                     total[name] = total[name] + dense if name in total else dense
         finally:
             self.model.train(was_training)
-        if self._snapshot is None:
-            self._snapshot = WeightSnapshot(self.edited)
+        self.snapshot()  # the originals, before the first update changes them
         with torch.no_grad():
             for name, delta in total.items():
                 weight = self.targets[name].weight
@@ -231,18 +228,8 @@ class GradientEditor(Editor):
         self._hold(requests, new_ids)
         return new_ids
 
-    def restore(self) -> None:
-        """Copy the original weights back (byte-identical `state_dict()`)."""
-        if self._snapshot is not None:
-            self._snapshot.restore()
-            self._snapshot = None
-        self._held = []
-
-    def disabled(self) -> contextlib.AbstractContextManager[None]:
-        """The original weights for the block, the edited ones after."""
-        if self._snapshot is None:
-            return contextlib.nullcontext()
-        return self._snapshot.swapped()
+    def edited_module(self) -> nn.Module:
+        return self.edited
 
     # -- files --------------------------------------------------------------------------------
 
@@ -276,6 +263,4 @@ class GradientEditor(Editor):
             {k: v.to(own[k].device, own[k].dtype) for k, v in network.items()}
         )
         if edited:
-            if self._snapshot is None:
-                self._snapshot = WeightSnapshot(self.edited)
-            self._snapshot.load(edited, where=where)
+            self.snapshot().load(edited, where=where)
