@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dualedit.analysis.command import add_analyze_parser
 from dualedit.bench.command import add_bench_parser
 
 
@@ -159,6 +160,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not spec.trainable:
         raise ValueError(f"method {args.method!r} is not trained (see `dualedit methods`)")
     config = _method_config(args)
+    if args.from_recommendation is not None:
+        config = {**_recommended(args.from_recommendation, spec.name), **config}
     spec.editor.make_config(config)  # unknown or bad options fail before the model loads
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder (a run folder is made there)")
@@ -182,6 +185,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.finish is not None:
         print(_describe_finish(result.finish))
     return 0
+
+
+def _recommended(path: Path, method: str) -> dict:
+    """The config fields of a `dualedit analyze recommend` file (under --config / --option)."""
+    from dualedit.analysis.recommend import recommendation_options
+
+    options = recommendation_options(path, method=method)
+    logging.getLogger("dualedit.cli").info("from %s: %s", path, options)
+    return options
 
 
 def _describe_finish(summary) -> str:
@@ -369,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
     p.add_argument("--out", required=True, type=Path, help="run folder (best/, last/, checkpoint/)")
     _add_option_args(p)
+    p.add_argument("--from-recommendation", type=Path, default=None, metavar="FILE",
+                   help="DualEdit's layers, gate key and tau from `dualedit analyze recommend`'s "
+                        "recommendation.json (--config and --option override it)")
     p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method's trainer, repeatable (dualedit: "
                         "calibration=single|sequential, calibrate_tau=false)")
@@ -437,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_bench_parser(sub)
+    add_analyze_parser(sub)
     return parser
 
 

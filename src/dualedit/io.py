@@ -50,6 +50,18 @@ def atomic_save_safetensors(
     return _atomic(Path(path), write)
 
 
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Atomically write `path` by calling `write(tmp)`, which writes the whole file at `tmp`
+    (e.g. a figure's `savefig`); see the module docstring."""
+
+    def write_and_sync(tmp: Path) -> None:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+    return _atomic(Path(path), write_and_sync)
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)

@@ -1,0 +1,166 @@
+"""The `dualedit analyze` command line (registered by `dualedit.cli`): one subcommand per
+analysis, each writing PNG figures and a JSON under `--out`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+KINDS = ("attention", "noise", "layers", "gate", "recommend")
+
+
+def _data(args: argparse.Namespace, attn_implementation: str | None = None):
+    from dualedit.analysis.inputs import load_analysis_data
+
+    return load_analysis_data(args.model, args.data, args.task, split=args.split,
+                              samples=args.samples, seed=args.seed,
+                              attn_implementation=attn_implementation)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from dualedit.numerics import cpu_threads
+
+    with cpu_threads(args.threads):
+        written = _ANALYSES[args.analyze_command](args)
+    print(written)
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> str:
+    from dualedit.analysis.attention import run_attention
+
+    result = run_attention(_data(args), args.out, batch_size=args.batch_size, top_k=args.top_k,
+                           progress=not args.quiet)
+    return f"attention of {result['samples']} samples over {len(result['layers'])} layers " \
+           f"written to {args.out}"
+
+
+def _noise(args: argparse.Namespace) -> str:
+    from dualedit.analysis.noise import run_noise
+
+    result = run_noise(_data(args), args.out, sigmas=tuple(args.sigmas), scale=args.scale,
+                       layers=args.layers, batch_size=args.batch_size, seed=args.seed,
+                       progress=not args.quiet)
+    return f"noise sensitivity over {len(result['layers'])} layers written to {args.out}"
+
+
+def _gate(args: argparse.Namespace) -> str:
+    from dualedit.analysis.gate import run_gate
+
+    result = run_gate(_data(args), args.out, layers=args.layers, keys=args.keys,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    best = result.get("overall_best") or {}
+    return (f"gate separability written to {args.out}; best: {best.get('key')} at layer "
+            f"{best.get('layer')}, tau {best.get('tau')}, balanced error "
+            f"{best.get('balanced_error')}")
+
+
+def _layers(args: argparse.Namespace) -> str:
+    from dualedit.analysis.layers import SWEEP_SETTINGS, run_layer_sweep
+    from dualedit.evaluate import load_vlm
+    from dualedit.options import read_json_object
+    from dualedit.train import TrainSettings
+
+    base = SWEEP_SETTINGS
+    if args.settings is not None:  # the file's fields over the sweep's defaults
+        given_file = read_json_object(args.settings, what="--settings")
+        base = TrainSettings.from_dict({**dataclasses.asdict(base), **given_file},
+                                       where=str(args.settings))
+    given = {"max_steps": args.steps, "lr": args.lr, "batch_size": args.train_batch_size,
+             "seed": args.train_seed}
+    settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    if args.steps is not None:
+        settings = dataclasses.replace(settings, eval_every=args.steps)
+    model, processor = load_vlm(args.model)
+    result = run_layer_sweep(
+        model, processor, args.data, args.out, task=args.task, sweeps=args.sweeps,
+        layers=args.layers, settings=settings, limit=args.limit, progress=not args.quiet,
+        source={"model": str(args.model), "data": str(args.data)},
+    )
+    return f"{len(result['variants'])} layer variants written to {args.out}"
+
+
+def _recommend(args: argparse.Namespace) -> str:
+    import json
+
+    from dualedit.analysis.recommend import recommend
+
+    result = recommend(args.source or args.out, out_dir=args.out,
+                       allow_last_position=args.allow_last_position)
+    lines = [json.dumps(result["recommendation"])] + result["reasons"]
+    return "\n".join(lines) + f"\nwritten to {Path(args.out) / 'recommendation.json'}"
+
+
+_ANALYSES = {"attention": _attention, "noise": _noise, "layers": _layers, "gate": _gate,
+             "recommend": _recommend}
+
+
+def _common(p: argparse.ArgumentParser, *, samples: bool = True) -> None:
+    p.add_argument("--model", required=True, type=Path, help="a VLM folder (save_pretrained)")
+    p.add_argument("--data", required=True, type=Path, help="folder holding vqa/ and caption/")
+    p.add_argument("--task", choices=["vqa", "caption"], default="vqa")
+    p.add_argument("--out", required=True, type=Path, help="folder for the figures and JSON")
+    if samples:
+        p.add_argument("--split", choices=["train", "val", "eval"], default="train",
+                       help="records to analyse (default train: the eval split stays unseen)")
+        p.add_argument("--samples", type=int, default=64, help="records drawn from the split")
+        p.add_argument("--seed", type=int, default=0, help="which records are drawn")
+        p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
+    """`dualedit analyze <kind> ...` on the CLI's subcommands."""
+    p = sub.add_parser("analyze", help="the analyses that choose DualEdit's layers and gate "
+                       "(figures + JSON)")
+    kinds = p.add_subparsers(dest="analyze_command", required=True)
+
+    a = kinds.add_parser("attention", help="per layer, the last prompt token's attention to "
+                         "text and image positions (the paper's Figure 1)")
+    _common(a)
+    a.add_argument("--top-k", type=int, default=3, help="the top image positions averaged")
+
+    n = kinds.add_parser("noise", help="KL of the answer when Gaussian noise is added to the "
+                         "text, image or all positions of one layer (Figure 2)")
+    _common(n)
+    n.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    n.add_argument("--scale", choices=["relative", "absolute"], default="relative",
+                   help="relative: noise std = sigma x the RMS of the noised states")
+    n.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
+
+    g = kinds.add_parser("gate", help="cosine similarity of each edit to its generality and "
+                         "locality inputs per key kind; the best threshold (Figure 4)")
+    _common(g)
+    g.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
+    g.add_argument("--keys", nargs="+", default=None, help="key kinds (default: all)")
+
+    s = kinds.add_parser("layers", help="train text-only, visual-only and paired adapters at "
+                         "each layer, score on the validation edits (Table 1, Figure 5)")
+    _common(s, samples=False)
+    s.add_argument("--sweeps", nargs="+", choices=["text", "visual", "pairs"],
+                   default=["text", "visual", "pairs"])
+    s.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
+    s.add_argument("--settings", type=Path, default=None,
+                   help="each variant's TrainSettings fields as a JSON object, over the sweep's "
+                        "defaults (150 steps, lr 5e-3, batch 8, validation at the end); the "
+                        "flags below override it")
+    s.add_argument("--steps", type=int, default=None, help="training steps per variant "
+                   "(default 150)")
+    s.add_argument("--lr", type=float, default=None, help="default 5e-3")
+    s.add_argument("--train-batch-size", type=int, default=None, help="default 8")
+    s.add_argument("--train-seed", type=int, default=None)
+    s.add_argument("--limit", type=int, default=None, help="score only N validation edits")
+
+    r = kinds.add_parser("recommend", help="(text layer, visual layer, gate key, tau) from the "
+                         "analyses in a folder")
+    r.add_argument("--out", required=True, type=Path, help="folder for recommendation.json")
+    r.add_argument("--from", dest="source", type=Path, default=None,
+                   help="the folder holding layers.json / noise.json / gate.json (default --out)")
+    r.add_argument("--allow-last-position", action="store_true",
+                   help="let the gate key be the last position (it reads the answer under "
+                        "teacher forcing)")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_analyze)

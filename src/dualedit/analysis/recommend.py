@@ -1,0 +1,261 @@
+"""A recommendation for a backbone: (text layer, visual layer, gate key, tau), drawn from the
+analyses in one folder, with the evidence that chose it.
+
+Rules, in order of the evidence available:
+
+- **Layers.** From the layer sweep (`layers.json`): the adapter pair with the best mean of Rel,
+  T-Gen and V-Gen on the validation edits (the sweep runs without the gate, so locality is the
+  gate's job, chosen below); ties within `TIE` points go to the pair with the higher Avg, then
+  to the deeper text layer (a longer frozen prefix: cheaper training and editing). Without
+  pairs, the best text-only layer and the best visual-only layer at or above it. Without a
+  sweep, the noise analysis (`noise.json`): the layer where noise on the text positions moves
+  the answer most, and the layer at or above it most sensitive to noise on the image
+  positions. Without either, the paper's depth ratio (0.5 and 0.6 of the depth).
+- **Gate.** From the gate analysis (`gate.json`) at the chosen text layer (the gate reads its
+  key there): the key kind the DualEdit gate supports (`GATE_KEYS`) with the lowest balanced
+  error, and that key's threshold as tau. "last_position" is left out unless asked for: under
+  teacher forcing it reads the answer itself, which a real query never has (SPEC section 1).
+  Without a gate analysis the key and tau stay None: the backbone's default key, and tau
+  chosen on the validation edits after training (`dualedit train` calibrates a None tau).
+
+`dualedit train --method dualedit --from-recommendation recommendation.json` trains with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from dualedit.analysis.figures import pyplot, read_json, save_figure, write_json
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "recommendation.json"
+#: The method whose config a recommendation fills.
+METHOD = "dualedit"
+#: Gate key kinds a `DualEditConfig.gate_key` takes (the gate analysis measures others too).
+GATE_KEYS: tuple[str, ...] = ("prompt_end", "prompt_end_image", "prompt_end_and_image",
+                              "prompt_end_image_groups", "last_position")
+#: Score points within which two layer pairs count as tied.
+TIE = 1.0
+#: The config fields a recommendation sets.
+FIELDS: tuple[str, ...] = ("text_layer", "visual_layer", "gate_key", "tau")
+
+
+def recommend(
+    folder: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    allow_last_position: bool = False,
+) -> dict[str, Any]:
+    """Read the analyses in `folder` (any of layers.json, noise.json, gate.json, attention.json)
+    and write `recommendation.json` and `recommendation.png` to `out_dir` (default `folder`).
+
+    Returns:
+        {"analysis": "recommend", "recommendation": {text_layer, visual_layer, gate_key, tau},
+        "reasons": [...], "evidence": {...}, "inputs": [files read]}.
+
+    Raises:
+        FileNotFoundError: `folder` holds none of the analyses' JSON files.
+    """
+    folder = Path(folder)
+    found = {name: folder / f"{name}.json" for name in ("layers", "noise", "gate", "attention")}
+    found = {name: path for name, path in found.items() if path.is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"{folder}: no analysis results (layers.json, noise.json, gate.json); run `dualedit "
+            "analyze layers|noise|gate --out` there first"
+        )
+    results = {name: read_json(path, what=f"{name} analysis") for name, path in found.items()}
+    depth = _depth(results, folder)
+    reasons: list[str] = []
+    evidence: dict[str, Any] = {}
+    text_layer, visual_layer = _layers(results, depth, reasons, evidence)
+    gate_key, tau = _gate(results.get("gate"), text_layer, allow_last_position, reasons, evidence)
+    result = {
+        "analysis": "recommend",
+        "method": METHOD,
+        "depth": depth,
+        "source": next(iter(results.values())).get("source", {}),
+        "recommendation": {"text_layer": text_layer, "visual_layer": visual_layer,
+                           "gate_key": gate_key, "tau": tau},
+        "reasons": reasons,
+        "evidence": evidence,
+        "inputs": sorted(str(p) for p in found.values()),
+    }
+    out = Path(out_dir) if out_dir is not None else folder
+    write_json(out / RESULT_FILE, result)
+    plot_recommendation(result, results, out)
+    return result
+
+
+def recommendation_options(path: str | os.PathLike, method: str = METHOD) -> dict[str, Any]:
+    """The config fields of a `recommendation.json` for `method` (fields it leaves None are left
+    out, so the method's defaults apply).
+
+    Raises:
+        ValueError: not a recommendation, one for another method, or unknown fields.
+    """
+    data = read_json(path, what="recommendation")
+    if data.get("analysis") != "recommend" or not isinstance(data.get("recommendation"), dict):
+        raise ValueError(f"{path}: not a recommendation (written by `dualedit analyze recommend`)")
+    if data.get("method", METHOD) != method:
+        raise ValueError(f"{path}: a recommendation for {data.get('method')!r}, not for the "
+                         f"method {method!r}")
+    chosen = data["recommendation"]
+    unknown = sorted(set(chosen) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown recommendation fields {unknown}; expected {FIELDS}")
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
+def _depth(results: dict[str, dict[str, Any]], folder: Path) -> int:
+    for name in ("layers", "noise", "gate", "attention"):
+        data = results.get(name)
+        if data is None:
+            continue
+        if isinstance(data.get("depth"), int):
+            return data["depth"]
+        layers = data.get("layers")
+        if isinstance(layers, list) and layers:
+            return max(int(x) for x in layers) + 1
+    raise ValueError(f"{folder}: the analysis files do not say the model's depth")
+
+
+def _layers(results, depth, reasons, evidence) -> tuple[int, int]:
+    sweep = results.get("layers")
+    rows = [] if sweep is None else [r for r in sweep.get("variants", []) if r.get("scores")]
+    pairs = [r for r in rows if r["kind"] == "pair"]
+    if pairs:
+        ranked = sorted(pairs, key=_pair_rank, reverse=True)
+        best = ranked[0]
+        evidence["layer_pairs"] = [_row_summary(r) for r in ranked[:5]]
+        reasons.append(
+            f"layers ({best['text_layer']}, {best['visual_layer']}): the best of "
+            f"{len(pairs)} swept pairs by mean Rel/T-Gen/V-Gen on the validation edits "
+            f"({_edit_score(best):.1f}; Avg {best['scores']['avg']:.1f}, no gate)"
+        )
+        return best["text_layer"], best["visual_layer"]
+    text = [r for r in rows if r["kind"] == "text"]
+    visual = [r for r in rows if r["kind"] == "visual"]
+    if text and visual:
+        t = max(text, key=lambda r: (_edit_score(r), r["text_layer"]))["text_layer"]
+        above = [r for r in visual if r["visual_layer"] >= t] or visual
+        v = max(above, key=lambda r: (_edit_score(r), r["visual_layer"]))["visual_layer"]
+        v = max(v, t)
+        evidence["single_layers"] = [_row_summary(r) for r in text + visual]
+        reasons.append(f"layers ({t}, {v}): the best text-only layer and the best visual-only "
+                       "layer at or above it (no pairs were swept)")
+        return t, v
+    noise = results.get("noise")
+    if noise is not None:
+        t, v, shown = _noise_layers(noise, depth)
+        evidence["noise"] = shown
+        reasons.append(f"layers ({t}, {v}): the text layer most sensitive to noise on the text "
+                       "positions and the visual layer at or above it most sensitive to noise "
+                       "on the image positions (no layer sweep)")
+        return t, v
+    t, v = round(0.5 * depth), round(0.6 * depth)
+    t, v = min(t, depth - 1), min(max(v, t), depth - 1)
+    reasons.append(f"layers ({t}, {v}): the paper's depth ratio, no layer evidence")
+    return t, v
+
+
+def _edit_score(row: dict[str, Any]) -> float:
+    scores = row["scores"]
+    return (scores["rel"] + scores["t_gen"] + scores["v_gen"]) / 3
+
+
+def _pair_rank(row: dict[str, Any]) -> tuple[float, float, int]:
+    # Scores within TIE points rank alike: round down to the tie grid.
+    return (TIE * (_edit_score(row) // TIE), row["scores"].get("avg") or 0.0, row["text_layer"])
+
+
+def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {"variant": row["variant"], "text_layer": row["text_layer"],
+            "visual_layer": row["visual_layer"], "edit_score": _edit_score(row),
+            "scores": row["scores"]}
+
+
+def _noise_layers(noise: dict[str, Any], depth: int) -> tuple[int, int, dict[str, Any]]:
+    """(text layer, visual layer) of the highest KL at the middle sigma."""
+    entries = noise.get("per_layer") or noise.get("results") or []
+    sigmas = sorted({float(e["sigma"]) for e in entries if e.get("sigma") is not None})
+    if not sigmas:
+        raise ValueError("noise.json holds no (layer, modality, sigma) entries")
+    sigma = sigmas[len(sigmas) // 2]
+
+    def kl(modality: str) -> dict[int, float]:
+        return {int(e["layer"]): float(e["kl_mean"]) for e in entries
+                if e["modality"] == modality and float(e["sigma"]) == sigma
+                and e.get("kl_mean") is not None}
+
+    text, image = kl("text"), kl("image")
+    if not text or not image:
+        raise ValueError("noise.json lacks text or image entries")
+    t = max(text, key=lambda layer: (text[layer], -layer))
+    above = {layer: value for layer, value in image.items() if layer >= t} or image
+    v = max(max(above, key=lambda layer: (above[layer], -layer)), t)
+    return min(t, depth - 1), min(v, depth - 1), {"sigma": sigma, "text_kl": text,
+                                                  "image_kl": image}
+
+
+def _gate(gate, text_layer, allow_last_position, reasons, evidence):
+    if gate is None:
+        reasons.append("gate: no gate analysis; the backbone's default key, tau chosen on the "
+                       "validation edits after training")
+        return None, None
+    per_layer = gate.get("per_layer", {})
+    at = per_layer.get(str(text_layer))
+    if at is None:
+        reasons.append(f"gate: the gate analysis has no layer {text_layer}; default key, tau "
+                       "chosen after training")
+        return None, None
+    keys = [k for k in GATE_KEYS if k in at and (allow_last_position or k != "last_position")]
+    if not keys:
+        raise ValueError(f"gate.json layer {text_layer}: none of the gate's key kinds {GATE_KEYS}")
+    best = min(keys, key=lambda k: (at[k]["balanced_error"], GATE_KEYS.index(k)))
+    evidence["gate"] = {k: {"tau": at[k]["tau"], "balanced_error": at[k]["balanced_error"],
+                            "auroc": at[k].get("auroc")} for k in keys}
+    reasons.append(
+        f"gate: {best} at layer {text_layer}, tau {at[best]['tau']:.4f}, the lowest balanced "
+        f"error ({at[best]['balanced_error']:.3f}) of {len(keys)} key kinds between each edit's "
+        "generality and locality inputs"
+    )
+    return best, float(at[best]["tau"])
+
+
+def plot_recommendation(result: dict[str, Any], results: dict[str, dict[str, Any]],
+                        out_dir: Path) -> Path:
+    """`recommendation.png`: the evidence behind the choice (layer scores, gate errors)."""
+    plt = pyplot()
+    chosen = result["recommendation"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    sweep = results.get("layers")
+    pairs = [] if sweep is None else [r for r in sweep["variants"] if r["kind"] == "pair"]
+    if pairs:
+        labels = [f"{r['text_layer']},{r['visual_layer']}" for r in pairs]
+        ax.bar(range(len(pairs)), [_edit_score(r) for r in pairs], color=[
+            "tab:red" if (r["text_layer"], r["visual_layer"]) ==
+            (chosen["text_layer"], chosen["visual_layer"]) else "tab:blue" for r in pairs])
+        ax.set_xticks(range(len(pairs)), labels, rotation=90, fontsize=7)
+        ax.set_xlabel("(text layer, visual layer)")
+        ax.set_ylabel("mean Rel/T-Gen/V-Gen (no gate)")
+    else:
+        ax.text(0.5, 0.5, "no layer sweep", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"layers: chosen ({chosen['text_layer']}, {chosen['visual_layer']})")
+    ax = axes[1]
+    gate = result["evidence"].get("gate")
+    if gate:
+        names = list(gate)
+        ax.bar(range(len(names)), [gate[k]["balanced_error"] for k in names], color=[
+            "tab:red" if k == chosen["gate_key"] else "tab:blue" for k in names])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("balanced error at the best tau")
+    else:
+        ax.text(0.5, 0.5, "no gate analysis", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"gate at layer {chosen['text_layer']}: {chosen['gate_key']}")
+    return save_figure(fig, out_dir / "recommendation.png")
