@@ -104,7 +104,7 @@ class PromptEndAttention:
     """
 
     def __init__(self, model: nn.Module, backbone: Backbone):
-        self.modules = [_self_attention(backbone, model, i) for i in range(backbone.depth(model))]
+        self.modules = [backbone.self_attention(model, i) for i in range(backbone.depth(model))]
         self.rows: dict[int, torch.Tensor] = {}
         self._prompt_end: torch.Tensor | None = None
         self._hooks = HookSet()
@@ -308,14 +308,6 @@ def plot_shares(result: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xticks(layers)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
-
-
-def _self_attention(backbone: Backbone, model: nn.Module, index: int) -> nn.Module:
-    # LLaMA and OPT decoder layers both keep their self-attention as `self_attn`.
-    module = getattr(backbone.layer(model, index), "self_attn", None)
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"decoder layer {index} of {backbone!r} has no self_attn module")
-    return module
 
 
 def _nan_stat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float:

@@ -306,9 +306,11 @@ def _curve(result: dict[str, Any], modality: str, sigma: float) -> list[float]:
 
 
 def _axes(ax: Any, curves: list[list[float]], layers: list[int], title: str) -> None:
-    values = [v for curve in curves for v in curve if v == v]
-    if values and min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")
+    positive = [v for curve in curves for v in curve if v == v and v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        # symlog: values spanning decades stay readable and exact zeros (image noise after the
+        # last layer, which no later position reads) stay on the axis.
+        ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_xlabel("decoder layer noised")
     ax.set_ylabel("KL(clean || noisy) at answer positions")
     ax.set_title(title)

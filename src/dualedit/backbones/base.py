@@ -105,6 +105,14 @@ class Backbone(ABC):
             )
         return layers[index]
 
+    def self_attention(self, model: nn.Module, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer `layer` (LLaMA and OPT: `self_attn`); its
+        forward returns (output, weights), the weights only under eager attention."""
+        module = getattr(self.layer(model, layer), "self_attn", None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"decoder layer {layer} of {self!r} has no self_attn module")
+        return module
+
     @abstractmethod
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
         """The feed-forward block of decoder layer `layer` (parameters to train for FT-L)."""
