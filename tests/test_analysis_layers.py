@@ -188,3 +188,20 @@ def test_analyze_layers_recommend_and_train_from_the_command_line(tiny_factory, 
     assert code != 0
     assert "not for the method 'mend'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_recommend_reads_each_analysis_from_the_first_folder_that_has_it(tmp_path):
+    sweep, gates = tmp_path / "vqa", tmp_path / "caption"
+    write_json(sweep / "layers.json", {"analysis": "layers", "depth": 4, "variants": [
+        _row("pair", 1, 2, 95.0, 90.0, 88.0)]})
+    _gate_file(sweep / "gate.json", 1, {"prompt_end": 0.01})
+    _gate_file(gates / "gate.json", 1, {"prompt_end": 0.3, "prompt_end_image": 0.1})
+    result = recommend([gates, sweep], out_dir=tmp_path / "out")
+    assert result["recommendation"] == {"text_layer": 1, "visual_layer": 2,
+                                        "gate_key": "prompt_end_image", "tau": 0.6}
+    assert result["inputs"] == sorted([str(sweep / "layers.json"), str(gates / "gate.json")])
+    assert (tmp_path / "out" / "recommendation.json").is_file()
+    # A sweep of a 4-layer model beside a gate analysis of a deeper one is refused.
+    write_json(gates / "gate.json", {"analysis": "gate", "layers": [0, 7], "per_layer": {}})
+    with pytest.raises(ValueError, match="different depths"):
+        recommend([gates, sweep])

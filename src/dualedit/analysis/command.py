@@ -156,8 +156,9 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     r = kinds.add_parser("recommend", help="(text layer, visual layer, gate key, tau) from the "
                          "analyses in a folder")
     r.add_argument("--out", required=True, type=Path, help="folder for recommendation.json")
-    r.add_argument("--from", dest="source", type=Path, default=None,
-                   help="the folder holding layers.json / noise.json / gate.json (default --out)")
+    r.add_argument("--from", dest="source", type=Path, nargs="+", default=None,
+                   help="folders holding layers.json / noise.json / gate.json, each analysis read "
+                        "from the first that has it (default --out)")
     r.add_argument("--allow-last-position", action="store_true",
                    help="let the gate key be the last position (it reads the answer under "
                         "teacher forcing)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ FIELDS: tuple[str, ...] = ("text_layer", "visual_layer", "gate_key", "tau")
 
 
 def recommend(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     out_dir: str | os.PathLike | None = None,
     allow_last_position: bool = False,
@@ -53,20 +54,32 @@ def recommend(
     """Read the analyses in `folder` (any of layers.json, noise.json, gate.json, attention.json)
     and write `recommendation.json` and `recommendation.png` to `out_dir` (default `folder`).
 
+    `folder` may be several folders: each analysis is read from the first one that has it (e.g.
+    the E-IC gate analysis with the layer sweep that was run on E-VQA for the same model).
+
     Returns:
         {"analysis": "recommend", "recommendation": {text_layer, visual_layer, gate_key, tau},
         "reasons": [...], "evidence": {...}, "inputs": [files read]}.
 
     Raises:
-        FileNotFoundError: `folder` holds none of the analyses' JSON files.
+        FileNotFoundError: no folder holds any of the analyses' JSON files.
+        ValueError: the folders' analyses are of models of different depths.
     """
-    folder = Path(folder)
-    found = {name: folder / f"{name}.json" for name in ("layers", "noise", "gate", "attention")}
-    found = {name: path for name, path in found.items() if path.is_file()}
+    folders = [Path(folder)] if isinstance(folder, (str, os.PathLike)) else [
+        Path(f) for f in folder]
+    if not folders:
+        raise ValueError("recommend: give at least one folder")
+    found: dict[str, Path] = {}
+    for name in ("layers", "noise", "gate", "attention"):
+        for candidate in folders:
+            if (candidate / f"{name}.json").is_file():
+                found[name] = candidate / f"{name}.json"
+                break
+    folder = folders[0]
     if not found:
         raise FileNotFoundError(
-            f"{folder}: no analysis results (layers.json, noise.json, gate.json); run `dualedit "
-            "analyze layers|noise|gate --out` there first"
+            f"{', '.join(map(str, folders))}: no analysis results (layers.json, noise.json, "
+            "gate.json); run `dualedit analyze layers|noise|gate --out` there first"
         )
     results = {name: read_json(path, what=f"{name} analysis") for name, path in found.items()}
     depth = _depth(results, folder)
@@ -112,15 +125,18 @@ def recommendation_options(path: str | os.PathLike, method: str = METHOD) -> dic
 
 
 def _depth(results: dict[str, dict[str, Any]], folder: Path) -> int:
-    for name in ("layers", "noise", "gate", "attention"):
-        data = results.get(name)
-        if data is None:
-            continue
-        if isinstance(data.get("depth"), int):
-            return data["depth"]
-        layers = data.get("layers")
-        if isinstance(layers, list) and layers:
-            return max(int(x) for x in layers) + 1
+    """The model's depth: a sweep states it; the other analyses list the layers they covered
+    (a lower bound when run on some layers only)."""
+    stated = results.get("layers", {}).get("depth")
+    seen = [max(int(x) for x in data["layers"]) + 1 for data in results.values()
+            if isinstance(data.get("layers"), list) and data["layers"]]
+    if isinstance(stated, int):
+        if any(depth > stated for depth in seen):
+            raise ValueError(f"{folder}: the analyses are of models of different depths "
+                             f"(the sweep's {stated}, other files up to {max(seen)})")
+        return stated
+    if seen:
+        return max(seen)
     raise ValueError(f"{folder}: the analysis files do not say the model's depth")
 
 
