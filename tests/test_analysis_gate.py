@@ -259,3 +259,19 @@ def test_chosen_layers_and_keys_and_bad_arguments(gate_run, tmp_path):
         run_gate(gate_run.data, tmp_path, layers=[-1], progress=False)
     with pytest.raises(ValueError, match="'image_median'"):
         run_gate(gate_run.data, tmp_path, keys=["image_median"], progress=False)
+
+
+def test_kind_threshold_weighs_every_input_kind_alike():
+    from dualedit.analysis.gate import kind_threshold
+
+    assert kind_threshold({"t_gen": [0.9], "v_gen": [0.8], "m_loc": [0.1], "t_loc": [0.2]}) == (
+        0.5, 0.0)
+    # One hard look-alike among easy negatives: the pooled balanced error lets it through at a
+    # low tau, the per-kind mean (hard M-Loc a fifth of the error) raises tau above it.
+    values = {"t_gen": [0.90, 0.95], "v_gen": [0.80, 0.85], "m_loc": [0.1, 0.2],
+              "m_loc_hard": [0.70, 0.72], "t_loc": [0.2, 0.1]}
+    tau, error = kind_threshold(values)
+    assert 0.72 < tau < 0.80 and error == 0.0
+    assert kind_threshold({**values, "m_loc_hard": [0.82, 0.83]}) == pytest.approx((0.84, 0.1))
+    with pytest.raises(ValueError, match="in-scope and out-of-scope"):
+        kind_threshold({"t_gen": [0.9], "m_loc": []})

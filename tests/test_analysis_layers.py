@@ -205,3 +205,16 @@ def test_recommend_reads_each_analysis_from_the_first_folder_that_has_it(tmp_pat
     write_json(gates / "gate.json", {"analysis": "gate", "layers": [0, 7], "per_layer": {}})
     with pytest.raises(ValueError, match="different depths"):
         recommend([gates, sweep])
+
+
+def test_recommend_prefers_the_per_kind_criterion_when_the_gate_file_has_it(tmp_path):
+    write_json(tmp_path / "layers.json", {"analysis": "layers", "depth": 4, "variants": [
+        _row("pair", 1, 2, 95.0, 90.0, 88.0)]})
+    per_key = {"prompt_end": {"tau": 0.5, "balanced_error": 0.01, "tau_kinds": 0.7,
+                              "kind_error": 0.2},
+               "prompt_end_image": {"tau": 0.6, "balanced_error": 0.05, "tau_kinds": 0.8,
+                                    "kind_error": 0.1}}
+    write_json(tmp_path / "gate.json", {"analysis": "gate", "layers": [0, 1, 2, 3],
+                                        "per_layer": {"1": per_key}})
+    chosen = recommend(tmp_path)["recommendation"]
+    assert (chosen["gate_key"], chosen["tau"]) == ("prompt_end_image", 0.8)

@@ -128,6 +128,35 @@ def best_threshold(in_scope: Sequence[float], out_scope: Sequence[float]) -> Thr
     )
 
 
+def kind_threshold(values: dict[str, Sequence[float]]) -> tuple[float, float]:
+    """(tau, error) minimising the mean over input kinds of each kind's error rate (T-Gen and
+    V-Gen rejected, M-Loc, hard M-Loc and T-Loc accepted), every kind present weighted alike: the
+    criterion of DualEdit's own tau calibration (most right decisions over one sample of each
+    kind per edit). Ties: the middle of the first run of tied candidates.
+
+    Example:
+        >>> kind_threshold({"t_gen": [0.9], "v_gen": [0.8], "m_loc": [0.1], "t_loc": [0.2]})
+        (0.5, 0.0)
+    """
+    present = {k: _values(v, k) for k, v in values.items() if len(v)}
+    inside = [k for k in present if k in IN_SCOPE]
+    outside = [k for k in present if k in OUT_OF_SCOPE]
+    if not inside or not outside:
+        raise ValueError("kind_threshold needs in-scope and out-of-scope similarities")
+    everything = np.unique(np.concatenate(list(present.values())))
+    candidates = np.concatenate([everything[:1], (everything[:-1] + everything[1:]) / 2,
+                                 [np.nextafter(everything[-1], np.inf)]])
+    errors = []
+    for kind, array in present.items():
+        below = np.searchsorted(array, candidates, side="left") / array.size  # < tau
+        errors.append(below if kind in IN_SCOPE else 1.0 - below)
+    error = np.mean(errors, axis=0)
+    tied = np.flatnonzero(error == error.min())
+    run = tied[: int(np.argmax(np.diff(np.append(tied, tied[-1] + 2)) > 1)) + 1]
+    best = int(run[len(run) // 2])
+    return float(candidates[best]), float(error[best])
+
+
 def auroc(in_scope: Sequence[float], out_scope: Sequence[float]) -> float:
     """P(in > out) + P(in == out) / 2 over all (in-scope, out-of-scope) pairs."""
     inside = _values(in_scope, "in_scope")
@@ -348,9 +377,13 @@ def _separation(values: dict[str, list[float]]) -> dict[str, Any]:
         array = np.asarray(values[kind])
         return float(np.mean(array >= best.tau if accepted else array < best.tau))
 
+    tau_kinds, kind_error = kind_threshold({kind: values[kind] for kind in QUERY_KINDS})
+
     return {
         "tau": best.tau,
         "balanced_error": best.balanced_error,
+        "tau_kinds": tau_kinds,
+        "kind_error": kind_error,
         "in_reject": best.in_reject,
         "out_accept": best.out_accept,
         "reject": {kind: rate(kind, False) for kind in IN_SCOPE},

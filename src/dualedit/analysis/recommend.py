@@ -12,9 +12,11 @@ Rules, in order of the evidence available:
   the answer most, and the layer at or above it most sensitive to noise on the image
   positions. Without either, the paper's depth ratio (0.5 and 0.6 of the depth).
 - **Gate.** From the gate analysis (`gate.json`) at the chosen text layer (the gate reads its
-  key there): the key kind the DualEdit gate supports (`GATE_KEYS`) with the lowest balanced
-  error, and that key's threshold as tau. "last_position" is left out unless asked for: under
-  teacher forcing it reads the answer itself, which a real query never has (SPEC section 1).
+  key there): the key kind the DualEdit gate supports (`GATE_KEYS`) with the lowest mean error
+  over the input kinds (T-Gen, V-Gen rejected; M-Loc, hard M-Loc, T-Loc accepted; each kind
+  weighed alike, as DualEdit's tau calibration does), and that key's threshold as tau.
+  "last_position" is left out unless asked for: under teacher forcing it reads the answer
+  itself, which a real query never has (SPEC section 1).
   Without a gate analysis the key and tau stay None: the backbone's default key, and tau
   chosen on the validation edits after training (`dualedit train` calibrates a None tau).
 
@@ -232,15 +234,21 @@ def _gate(gate, text_layer, allow_last_position, reasons, evidence):
     keys = [k for k in GATE_KEYS if k in at and (allow_last_position or k != "last_position")]
     if not keys:
         raise ValueError(f"gate.json layer {text_layer}: none of the gate's key kinds {GATE_KEYS}")
-    best = min(keys, key=lambda k: (at[k]["balanced_error"], GATE_KEYS.index(k)))
-    evidence["gate"] = {k: {"tau": at[k]["tau"], "balanced_error": at[k]["balanced_error"],
+    # The per-kind criterion when the file has it (the one DualEdit's calibration uses): every
+    # input kind weighs alike, so hard M-Loc is not diluted by the easy random M-Loc and T-Loc.
+    per_kind = all("kind_error" in at[k] for k in keys)
+    error, tau = ("kind_error", "tau_kinds") if per_kind else ("balanced_error", "tau")
+    best = min(keys, key=lambda k: (at[k][error], GATE_KEYS.index(k)))
+    evidence["gate"] = {k: {"tau": at[k][tau], "error": at[k][error], "criterion": error,
                             "auroc": at[k].get("auroc")} for k in keys}
+    criterion = ("mean error over the input kinds" if per_kind else
+                 "balanced error (generality against locality)")
     reasons.append(
-        f"gate: {best} at layer {text_layer}, tau {at[best]['tau']:.4f}, the lowest balanced "
-        f"error ({at[best]['balanced_error']:.3f}) of {len(keys)} key kinds between each edit's "
-        "generality and locality inputs"
+        f"gate: {best} at layer {text_layer}, tau {at[best][tau]:.4f}, the lowest {criterion} "
+        f"({at[best][error]:.3f}) of {len(keys)} key kinds between each edit's generality and "
+        "locality inputs"
     )
-    return best, float(at[best]["tau"])
+    return best, float(at[best][tau])
 
 
 def plot_recommendation(result: dict[str, Any], results: dict[str, dict[str, Any]],
@@ -267,10 +275,10 @@ def plot_recommendation(result: dict[str, Any], results: dict[str, dict[str, Any
     gate = result["evidence"].get("gate")
     if gate:
         names = list(gate)
-        ax.bar(range(len(names)), [gate[k]["balanced_error"] for k in names], color=[
+        ax.bar(range(len(names)), [gate[k]["error"] for k in names], color=[
             "tab:red" if k == chosen["gate_key"] else "tab:blue" for k in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("balanced error at the best tau")
+        ax.set_ylabel(f"{gate[names[0]]['criterion'].replace('_', ' ')} at the best tau")
     else:
         ax.text(0.5, 0.5, "no gate analysis", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"gate at layer {chosen['text_layer']}: {chosen['gate_key']}")
