@@ -43,6 +43,9 @@ GATE_KEYS: tuple[str, ...] = ("prompt_end", "prompt_end_image", "prompt_end_and_
                               "prompt_end_image_groups", "last_position")
 #: Score points within which two layer pairs count as tied.
 TIE = 1.0
+#: Axis labels of the gate criteria.
+_CRITERIA = {"kind_error": "mean error over input kinds",
+             "balanced_error": "balanced error"}
 #: The config fields a recommendation sets.
 FIELDS: tuple[str, ...] = ("text_layer", "visual_layer", "gate_key", "tau")
 
@@ -278,7 +281,7 @@ def plot_recommendation(result: dict[str, Any], results: dict[str, dict[str, Any
         ax.bar(range(len(names)), [gate[k]["error"] for k in names], color=[
             "tab:red" if k == chosen["gate_key"] else "tab:blue" for k in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"{gate[names[0]]['criterion'].replace('_', ' ')} at the best tau")
+        ax.set_ylabel(_CRITERIA.get(gate[names[0]]["criterion"], "error") + " at the best tau")
     else:
         ax.text(0.5, 0.5, "no gate analysis", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"gate at layer {chosen['text_layer']}: {chosen['gate_key']}")
