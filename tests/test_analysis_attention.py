@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from analysis_tools import hook_ids
 from test_train_data import write_tiny_mmedit
 
 from dualedit.analysis.attention import (
@@ -49,18 +50,6 @@ def _implementations(model):
             if hasattr(getattr(module, "config", None), "_attn_implementation")]
 
 
-def _hooks(model, data):
-    """Every module's hook ids, after one plain forward: transformers installs its own
-    output-capturing hooks on LLaVA's vision tower in the first forward (LLaVA asks it for
-    hidden states) and keeps them; the analysis must add nothing to those."""
-    _, batch = next(data.batches("rel", 1))
-    with torch.no_grad():
-        data.backbone.forward_logits(data.model, batch.input_ids, batch.attention_mask,
-                                     batch.pixel_values)
-    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks))
-            for name, m in data.model.named_modules()}
-
-
 def _expected(model, processor, backbone, data, top_k):
     """The same statistics from transformers' own `output_attentions` on an eager copy, with the
     position sets built here from token ids."""
@@ -99,13 +88,13 @@ def test_attention_matches_eager_reference(name, tiny_factory, dataset, tmp_path
     model, processor = _sharpened(tiny_factory, name)
     assert model.config.text_config._attn_implementation == "sdpa"
     data = analysis_data(model, processor, dataset)
-    implementations, hooks = _implementations(model), _hooks(model, data)
+    implementations, hooks = _implementations(model), hook_ids(data)
     assert not any(f or p for name, (f, p) in hooks.items() if "language_model" in name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     result = run_attention(data, tmp_path, batch_size=BATCH, top_k=3, progress=False)
 
     assert _implementations(model) == implementations  # sdpa everywhere again
-    assert _hooks(model, data) == hooks
+    assert hook_ids(data) == hooks
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
     reference_model, _ = _sharpened(tiny_factory, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from analysis_tools import hook_ids
 from test_train_data import write_tiny_mmedit
 
 from dualedit.analysis.figures import read_json
@@ -30,17 +31,6 @@ def dataset(tmp_path_factory):
     return load_split(root, "vqa", "train")
 
 
-def _hooks(data):
-    """Every module's hook ids after one plain forward (transformers keeps output-capturing
-    hooks of its own on LLaVA's vision tower from the first forward on)."""
-    _, batch = next(data.batches("rel", 1))
-    with torch.no_grad():
-        data.backbone.forward_logits(data.model, batch.input_ids, batch.attention_mask,
-                                     batch.pixel_values)
-    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks))
-            for name, m in data.model.named_modules()}
-
-
 def _kl(result, layer, modality, sigma):
     (row,) = [r for r in result["results"]
               if (r["layer"], r["modality"], r["sigma"]) == (layer, modality, sigma)]
@@ -49,13 +39,13 @@ def _kl(result, layer, modality, sigma):
 
 def test_noise_known_answers_and_model_untouched(tiny_vlm, dataset, tmp_path):
     data = analysis_data(tiny_vlm.model, tiny_vlm.processor, dataset)
-    hooks = _hooks(data)
+    hooks = hook_ids(data)
     assert not any(f or p for name, (f, p) in hooks.items() if "language_model" in name)
     state = {k: v.clone() for k, v in tiny_vlm.model.state_dict().items()}
     result = run_noise(data, tmp_path, sigmas=SIGMAS, batch_size=3, progress=False)
 
     assert all(torch.equal(state[k], v) for k, v in tiny_vlm.model.state_dict().items())
-    assert _hooks(data) == hooks
+    assert hook_ids(data) == hooks
     depth = data.depth
     assert result["layers"] == list(range(depth)) and result["samples"] == 4
     assert len(result["results"]) == depth * len(MODALITIES) * len(SIGMAS)

@@ -276,12 +276,12 @@ def test_eval_split_val_is_the_validation_edits_of_the_train_split(tmp_path):
     eval split: for tuning an untrained method's options."""
     from test_train_data import write_tiny_mmedit
 
-    from dualedit.evaluate import _dataset
+    from dualedit.evaluate import load_dataset_split
     from dualedit.train.data import split_indices
     from dualedit.train.settings import TrainSettings
 
     train = write_tiny_mmedit(tmp_path, n=80)
-    val = _dataset(tmp_path, "vqa", "val")
+    val = load_dataset_split(tmp_path, "vqa", "val")
     _, held_out = split_indices(len(train), TrainSettings().val_edits)
     assert len(val) == TrainSettings().val_edits == len(held_out)
     assert list(val) == [train[i] for i in held_out]

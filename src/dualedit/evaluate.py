@@ -74,7 +74,9 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
 VAL_SPLIT = "val"
 
 
-def _dataset(root: str | os.PathLike, task: str, split: str) -> Any:
+def load_dataset_split(root: str | os.PathLike, task: str, split: str) -> Any:
+    """One split of an MMEdit folder: "train", "eval", or "val" (the validation edits that
+    training holds out of the train split)."""
     if split != VAL_SPLIT:
         return load_split(root, task, split)
     from dualedit.train.data import split_indices
@@ -122,7 +124,7 @@ def run_eval(
         # A method that reads a train split when it edits reads this data folder's.
         editor_options = get_method(method).with_train_data(editor_options, data_root, task)
     model, processor = model_and_processor or load_vlm(model_path)
-    dataset = _dataset(data_root, task, split)
+    dataset = load_dataset_split(data_root, task, split)
     editor = open_editor(
         model,
         processor,

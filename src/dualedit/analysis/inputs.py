@@ -147,14 +147,14 @@ def load_analysis_data(
         attn_implementation: load the model with this attention ("eager", "sdpa"; None: the
             folder's default).
     """
-    from dualedit.evaluate import _dataset, load_vlm
+    from dualedit.evaluate import load_dataset_split, load_vlm
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     model, processor = load_vlm(model_path)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
-    dataset = _dataset(data_root, task, split)
+    dataset = load_dataset_split(data_root, task, split)
     return analysis_data(
         model, processor, dataset, samples=samples, seed=seed,
         source={"model": str(Path(model_path)), "data": str(Path(data_root)), "task": task,
