@@ -49,11 +49,18 @@ def _gate(args: argparse.Namespace) -> str:
     from dualedit.analysis.gate import run_gate
 
     result = run_gate(_data(args), args.out, layers=args.layers, keys=args.keys,
-                      batch_size=args.batch_size, progress=not args.quiet)
+                      batch_size=args.batch_size, progress=not args.quiet, stored=args.stored)
     best = result.get("overall_best") or {}
-    return (f"gate separability written to {args.out}; best: {best.get('key')} at layer "
+    line = (f"gate separability written to {args.out}; best: {best.get('key')} at layer "
             f"{best.get('layer')}, tau {best.get('tau')}, balanced error "
             f"{best.get('balanced_error')}")
+    if "stored" in result:
+        one, radius = result["stored"]["best"]["tau"], result["stored"]["best"]["radius"]
+        line += (f"; {result['stored']['edits']} edits stored: one tau best "
+                 f"{one['key']} at layer {one['layer']} (tau {one['tau']:.3f}, mean right "
+                 f"{one['mean']:.3f}), per-edit radius best {radius['key']} at layer "
+                 f"{radius['layer']} (tau0 {radius['tau0']:.3f}, mean right {radius['mean']:.3f})")
+    return line
 
 
 def _layers(args: argparse.Namespace) -> str:
@@ -135,6 +142,10 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     _common(g)
     g.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
     g.add_argument("--keys", nargs="+", default=None, help="key kinds (default: all)")
+    g.add_argument("--stored", action="store_true",
+                   help="also store every analysed record's edit at once and score the "
+                        "nearest-of-many decisions (one tau, per-edit GRACE radius); use e.g. "
+                        "--split eval --samples 1000")
 
     s = kinds.add_parser("layers", help="train text-only, visual-only and paired adapters at "
                          "each layer, score on the validation edits (Table 1, Figure 5)")

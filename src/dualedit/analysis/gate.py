@@ -20,6 +20,8 @@ pairwise cosine, not the nearest of a memory):
 Per (layer, key) `best_threshold` picks the tau that best separates in-scope (T-Gen, V-Gen) from
 out-of-scope (M-Loc, hard M-Loc, T-Loc) similarities; `run_gate` writes gate.json, one histogram
 grid per layer (gate_hist_L{layer}.png) and the balanced error per layer (gate_error.png).
+With `stored=True` it also scores the nearest-of-many decision of a memory holding every
+analysed record's edit at once (stored.py: a "stored" section and gate_stored.png).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from tqdm.auto import tqdm
 
 from dualedit.analysis.figures import pyplot, save_figure, write_json
 from dualedit.analysis.inputs import AnalysisData, bos_token_id, prompt_text_mask, sink_mask
+from dualedit.analysis.scopes import IN_SCOPE, MEAN_KEYS, OUT_OF_SCOPE, QUERY_KINDS
+from dualedit.analysis.stored import NearestLog, plot_stored
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.gate import (
     KIND_PARTS,
@@ -50,13 +54,6 @@ from dualedit.editors.dualedit.gate import (
 
 logger = logging.getLogger(__name__)
 
-#: Queries the gate should open for (the edit's generality samples).
-IN_SCOPE: tuple[str, ...] = ("t_gen", "v_gen")
-#: Queries it should stay closed for (locality; "m_loc_hard" only where records have it).
-OUT_OF_SCOPE: tuple[str, ...] = ("m_loc", "m_loc_hard", "t_loc")
-QUERY_KINDS: tuple[str, ...] = IN_SCOPE + OUT_OF_SCOPE
-#: Plain mean keys of this analysis (cosine of raw means); the rest are the gate's own kinds.
-MEAN_KEYS: tuple[str, ...] = ("image_mean", "text_mean")
 KEYS: tuple[str, ...] = MEAN_KEYS + tuple(KIND_PARTS)
 
 LABELS: dict[str, str] = {
@@ -186,6 +183,7 @@ def run_gate(
     keys: Sequence[str] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    stored: bool = False,
 ) -> dict[str, Any]:
     """Gate separability per layer and key kind; writes gate.json and the figures in `out_dir`.
 
@@ -194,12 +192,14 @@ def run_gate(
         out_dir: folder for gate.json, gate_hist_L{layer}.png and gate_error.png (created).
         layers: decoder layers (0-based; default all). keys: key kinds (default `KEYS`).
         batch_size: samples per forward. progress: show a progress bar.
+        stored: also score the nearest-of-many decision with every record's edit stored at
+            once (stored.py): a "stored" section and gate_stored.png.
 
     Returns:
         What gate.json holds: {"analysis", "source", "task", "layers", "keys", "in_scope",
         "out_of_scope", "counts", "record_positions", "notes", "per_layer": {layer: {key: {tau,
         balanced_error, reject, accept, auroc, similarity: {kind: [...]}}}}, "best": {layer:
-        key}, "overall_best": {layer, key, tau, balanced_error}, "figures"}.
+        key}, "overall_best": {layer, key, tau, balanced_error}, "figures"} (and "stored").
 
     Example:
         >>> result = run_gate(analysis_data(model, processor, dataset, samples=64), "out/gate")
@@ -207,7 +207,7 @@ def run_gate(
         {'layer': 14, 'key': 'prompt_end_image', 'tau': 0.83, 'balanced_error': 0.07}
     """
     layers, keys = _check(data, layers, keys)
-    similarity, positions = _similarities(data, layers, keys, batch_size, progress)
+    similarity, positions, log = _similarities(data, layers, keys, batch_size, progress, stored)
     per_layer = {
         str(layer): {key: _separation(similarity[layer][key]) for key in keys} for layer in layers
     }
@@ -239,6 +239,12 @@ def run_gate(
     for layer in tqdm(layers, desc="gate figures", unit="layer", disable=not progress):
         plot_histograms(result, layer, out / f"gate_hist_L{layer}.png")
     plot_errors(result, out / "gate_error.png")
+    if log is not None:
+
+        result["stored"] = log.section(layers, [record.alt for record in data.records],
+                                       progress=progress)
+        result["figures"].append("gate_stored.png")
+        plot_stored(result["stored"], layers, keys, out / "gate_stored.png")
     write_json(out / "gate.json", result)
     logger.info("gate separability: best layer %s key %s (balanced error %.3f) -> %s",
                 top, best[top], chosen["balanced_error"], out)
@@ -269,9 +275,13 @@ def _check(
 
 
 def _similarities(
-    data: AnalysisData, layers: list[int], keys: tuple[str, ...], batch_size: int, progress: bool
-) -> tuple[dict[int, dict[str, dict[str, list[float]]]], dict[str, list[int]]]:
-    """{layer: {key: {query kind: [cosine per sample]}}} and {query kind: [record positions]}."""
+    data: AnalysisData, layers: list[int], keys: tuple[str, ...], batch_size: int,
+    progress: bool, stored: bool = False,
+) -> tuple[dict[int, dict[str, dict[str, list[float]]]], dict[str, list[int]], Any]:
+    """{layer: {key: {query kind: [cosine per sample]}}}, {query kind: [record positions]} and,
+    with `stored`, the `stored.NearestLog` of every query's nearest edit (else None)."""
+
+    log = NearestLog(keys) if stored else None
     parts = _parts_of(keys)
     bos = bos_token_id(data.processor)
     kinds = ("edit",) + QUERY_KINDS
@@ -301,10 +311,12 @@ def _similarities(
                     for key in keys:
                         values = key_similarity(key, feats, own)  # [batch]
                         similarity[layer][key][kind].extend(values.tolist())
+                    if log is not None:  # every edit is stored by now ("edit" ran first)
+                        log.add(layer, kind, feats, edit[layer], rows)
                 if kind != "edit":
                     positions[kind].extend(rows)
                 bar.update(1)
-    return similarity, positions
+    return similarity, positions, log
 
 
 def _forward(data: AnalysisData, batch: Any) -> Any:
