@@ -176,6 +176,9 @@ def test_sequential_protocol_rows_per_n_and_unsupported_methods_are_skipped(
     assert [(r[0], r[3]) for r in rows[2:]] == [("none", "1"), ("none", "2"), ("ft-l", "1"),
                                                ("ft-l", "2")]
     assert _cell_file(out, "ft-l", protocol="sequential").is_file()
+    # the metrics against N beside results.json: a figure per metric, one line per method
+    for metric in ("rel", "t_gen", "v_gen", "t_loc", "m_loc", "m_loc_hard"):
+        assert (out / f"sequential_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def refuse_ftl(**kwargs):
         if kwargs["method"] in ("ft-l",):
@@ -190,6 +193,8 @@ def test_sequential_protocol_rows_per_n_and_unsupported_methods_are_skipped(
     assert rows[-1][0] == "ft-l (skipped)" and set(rows[-1][4:]) == {"-"}
     cell = json.loads(_cell_file(out, "ft-l", protocol="sequential").read_text())
     assert cell["status"] == "skipped" and "many edits" in cell["reason"]
+    # only `none` has scores: one figure, a line per metric
+    assert (out / "sequential.png").is_file() and not list(out.glob("sequential_*.png"))
 
 
 def test_dualedit_trains_and_is_the_apply_reference(tmp_path, cache):

@@ -370,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-generation", action="store_true", help="skip generation exact match")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json and table.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for results.json and table.md (sequential: also sequential.png, "
+                        "the metrics against N)")
     _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_eval)
 

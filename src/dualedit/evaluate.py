@@ -15,7 +15,8 @@ from safetensors import SafetensorError
 from dualedit.data.mmedit import load_split
 from dualedit.editors.registry import check_editor_request, get_method, open_editor
 from dualedit.eval.harness import evaluate
-from dualedit.eval.report import markdown_table, write_results
+from dualedit.eval.report import markdown_table, results_dict, write_results
+from dualedit.eval.sequential_curves import write_sequential_curves
 from dualedit.io import atomic_write_text
 from dualedit.eval.results import Results
 
@@ -108,7 +109,8 @@ def run_eval(
     progress: bool = True,
 ) -> Results:
     """Evaluate `method` on one dataset split ("eval", "train", or "val": the train split's
-    validation edits) and write `results.json` + `table.md` to `out_dir`.
+    validation edits) and write `results.json` + `table.md` to `out_dir` (and, under the
+    sequential protocol, `sequential.png`: the metrics against N).
 
     The editor is `open_editor(method=method, directory=editor_dir, options=editor_options,
     untrained=untrained, ignore_base_mismatch=...)`: a trained method needs `editor_dir` (e.g. a `dualedit train` best/
@@ -154,4 +156,6 @@ def run_eval(
         out = Path(out_dir)
         write_results(results, out / "results.json")
         atomic_write_text(out / "table.md", markdown_table(results) + "\n")
+        if results.protocol == "sequential":
+            write_sequential_curves(results_dict(results), out)  # sequential.png, logged
     return results

@@ -53,7 +53,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "quality", help="methods x backbones x datasets (x seeds) -> a table shaped like the "
         "paper's Table 2, with training time, apply time and bytes per edit; resumable")
     q.add_argument("--out", required=True, type=Path,
-                   help="folder for results.json, table.md and cells/ (reused on a rerun)")
+                   help="folder for results.json, table.md and cells/ (reused on a rerun); "
+                        "sequential: also sequential_{metric}.png, the metrics against N")
     q.add_argument("--methods", nargs="+", default=None,
                    help="registered methods or `all` (default: all)")
     q.add_argument("--backbones", nargs="+", default=None, choices=["llava", "blip2"],

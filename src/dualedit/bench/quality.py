@@ -8,7 +8,8 @@ that data, and a trained method is trained on the data's train split as `dualedi
 (its config defaults, `TrainSettings()`), cached under a key of the two folders.
 
 Each finished cell is written at once to `out_dir/cells/seed{S}/...json` (see `cells.py`), so a
-killed bench resumes where it stopped; at the end `out_dir/results.json` and `out_dir/table.md`.
+killed bench resumes where it stopped; at the end `out_dir/results.json` and `out_dir/table.md`
+(and, under the sequential protocol, the metrics against N: `sequential_curves.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dualedit.demo import ARCHS, TASKS, cached_world, default_cache_dir, method_
 from dualedit.editors.registry import METHODS, get_method
 from dualedit.editors.spec import MethodSpec
 from dualedit.eval.protocols import PROTOCOLS
+from dualedit.eval.sequential_curves import write_sequential_curves
 from dualedit.evaluate import load_vlm
 from dualedit.io import atomic_write_text
 from dualedit.numerics import cpu_threads
@@ -186,7 +188,8 @@ def run_quality_bench(
 
     Args:
         out_dir: gets `results.json`, `table.md` and `cells/` (one file per finished cell, reused
-            on a rerun with the same settings, redone with others).
+            on a rerun with the same settings, redone with others); under the sequential
+            protocol also `sequential_{metric}.png` (`sequential.png` for one method).
         methods: registered names, "all" among them for every one; None: every registered one.
         backbones: among "llava", "blip2" (None: both); not with `model`.
         datasets: "vqa" (E-VQA) and/or "caption" (E-IC).
@@ -267,6 +270,8 @@ def run_quality_bench(
     text = json.dumps(summary, indent=2, sort_keys=True, allow_nan=False)
     atomic_write_text(out / RESULTS_FILE, text + "\n")
     atomic_write_text(out / TABLE_FILE, table)
+    if run.protocol == "sequential":
+        write_sequential_curves(summary, out)  # sequential*.png, logged
     return table
 
 
