@@ -422,3 +422,25 @@ def test_edits_and_files_without_image_groups_refuse_only_the_group_key(tmp_path
     parts = {"prompt_end": keys["prompt_end"][None], "image_mean": keys["image_mean"][None]}
     similarity = old.lookup(gate_vectors(parts, "prompt_end_image"), "prompt_end_image")[1]
     assert similarity.item() == pytest.approx(1.0)
+
+
+def test_add_many_is_one_batch_of_adds_and_refuses_all_on_one_bad_edit():
+    m, one = memory(), memory()
+    edits = [edit(seed, n=seed + 2) for seed in range(4)]
+    ids = m.add_many(*zip(*edits), edit_ids=[None, "b", None, None],
+                     prompts=["p0", "p1", "p2", "p3"], targets=[" t0", None, None, " t3"])
+    for (text, visual, keys), edit_id in zip(edits, [None, "b", None, None]):
+        one.add(text, visual, keys, edit_id=edit_id)
+    assert ids == one.ids == [0, "b", 1, 2]
+    assert [e.prompt for e in m.entries()] == ["p0", "p1", "p2", "p3"]
+    assert m.entries()[3].target == " t3" and m.entries()[1].target is None
+    query = torch.randn(3, HIDDEN)
+    for a, b in zip(m.lookup(query, "prompt_end"), one.lookup(query, "prompt_end")):
+        assert torch.equal(a, b)
+    text, visual, keys = edit(9)
+    broken = (text[:, :3], visual, keys)
+    with pytest.raises(ValueError, match=r"edit 4: text states have shape \(5, 3\)"):
+        m.add_many(*zip(edit(8), broken, edit(10)))
+    with pytest.raises(ValueError, match="3 text states but"):
+        m.add_many(*zip(edit(8), edit(9), edit(10)), prompts=["only one"])
+    assert m.ids == [0, "b", 1, 2]  # nothing of the refused batches was stored

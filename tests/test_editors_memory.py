@@ -309,3 +309,24 @@ def test_truncated_and_missing_files_are_refused_naming_the_file(tmp_path):
 def test_meta_may_not_overwrite_the_store_fields(tmp_path):
     with pytest.raises(ValueError, match="\\['ids', 'states_lengths'\\]"):
         filled(1).save(tmp_path, **FILES, meta={"ids": [], "states_lengths": []})
+
+
+def test_add_many_stores_all_in_order_or_none():
+    s = filled(2)  # ids 0, 1
+    ids = s.add_many([tensors(10), tensors(11), tensors(12)], [{"prompt": "a"}, None, None],
+                     edit_ids=[None, "named", None])
+    assert ids == [2, "named", 3] and s.ids == [0, 1, 2, "named", 3]
+    assert s.info(2) == {"prompt": "a"} and s.info(3) == {}
+    assert torch.equal(s.stacked("key")[2], tensors(10)["key"])
+    before = (list(s.ids), s.stacked("key").clone())
+    bad = dict(tensors(21), value=torch.zeros(4))  # wrong width in the middle of the batch
+    with pytest.raises(ValueError, match=r"edit 5: tensor 'value' has shape \(4,\)"):
+        s.add_many([tensors(20), bad, tensors(22)])
+    with pytest.raises(ValueError, match="edit id 'x' is given twice"):
+        s.add_many([tensors(20), tensors(21)], edit_ids=["x", "x"])
+    with pytest.raises(ValueError, match="is already in the store"):
+        s.add_many([tensors(20), tensors(21)], edit_ids=[None, "named"])
+    with pytest.raises(ValueError, match="2 edits, 1 infos"):
+        s.add_many([tensors(20), tensors(21)], [None])
+    assert s.ids == before[0] and torch.equal(s.stacked("key"), before[1])  # nothing stored
+    assert s.add(tensors(30)) == 4  # the refused batches took no ids

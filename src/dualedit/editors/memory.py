@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,18 +177,61 @@ class EditStore(StoreFiles):
             ValueError: an id already in use or malformed, missing or unexpected names, a
                 wrong shape, or an info that is not JSON-able.
         """
-        edit_id = self.new_id(edit_id)
+        return self.add_many([tensors], [info], edit_ids=[edit_id])[0]
+
+    def add_many(
+        self,
+        tensors: Sequence[Mapping[str, torch.Tensor]],
+        infos: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        edit_ids: Sequence[EditId | None] | None = None,
+    ) -> list[EditId]:
+        """Store several edits at once, in order, and return their ids: all of them or, if any
+        is refused, none (every edit is checked before the store changes).
+
+        Args:
+            tensors: one {name: tensor} per edit (as `add`).
+            infos: one description per edit (None: no descriptions).
+            edit_ids: one id (or None for the next int) per edit (None: all next ints).
+
+        Raises:
+            ValueError: as `add`, naming the edit; an id given twice; lists of other lengths.
+        """
+        n = len(tensors)
+        infos = [None] * n if infos is None else list(infos)
+        edit_ids = [None] * n if edit_ids is None else list(edit_ids)
+        if len(infos) != n or len(edit_ids) != n:
+            raise ValueError(
+                f"add_many: {n} edits, {len(infos)} infos and {len(edit_ids)} ids"
+            )
+        rows, ids, next_id, taken = [], [], self._next_id, set()
+        for given_id, row_tensors, info in zip(edit_ids, tensors, infos, strict=True):
+            if given_id is None:
+                edit_id, next_id = next_id, next_id + 1
+            else:
+                edit_id = self.new_id(given_id)
+                if isinstance(edit_id, int):
+                    next_id = max(next_id, edit_id + 1)
+            if edit_id in taken:
+                raise ValueError(f"edit id {edit_id!r} is given twice")
+            taken.add(edit_id)
+            row = self._checked_row(edit_id, row_tensors)
+            rows.append((row, self._checked_info(edit_id, info)))
+            ids.append(edit_id)
+        for edit_id, (row, info) in zip(ids, rows, strict=True):
+            self._append(edit_id, row, info)
+        self._cache.clear()
+        return ids
+
+    def _checked_row(
+        self, edit_id: EditId, tensors: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         names = set(tensors)
         if names != set(self.fields):
             raise ValueError(
                 f"edit {edit_id!r}: missing tensor(s) {sorted(set(self.fields) - names)}, "
                 f"unexpected {sorted(names - set(self.fields))}"
             )
-        info = dict(info or {})
-        try:
-            json.dumps(info)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"edit {edit_id!r}: info is not JSON-able ({error})") from error
         kept: dict[tuple, torch.Tensor] = {}  # a tensor given under two names stays shared
         row = {}
         for name, field in self.fields.items():
@@ -198,9 +241,16 @@ class EditStore(StoreFiles):
                 device = self.device if self.device is not None else given.device
                 kept[id(given), field.dtype] = given.detach().to(device=device, dtype=field.dtype)
             row[name] = kept[id(given), field.dtype]
-        self._append(edit_id, row, info)
-        self._cache.clear()
-        return edit_id
+        return row
+
+    @staticmethod
+    def _checked_info(edit_id: EditId, info: Mapping[str, Any] | None) -> dict[str, Any]:
+        info = dict(info or {})
+        try:
+            json.dumps(info)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"edit {edit_id!r}: info is not JSON-able ({error})") from error
+        return info
 
     def remove(self, edit_id: EditId) -> None:
         """Forget one edit; the others keep their order (KeyError naming the id if none)."""

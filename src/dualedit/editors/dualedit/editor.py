@@ -322,19 +322,12 @@ class DualEditor(Editor):
             raise ValueError(f"{len(ids)} ids for {len(requests)} edits")
         samples = [request.sample() for request in requests]
         states = self._capture(samples, images)
-        added = []
-        for i, (request, (text, visual, keys)) in enumerate(zip(requests, states, strict=True)):
-            added.append(
-                self.memory.add(
-                    text,
-                    visual,
-                    keys,
-                    edit_id=None if ids is None else ids[i],
-                    prompt=request.prompt,
-                    target=request.target,
-                    image=request.image,
-                )
-            )
+        texts, visuals, keys = zip(*states, strict=True) if states else ((), (), ())
+        added = self.memory.add_many(  # all of them or, if one is refused, none
+            texts, visuals, keys, edit_ids=ids,
+            prompts=[r.prompt for r in requests], targets=[r.target for r in requests],
+            images=[r.image for r in requests],
+        )
         logger.debug("dualedit: stored edits %s", added)
         return added
 

@@ -238,7 +238,52 @@ class EditMemory:
         Raises:
             ValueError: a wrong shape, a missing key kind, or an id already in use.
         """
-        edit_id = self._store.new_id(edit_id)
+        return self.add_many(
+            [text], [visual], [keys], edit_ids=[edit_id], prompts=[prompt], targets=[target],
+            images=[image],
+        )[0]
+
+    def add_many(
+        self,
+        texts: Sequence[torch.Tensor],
+        visuals: Sequence[torch.Tensor],
+        keys: Sequence[dict[str, torch.Tensor]],
+        *,
+        edit_ids: Sequence[EditId | None] | None = None,
+        prompts: Sequence[str | None] | None = None,
+        targets: Sequence[str | None] | None = None,
+        images: Sequence[str | None] | None = None,
+    ) -> list[EditId]:
+        """Store several edits at once (each as `add`), in order; returns their ids. Every edit
+        is checked first: one refused edit stores none of them.
+
+        Raises:
+            ValueError: lists of different lengths, or as `add`, naming the edit.
+        """
+        n = len(texts)
+        lists = {"visuals": visuals, "keys": keys, "edit_ids": edit_ids, "prompts": prompts,
+                 "targets": targets, "images": images}
+        wrong = {name: len(v) for name, v in lists.items() if v is not None and len(v) != n}
+        if wrong:
+            raise ValueError(f"add_many: {n} text states but {wrong}")
+        edit_ids = [None] * n if edit_ids is None else list(edit_ids)
+        rows, infos, provisional = [], [], self._store.new_id(None)
+        for i in range(n):
+            label = edit_ids[i]
+            if label is None:  # the id the store will give (named in messages)
+                label, provisional = provisional, provisional + 1
+            rows.append(self._checked(texts[i], visuals[i], keys[i], label))
+            infos.append({field: None if values is None else values[i]
+                          for field, values in (("prompt", prompts), ("target", targets),
+                                                ("image", images))})
+        # one tensor given for both layers is kept once
+        return self._store.add_many(rows, infos, edit_ids=edit_ids)
+
+    def _checked(
+        self, text: torch.Tensor, visual: torch.Tensor, keys: dict[str, torch.Tensor],
+        edit_id: EditId,
+    ) -> dict[str, torch.Tensor]:
+        """One edit's tensors by store field name, checked (ValueError naming `edit_id`)."""
         for name, states in (("text", text), ("visual", visual)):
             if states.dim() != 2 or states.shape[1] != self.hidden_size or states.shape[0] == 0:
                 raise ValueError(
@@ -260,11 +305,7 @@ class EditMemory:
                     f"expected ({width},)"
                 )
             checked[f"key.{kind}"] = key
-        return self._store.add(  # one tensor given for both layers is kept once
-            {"text": text, "visual": visual, **checked},
-            {"prompt": prompt, "target": target, "image": image},
-            edit_id=edit_id,
-        )
+        return {"text": text, "visual": visual, **checked}
 
     def remove(self, edit_id: EditId) -> None:
         """Forget one edit (KeyError: no edit with this id)."""
