@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 
 from dualedit.analysis.figures import pyplot, save_figure, write_json
 from dualedit.analysis.inputs import AnalysisData, bos_token_id, prompt_text_mask, sink_mask
-from dualedit.analysis.scopes import IN_SCOPE, MEAN_KEYS, OUT_OF_SCOPE, QUERY_KINDS
+from dualedit.analysis.scopes import (
+    IN_SCOPE,
+    MEAN_KEYS,
+    OUT_OF_SCOPE,
+    QUERY_KINDS,
+    first_run_middle,
+    threshold_candidates,
+)
 from dualedit.analysis.stored import NearestLog, plot_stored
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit.gate import (
@@ -108,10 +115,7 @@ def best_threshold(in_scope: Sequence[float], out_scope: Sequence[float]) -> Thr
     """
     inside = _values(in_scope, "in_scope")
     outside = _values(out_scope, "out_scope")
-    values = np.unique(np.concatenate([inside, outside]))  # sorted, distinct
-    candidates = np.concatenate(
-        [values[:1], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], np.inf)]]
-    )
+    candidates = threshold_candidates(np.concatenate([inside, outside]))
     reject = np.searchsorted(inside, candidates, side="left") / inside.size  # in < tau
     accept = 1.0 - np.searchsorted(outside, candidates, side="left") / outside.size  # out >= tau
     error = (reject + accept) / 2
@@ -140,17 +144,13 @@ def kind_threshold(values: dict[str, Sequence[float]]) -> tuple[float, float]:
     outside = [k for k in present if k in OUT_OF_SCOPE]
     if not inside or not outside:
         raise ValueError("kind_threshold needs in-scope and out-of-scope similarities")
-    everything = np.unique(np.concatenate(list(present.values())))
-    candidates = np.concatenate([everything[:1], (everything[:-1] + everything[1:]) / 2,
-                                 [np.nextafter(everything[-1], np.inf)]])
+    candidates = threshold_candidates(np.concatenate(list(present.values())))
     errors = []
     for kind, array in present.items():
         below = np.searchsorted(array, candidates, side="left") / array.size  # < tau
         errors.append(below if kind in IN_SCOPE else 1.0 - below)
     error = np.mean(errors, axis=0)
-    tied = np.flatnonzero(error == error.min())
-    run = tied[: int(np.argmax(np.diff(np.append(tied, tied[-1] + 2)) > 1)) + 1]
-    best = int(run[len(run) // 2])
+    best = first_run_middle(-error)
     return float(candidates[best]), float(error[best])
 
 
@@ -240,7 +240,6 @@ def run_gate(
         plot_histograms(result, layer, out / f"gate_hist_L{layer}.png")
     plot_errors(result, out / "gate_error.png")
     if log is not None:
-
         result["stored"] = log.section(layers, [record.alt for record in data.records],
                                        progress=progress)
         result["figures"].append("gate_stored.png")
@@ -280,7 +279,6 @@ def _similarities(
 ) -> tuple[dict[int, dict[str, dict[str, list[float]]]], dict[str, list[int]], Any]:
     """{layer: {key: {query kind: [cosine per sample]}}}, {query kind: [record positions]} and,
     with `stored`, the `stored.NearestLog` of every query's nearest edit (else None)."""
-
     log = NearestLog(keys) if stored else None
     parts = _parts_of(keys)
     bos = bos_token_id(data.processor)

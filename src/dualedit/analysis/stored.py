@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dualedit.analysis.figures import pyplot, save_figure
-from dualedit.analysis.scopes import IN_SCOPE, MEAN_KEYS, OUT_OF_SCOPE, QUERY_KINDS
+from dualedit.analysis.scopes import (
+    IN_SCOPE,
+    MEAN_KEYS,
+    OUT_OF_SCOPE,
+    QUERY_KINDS,
+    first_run_middle,
+    threshold_candidates,
+)
 from dualedit.editors.dualedit.gate import gate_vectors, similarity_matrix
 from dualedit.editors.memory import argmax_rows
 
@@ -225,10 +232,7 @@ def best_stored_tau(found: Mapping[str, Nearest]) -> tuple[float, float, dict[st
     present = {kind: near for kind, near in found.items() if near.similarity.size}
     if not present:
         raise ValueError("best_stored_tau: no queries")
-    values = np.unique(np.concatenate([near.similarity for near in present.values()]))
-    candidates = np.concatenate(
-        [values[:1], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], np.inf)]]
-    )
+    candidates = threshold_candidates(np.concatenate([n.similarity for n in present.values()]))
     rates = []
     for kind, near in present.items():
         if kind in IN_SCOPE:  # right: own edit chosen and similarity >= tau
@@ -238,7 +242,7 @@ def best_stored_tau(found: Mapping[str, Nearest]) -> tuple[float, float, dict[st
         else:  # right: similarity < tau
             rates.append(np.searchsorted(np.sort(near.similarity), candidates, side="left")
                          / near.similarity.size)
-    best = _first_run_middle(np.mean(rates, axis=0))
+    best = first_run_middle(np.mean(rates, axis=0))
     tau = float(candidates[best])
     right = score_rule(found, tau)
     return tau, mean_rate(right), right
@@ -264,14 +268,7 @@ def best_radius(
         thresholds = np.cos(_radii(angles, tau0, differ))  # [n]
         right = score_rule(found, thresholds)
         tried.append((tau0, thresholds, mean_rate(right), right))
-    return tried[_first_run_middle(np.array([t[2] for t in tried]))]
-
-
-def _first_run_middle(score: np.ndarray) -> int:
-    """Index of the middle of the first run of consecutive candidates tied at the best score."""
-    tied = np.flatnonzero(score == score.max())
-    run = tied[: int(np.argmax(np.diff(np.append(tied, tied[-1] + 2)) > 1)) + 1]
-    return int(run[len(run) // 2])
+    return tried[first_run_middle(np.array([t[2] for t in tried]))]
 
 
 def stored_separation(
