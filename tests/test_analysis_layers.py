@@ -70,7 +70,7 @@ def test_layer_sweep_trains_scores_and_reuses_its_cells(tiny_vlm, tiny_factory, 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr(layers, "_train_and_score", refuse)
+    monkeypatch.setattr(layers, "train_and_score", refuse)
     again = run_layer_sweep(model, processor, data, out, layers=[1, 2], settings=TINY,
                             options={"width": 8, "heads": 2}, progress=False)
     assert [r["scores"] for r in again["variants"]] == [r["scores"] for r in result["variants"]]
@@ -218,3 +218,107 @@ def test_recommend_prefers_the_per_kind_criterion_when_the_gate_file_has_it(tmp_
                                         "per_layer": {"1": per_key}})
     chosen = recommend(tmp_path)["recommendation"]
     assert (chosen["gate_key"], chosen["tau"]) == ("prompt_end_image", 0.8)
+
+
+# -- the finalists stage ----------------------------------------------------------------------
+
+
+def test_finalists_are_the_sweeps_best_pairs_and_the_included_ones():
+    from dualedit.analysis.finalists import finalist_pairs
+
+    sweep = {"depth": 4, "variants": [
+        _row("pair", 0, 1, 70.0, 70.0, 70.0), _row("pair", 1, 2, 95.0, 90.0, 88.0),
+        _row("pair", 2, 3, 80.0, 80.0, 80.0), _row("text", 0, 0, 99.0, 99.0, 99.0)]}
+    rows = finalist_pairs(sweep, 2, [(0, 1)])
+    assert [(r["text_layer"], r["visual_layer"], r["sweep_rank"], r["included"]) for r in rows] \
+        == [(1, 2, 1, False), (2, 3, 2, False), (0, 1, 3, True)]
+    # An included pair among the best is not trained twice; one never swept has no rank.
+    rows = finalist_pairs(sweep, 2, [(1, 2), (0, 3)])
+    assert [(r["text_layer"], r["visual_layer"], r["sweep_rank"], r["included"]) for r in rows] \
+        == [(1, 2, 1, True), (2, 3, 2, False), (0, 3, None, True)]
+    with pytest.raises(ValueError, match="text <= visual"):
+        finalist_pairs(sweep, 1, [(2, 1)])
+    with pytest.raises(ValueError, match="text <= visual"):
+        finalist_pairs(sweep, 1, [(0, 4)])
+    with pytest.raises(ValueError, match="no scored pairs"):
+        finalist_pairs({"depth": 4, "variants": [_row("text", 0, 0, 1.0, 1.0, 1.0)]}, 1)
+
+
+def _final(t, v, score, included):
+    return {**_row("pair", t, v, score, score, score), "variant": f"pair-{t}-{v}",
+            "included": included}
+
+
+def test_an_included_pair_is_kept_unless_beaten_by_more_than_a_point():
+    from dualedit.analysis.finalists import choose_finalist
+
+    chosen, reason = choose_finalist([_final(0, 3, 97.0, False), _final(0, 1, 96.5, True)])
+    assert (chosen["text_layer"], chosen["visual_layer"]) == (0, 1)
+    assert "within 1 point" in reason
+    chosen, _ = choose_finalist([_final(0, 3, 97.6, False), _final(0, 1, 96.5, True)])
+    assert (chosen["text_layer"], chosen["visual_layer"]) == (0, 3)
+    chosen, _ = choose_finalist([_final(0, 3, 90.0, False), _final(1, 1, 95.0, False)])
+    assert (chosen["text_layer"], chosen["visual_layer"]) == (1, 1)
+    with pytest.raises(ValueError):
+        choose_finalist([])
+
+
+def test_analyze_finalists_trains_them_and_recommend_takes_the_chosen_pair(tiny_factory,
+                                                                           tmp_path):
+    model, processor = tiny_factory("blip2")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = tmp_path / "data"
+    write_tiny_mmedit(data, n=8)
+    sweep = tmp_path / "sweep"
+    # A sweep of another task narrows the pairs; the finalists train on --task.
+    write_json(sweep / "layers.json", {"analysis": "layers", "depth": 6, "task": "caption",
+                                       "train_settings": {"max_steps": 150}, "variants": [
+        _row("pair", 2, 3, 95.0, 90.0, 88.0), _row("pair", 1, 1, 50.0, 50.0, 50.0)]})
+    keys = {"prompt_end": {"tau": 0.5, "balanced_error": 0.2},
+            "prompt_end_image": {"tau": 0.7, "balanced_error": 0.05}}
+    write_json(sweep / "gate.json", {"analysis": "gate", "layers": [2, 3],
+                                     "per_layer": {"2": keys, "3": keys}})
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"val_edits": 2, "batch_size": 2, "checkpoint_every": 1,
+                                    "eval_every": 1}))
+    out = tmp_path / "finalists"
+    args = ["-q", "analyze", "finalists", "--model", str(model_dir), "--data", str(data),
+            "--task", "vqa", "--sweep", str(sweep), "--out", str(out), "--top", "1",
+            "--include", "3", "3", "--steps", "1", "--settings", str(settings), "--quiet"]
+    assert main(args) == 0
+    result = json.loads((out / "finalists.json").read_text())
+    assert result["task"] == "vqa" and result["sweep_task"] == "caption"
+    assert result["train_settings"]["max_steps"] == 1
+    assert [(r["text_layer"], r["visual_layer"], r["included"]) for r in result["finalists"]] \
+        == [(2, 3, False), (3, 3, True)]
+    for row in result["finalists"]:
+        saved = json.loads((out / "finalists-runs" / row["variant"] / "best" /
+                            "adapter_config.json").read_text())["config"]
+        assert (saved["text_layer"], saved["visual_layer"]) == (row["text_layer"],
+                                                                row["visual_layer"])
+    assert (out / "finalists.png").read_bytes()[:4] == PNG
+    chosen = result["chosen"]
+    assert result["finalists"][[r["variant"] for r in result["finalists"]].index(
+        chosen["variant"])]["editor"] == chosen["editor"]
+    # recommend reads the finalists before the sweep, and names the trained adapters.
+    assert main(["-q", "analyze", "recommend", "--out", str(out), "--from", str(out),
+                 str(sweep)]) == 0
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert (rec["recommendation"]["text_layer"], rec["recommendation"]["visual_layer"]) == (
+        chosen["text_layer"], chosen["visual_layer"])
+    assert rec["trained_editor"] == chosen["editor"] and "finalists" in rec["evidence"]
+    assert rec["recommendation"]["gate_key"] == "prompt_end_image"
+    # A second run reuses every scored finalist.
+    import dualedit.analysis.finalists as finalists
+
+    def refuse(*a, **k):
+        raise AssertionError("a scored finalist was trained again")
+
+    original = finalists.train_and_score
+    finalists.train_and_score = refuse
+    try:
+        assert main(args) == 0
+    finally:
+        finalists.train_and_score = original

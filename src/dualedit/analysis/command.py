@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-KINDS = ("attention", "noise", "layers", "gate", "recommend")
+KINDS = ("attention", "noise", "layers", "finalists", "gate", "recommend")
 
 
 def _data(args: argparse.Namespace, attn_implementation: str | None = None):
@@ -63,22 +63,28 @@ def _gate(args: argparse.Namespace) -> str:
     return line
 
 
-def _layers(args: argparse.Namespace) -> str:
-    from dualedit.analysis.layers import SWEEP_SETTINGS, run_layer_sweep
-    from dualedit.evaluate import load_vlm
+def _train_settings(args: argparse.Namespace, base, *, eval_at_end: bool):
+    """`base` with the --settings file's fields over it, then the flags over those."""
     from dualedit.options import read_json_object
     from dualedit.train import TrainSettings
 
-    base = SWEEP_SETTINGS
-    if args.settings is not None:  # the file's fields over the sweep's defaults
+    if args.settings is not None:
         given_file = read_json_object(args.settings, what="--settings")
         base = TrainSettings.from_dict({**dataclasses.asdict(base), **given_file},
                                        where=str(args.settings))
     given = {"max_steps": args.steps, "lr": args.lr, "batch_size": args.train_batch_size,
              "seed": args.train_seed}
     settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    if args.steps is not None:
+    if args.steps is not None and eval_at_end:
         settings = dataclasses.replace(settings, eval_every=args.steps)
+    return settings
+
+
+def _layers(args: argparse.Namespace) -> str:
+    from dualedit.analysis.layers import SWEEP_SETTINGS, run_layer_sweep
+    from dualedit.evaluate import load_vlm
+
+    settings = _train_settings(args, SWEEP_SETTINGS, eval_at_end=True)
     model, processor = load_vlm(args.model)
     result = run_layer_sweep(
         model, processor, args.data, args.out, task=args.task, sweeps=args.sweeps,
@@ -86,6 +92,28 @@ def _layers(args: argparse.Namespace) -> str:
         source={"model": str(args.model), "data": str(args.data)},
     )
     return f"{len(result['variants'])} layer variants written to {args.out}"
+
+
+def _finalists(args: argparse.Namespace) -> str:
+    from dualedit.analysis.finalists import run_finalists
+    from dualedit.editors.registry import get_method
+    from dualedit.evaluate import load_vlm
+    from dualedit.train import TrainSettings
+
+    recipe = get_method("dualedit").recipe.train or TrainSettings()
+    settings = _train_settings(args, recipe, eval_at_end=False)
+    if args.steps is not None and settings.eval_every > settings.max_steps:
+        settings = dataclasses.replace(settings, eval_every=settings.max_steps)
+    include = None if args.include is None else [tuple(p) for p in args.include]
+    model, processor = load_vlm(args.model)
+    result = run_finalists(
+        model, processor, args.data, args.out, sweep=args.sweep, task=args.task, top=args.top,
+        include=include, settings=settings, limit=args.limit, progress=not args.quiet,
+        source={"model": str(args.model), "data": str(args.data)},
+    )
+    chosen = result["chosen"]
+    return (f"{len(result['finalists'])} finalists written to {args.out}; chosen "
+            f"({chosen['text_layer']}, {chosen['visual_layer']}): {chosen['reason']}")
 
 
 def _recommend(args: argparse.Namespace) -> str:
@@ -99,8 +127,8 @@ def _recommend(args: argparse.Namespace) -> str:
     return "\n".join(lines) + f"\nwritten to {Path(args.out) / 'recommendation.json'}"
 
 
-_ANALYSES = {"attention": _attention, "noise": _noise, "layers": _layers, "gate": _gate,
-             "recommend": _recommend}
+_ANALYSES = {"attention": _attention, "noise": _noise, "layers": _layers,
+             "finalists": _finalists, "gate": _gate, "recommend": _recommend}
 
 
 def _common(p: argparse.ArgumentParser, *, samples: bool = True) -> None:
@@ -116,6 +144,18 @@ def _common(p: argparse.ArgumentParser, *, samples: bool = True) -> None:
         p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _training_flags(p: argparse.ArgumentParser, defaults: str, *, steps: int) -> None:
+    p.add_argument("--settings", type=Path, default=None,
+                   help=f"each training's TrainSettings fields as a JSON object, over {defaults}; "
+                        "the flags below override it")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per variant (default {steps})")
+    p.add_argument("--lr", type=float, default=None, help="default 5e-3")
+    p.add_argument("--train-batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--train-seed", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="score only N validation edits")
 
 
 def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
@@ -153,16 +193,22 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sweeps", nargs="+", choices=["text", "visual", "pairs"],
                    default=["text", "visual", "pairs"])
     s.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
-    s.add_argument("--settings", type=Path, default=None,
-                   help="each variant's TrainSettings fields as a JSON object, over the sweep's "
-                        "defaults (150 steps, lr 5e-3, batch 8, validation at the end); the "
-                        "flags below override it")
-    s.add_argument("--steps", type=int, default=None, help="training steps per variant "
-                   "(default 150)")
-    s.add_argument("--lr", type=float, default=None, help="default 5e-3")
-    s.add_argument("--train-batch-size", type=int, default=None, help="default 8")
-    s.add_argument("--train-seed", type=int, default=None)
-    s.add_argument("--limit", type=int, default=None, help="score only N validation edits")
+    _training_flags(s, "the sweep's defaults (150 steps, lr 5e-3, batch 8, validation at the "
+                    "end)", steps=150)
+
+    f = kinds.add_parser("finalists", help="train the layer sweep's best pairs (and the "
+                         "recipe's) again at the full recipe budget; choose on the validation "
+                         "edits")
+    _common(f, samples=False)
+    f.add_argument("--sweep", type=Path, default=None,
+                   help="folder of the layer sweep's layers.json, of any task (default --out)")
+    f.add_argument("--top", type=int, default=2, help="how many of the sweep's best pairs")
+    f.add_argument("--include", type=int, nargs=2, action="append", default=None,
+                   metavar=("TEXT", "VISUAL"),
+                   help="a pair trained besides them, kept unless beaten by more than a point "
+                        "(repeatable; default the method recipe's layers)")
+    _training_flags(f, "the method recipe's training (600 steps, lr 5e-3, batch 8, validation "
+                    "every 300)", steps=600)
 
     r = kinds.add_parser("recommend", help="(text layer, visual layer, gate key, tau) from the "
                          "analyses in a folder")

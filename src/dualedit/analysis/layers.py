@@ -41,6 +41,8 @@ SWEEP_SETTINGS = TrainSettings(lr=5e-3, batch_size=8, max_steps=150, eval_every=
 SWEEPS: tuple[str, ...] = ("text", "visual", "pairs")
 METRICS: tuple[str, ...] = ("rel", "t_gen", "v_gen", "t_loc", "m_loc", "avg")
 RESULT_FILE = "layers.json"
+#: Score points within which two layer pairs count as tied.
+TIE = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,10 @@ def run_layer_sweep(
         cell_settings = {"task": task, "config": config, "limit": limit,
                          "train": dataclasses.asdict(settings), "source": source or {}}
         cell_path = out / "layers-cells" / f"{variant.name}.json"
-        cell = _read_cell(cell_path, cell_settings)
+        cell = read_cell(cell_path, cell_settings)
         if cell is None:
-            cell = _train_and_score(spec, model, processor, train_split, variant, config,
-                                    settings, out, limit, progress)
+            cell = train_and_score(spec, model, processor, train_split, variant, config,
+                                   settings, out / "layers-runs", limit, progress)
             cell["settings"] = cell_settings
             write_json(cell_path, cell)
         rows.append(cell)
@@ -159,14 +161,16 @@ def run_layer_sweep(
     return result
 
 
-def _train_and_score(spec, model, processor, train_split, variant, config, settings, out, limit,
-                     progress) -> dict[str, Any]:
+def train_and_score(spec, model, processor, train_split, variant, config, settings, runs, limit,
+                    progress) -> dict[str, Any]:
+    """Train `variant` in `runs/<variant name>` (resuming an unfinished run) and score it on the
+    validation edits that `settings.val_edits` holds out of `train_split`, with the gate off."""
     from dualedit.editors.registry import open_editor
     from dualedit.eval.harness import evaluate
     from dualedit.train.checkpoint import CheckpointMismatch
     from dualedit.train.log import read_trained_seconds
 
-    run_dir = out / "layers-runs" / variant.name
+    run_dir = Path(runs) / variant.name
 
     def train(resume: bool = True):
         return spec.train(model, processor, train_split, config=config, settings=settings,
@@ -204,7 +208,8 @@ def _train_and_score(spec, model, processor, train_split, variant, config, setti
     }
 
 
-def _read_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def read_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A scored cell written with exactly `settings`, else None (a damaged one is scored again)."""
     if not path.is_file():
         return None
     try:
@@ -215,6 +220,19 @@ def _read_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     if cell.get("settings") != as_written(settings):
         return None
     return cell
+
+
+def edit_score(row: dict[str, Any]) -> float:
+    """A scored variant's mean of Rel, T-Gen and V-Gen (what the adapters can do; locality is the
+    gate's job)."""
+    scores = row["scores"]
+    return (scores["rel"] + scores["t_gen"] + scores["v_gen"]) / 3
+
+
+def pair_rank(row: dict[str, Any]) -> tuple[float, float, int]:
+    """Sort key of scored pairs, best last: edit score on a grid of `TIE` points (scores within
+    a point rank alike), then Avg, then the deeper text layer (a longer frozen prefix)."""
+    return (TIE * (edit_score(row) // TIE), row["scores"].get("avg") or 0.0, row["text_layer"])
 
 
 # -- figures --------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@ analyses in one folder, with the evidence that chose it.
 
 Rules, in order of the evidence available:
 
-- **Layers.** From the layer sweep (`layers.json`): the adapter pair with the best mean of Rel,
-  T-Gen and V-Gen on the validation edits (the sweep runs without the gate, so locality is the
-  gate's job, chosen below); ties within `TIE` points go to the pair with the higher Avg, then
-  to the deeper text layer (a longer frozen prefix: cheaper training and editing). Without
+- **Layers.** From the finalists (`finalists.json`, `finalists.py`) when they were trained: the
+  short sweep's best pairs trained again at the full recipe budget, the chosen one and its
+  trained editor. Else from the layer sweep (`layers.json`): the adapter pair with the best mean
+  of Rel, T-Gen and V-Gen on the validation edits (the sweep runs without the gate, so locality
+  is the gate's job, chosen below); ties within `TIE` points go to the pair with the higher Avg,
+  then to the deeper text layer (a longer frozen prefix: cheaper training and editing). Without
   pairs, the best text-only layer and the best visual-only layer at or above it. Without a
   sweep, the noise analysis (`noise.json`): the layer where noise on the text positions moves
-  the answer most, and the layer at or above it most sensitive to noise on the image
-  positions. Without either, the paper's depth ratio (0.5 and 0.6 of the depth).
+  the answer most, and the layer at or above it most sensitive to noise on the image positions.
+  Without either, the paper's depth ratio (0.5 and 0.6 of the depth).
 - **Gate.** From the gate analysis (`gate.json`) at the chosen text layer (the gate reads its
   key there): the key kind the DualEdit gate supports (`GATE_KEYS`) with the lowest mean error
   over the input kinds (T-Gen, V-Gen rejected; M-Loc, hard M-Loc, T-Loc accepted; each kind
@@ -20,7 +22,8 @@ Rules, in order of the evidence available:
   Without a gate analysis the key and tau stay None: the backbone's default key, and tau
   chosen on the validation edits after training (`dualedit train` calibrates a None tau).
 
-`dualedit train --method dualedit --from-recommendation recommendation.json` trains with it.
+`dualedit train --method dualedit --from-recommendation recommendation.json` trains with it;
+after a finalists stage, `trained_editor` names adapters already trained with its layers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dualedit.analysis.figures import pyplot, read_json, save_figure, write_json
+from dualedit.analysis.layers import edit_score, pair_rank
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ METHOD = "dualedit"
 #: Gate key kinds a `DualEditConfig.gate_key` takes (the gate analysis measures others too).
 GATE_KEYS: tuple[str, ...] = ("prompt_end", "prompt_end_image", "prompt_end_and_image",
                               "prompt_end_image_groups", "last_position")
-#: Score points within which two layer pairs count as tied.
-TIE = 1.0
 #: Axis labels of the gate criteria.
 _CRITERIA = {"kind_error": "mean error over input kinds",
              "balanced_error": "balanced error"}
@@ -75,7 +77,7 @@ def recommend(
     if not folders:
         raise ValueError("recommend: give at least one folder")
     found: dict[str, Path] = {}
-    for name in ("layers", "noise", "gate", "attention"):
+    for name in ("finalists", "layers", "noise", "gate", "attention"):
         for candidate in folders:
             if (candidate / f"{name}.json").is_file():
                 found[name] = candidate / f"{name}.json"
@@ -83,8 +85,8 @@ def recommend(
     folder = folders[0]
     if not found:
         raise FileNotFoundError(
-            f"{', '.join(map(str, folders))}: no analysis results (layers.json, noise.json, "
-            "gate.json); run `dualedit analyze layers|noise|gate --out` there first"
+            f"{', '.join(map(str, folders))}: no analysis results (finalists.json, layers.json, "
+            "noise.json, gate.json); run `dualedit analyze layers|noise|gate --out` there first"
         )
     results = {name: read_json(path, what=f"{name} analysis") for name, path in found.items()}
     depth = _depth(results, folder)
@@ -101,6 +103,9 @@ def recommend(
                            "gate_key": gate_key, "tau": tau},
         "reasons": reasons,
         "evidence": evidence,
+        # The finalist's adapters, trained with these layers at the recipe budget (None without
+        # a finalists stage): `dualedit eval --editor` takes them with the gate options above.
+        "trained_editor": (results.get("finalists") or {}).get("chosen", {}).get("editor"),
         "inputs": sorted(str(p) for p in found.values()),
     }
     out = Path(out_dir) if out_dir is not None else folder
@@ -132,7 +137,7 @@ def recommendation_options(path: str | os.PathLike, method: str = METHOD) -> dic
 def _depth(results: dict[str, dict[str, Any]], folder: Path) -> int:
     """The model's depth: a sweep states it; the other analyses list the layers they covered
     (a lower bound when run on some layers only)."""
-    stated = results.get("layers", {}).get("depth")
+    stated = (results.get("finalists") or results.get("layers") or {}).get("depth")
     seen = [max(int(x) for x in data["layers"]) + 1 for data in results.values()
             if isinstance(data.get("layers"), list) and data["layers"]]
     if isinstance(stated, int):
@@ -146,25 +151,39 @@ def _depth(results: dict[str, dict[str, Any]], folder: Path) -> int:
 
 
 def _layers(results, depth, reasons, evidence) -> tuple[int, int]:
+    finalists = results.get("finalists")
+    if finalists is not None:
+        chosen = finalists["chosen"]
+        evidence["finalists"] = [
+            {**_row_summary(r), "sweep_rank": r.get("sweep_rank"),
+             "sweep_score": r.get("sweep_score"), "included": r.get("included")}
+            for r in finalists["finalists"]]
+        steps = finalists.get("train_settings", {}).get("max_steps")
+        reasons.append(
+            f"layers ({chosen['text_layer']}, {chosen['visual_layer']}): of "
+            f"{len(finalists['finalists'])} finalists trained {steps} steps on "
+            f"{finalists.get('task')}, {chosen['reason']} (mean Rel/T-Gen/V-Gen on the "
+            "validation edits, no gate)")
+        return int(chosen["text_layer"]), int(chosen["visual_layer"])
     sweep = results.get("layers")
     rows = [] if sweep is None else [r for r in sweep.get("variants", []) if r.get("scores")]
     pairs = [r for r in rows if r["kind"] == "pair"]
     if pairs:
-        ranked = sorted(pairs, key=_pair_rank, reverse=True)
+        ranked = sorted(pairs, key=pair_rank, reverse=True)
         best = ranked[0]
         evidence["layer_pairs"] = [_row_summary(r) for r in ranked[:5]]
         reasons.append(
             f"layers ({best['text_layer']}, {best['visual_layer']}): the best of "
             f"{len(pairs)} swept pairs by mean Rel/T-Gen/V-Gen on the validation edits "
-            f"({_edit_score(best):.1f}; Avg {best['scores']['avg']:.1f}, no gate)"
+            f"({edit_score(best):.1f}; Avg {best['scores']['avg']:.1f}, no gate)"
         )
         return best["text_layer"], best["visual_layer"]
     text = [r for r in rows if r["kind"] == "text"]
     visual = [r for r in rows if r["kind"] == "visual"]
     if text and visual:
-        t = max(text, key=lambda r: (_edit_score(r), r["text_layer"]))["text_layer"]
+        t = max(text, key=lambda r: (edit_score(r), r["text_layer"]))["text_layer"]
         above = [r for r in visual if r["visual_layer"] >= t] or visual
-        v = max(above, key=lambda r: (_edit_score(r), r["visual_layer"]))["visual_layer"]
+        v = max(above, key=lambda r: (edit_score(r), r["visual_layer"]))["visual_layer"]
         v = max(v, t)
         evidence["single_layers"] = [_row_summary(r) for r in text + visual]
         reasons.append(f"layers ({t}, {v}): the best text-only layer and the best visual-only "
@@ -184,19 +203,9 @@ def _layers(results, depth, reasons, evidence) -> tuple[int, int]:
     return t, v
 
 
-def _edit_score(row: dict[str, Any]) -> float:
-    scores = row["scores"]
-    return (scores["rel"] + scores["t_gen"] + scores["v_gen"]) / 3
-
-
-def _pair_rank(row: dict[str, Any]) -> tuple[float, float, int]:
-    # Scores within TIE points rank alike: round down to the tie grid.
-    return (TIE * (_edit_score(row) // TIE), row["scores"].get("avg") or 0.0, row["text_layer"])
-
-
 def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
     return {"variant": row["variant"], "text_layer": row["text_layer"],
-            "visual_layer": row["visual_layer"], "edit_score": _edit_score(row),
+            "visual_layer": row["visual_layer"], "edit_score": edit_score(row),
             "scores": row["scores"]}
 
 
@@ -265,7 +274,7 @@ def plot_recommendation(result: dict[str, Any], results: dict[str, dict[str, Any
     pairs = [] if sweep is None else [r for r in sweep["variants"] if r["kind"] == "pair"]
     if pairs:
         labels = [f"{r['text_layer']},{r['visual_layer']}" for r in pairs]
-        ax.bar(range(len(pairs)), [_edit_score(r) for r in pairs], color=[
+        ax.bar(range(len(pairs)), [edit_score(r) for r in pairs], color=[
             "tab:red" if (r["text_layer"], r["visual_layer"]) ==
             (chosen["text_layer"], chosen["visual_layer"]) else "tab:blue" for r in pairs])
         ax.set_xticks(range(len(pairs)), labels, rotation=90, fontsize=7)
