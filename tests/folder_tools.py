@@ -45,7 +45,9 @@ def rewrite_tensors(path, change, *, manifest) -> dict:
     change(tensors)
     data = save(tensors)
     path.write_bytes(data)
-    _resign(path.parent / manifest, path.name, tensor_entry(data, tensors))
+    old = json.loads((path.parent / manifest).read_text())["files"][path.name]
+    blocks = old.get("blocks", {}).get("bytes")  # block checksums stay if the file had them
+    _resign(path.parent / manifest, path.name, tensor_entry(data, tensors, blocks=blocks))
     return tensors
 
 

@@ -138,6 +138,23 @@ def test_inference_quick(tmp_path):
         assert set(result["target"]["groups"]) == set(result["groups"])
 
 
+def test_memory_load_quick(tmp_path):
+    out = tmp_path / "memory_load.json"
+    _load("memory_load").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    _check_common(data, "memory_load")
+    for arch, results in data["results"].items():
+        assert [r["edits"] for r in results] == [10, 100]
+        for result in results:
+            _check_times(result["times"], ["load_whole", "load_mapped", "first_states_whole",
+                                           "first_states_mapped"])
+            for entry in result["ratios"].values():
+                _check_ratio(entry)
+            assert result["same_states"] is True and result["file_mb"] > 0
+        assert results[1]["file_mb"] > results[0]["file_mb"] * 5  # distinct states per edit
+    assert data["target"]["edits"] == 100 and isinstance(data["target"]["met"], bool)
+
+
 def test_train_step_quick_without_memory(tmp_path):
     out = tmp_path / "train_step.json"
     _load("train_step").main(["--quick", "--no-memory", "--out", str(out)])

@@ -148,14 +148,15 @@ def test_save_and_load_round_trip(tmp_path, dtype):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.json", "memory.safetensors"]
     index = json.loads((tmp_path / "memory.json").read_text())
     assert list(index) == sorted(index) and index["ids"] == ["named", 1]
-    loaded = EditMemory.load(tmp_path)
-    assert loaded.ids == m.ids and loaded.entries() == m.entries()
-    for i in range(2):
-        a, b = m.states([i]), loaded.states([i])
-        assert b.text.dtype == dtype
-        assert torch.equal(a.text, b.text) and torch.equal(a.visual, b.visual)
-        assert all(torch.equal(a.keys[k], b.keys[k]) for k in a.keys)
-    assert loaded.add(*edit(5)) == 2  # the id counter survives the file
+    for lazy in (False, True):  # read whole, or memory-mapped with states read on use
+        loaded = EditMemory.load(tmp_path, lazy=lazy)
+        assert loaded.ids == m.ids and loaded.entries() == m.entries()
+        for i in range(2):
+            a, b = m.states([i]), loaded.states([i])
+            assert b.text.dtype == dtype
+            assert torch.equal(a.text, b.text) and torch.equal(a.visual, b.visual)
+            assert all(torch.equal(a.keys[k], b.keys[k]) for k in a.keys)
+        assert loaded.add(*edit(5)) == 2  # the id counter survives the file
 
 
 def test_empty_memory_round_trips_and_read_checks_the_model(tmp_path):

@@ -132,7 +132,8 @@ def read_editor_folder(directory: str | os.PathLike) -> EditorFolder:
                 "add them", directory, meta["format"]
             )
         files = {
-            name: reader.tensors(name, check=False) if name.endswith(".safetensors")
+            # A large edit memory is memory-mapped (read per edit on first use, `folders.mapped`).
+            name: reader.tensors_lazy(name) if name.endswith(".safetensors")
             else reader.json(name)
             for name in names
         }

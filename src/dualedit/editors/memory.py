@@ -36,6 +36,7 @@ from dualedit.editors.memory_files import (  # noqa: F401  (check_id, MAX_ID_LEN
     empty_dtype,
     is_int,
 )
+from dualedit.folders.mapped import materialize
 from dualedit.options import read_json_object
 
 logger = logging.getLogger(__name__)
@@ -275,12 +276,21 @@ class EditStore(StoreFiles):
 
     def tensors(self, name: str, positions: Iterable[int] | None = None) -> list[torch.Tensor]:
         """The tensors of `name` of every edit in insertion order, or of the edits at
-        `positions` (in that order; repeats allowed)."""
+        `positions` (in that order; repeats allowed). Rows of a lazily read store are read
+        here, the first time (ValueError naming the file: a damaged block)."""
         column = self._column(name)
-        return list(column) if positions is None else [column[p] for p in positions]
+        chosen = column if positions is None else [column[p] for p in positions]
+        return [materialize(t) for t in chosen]
+
+    def lengths(self, name: str) -> list[int]:
+        """Rows of `name` per edit in insertion order (1 for a vector), without reading a lazily
+        read store's rows."""
+        column = self._column(name)
+        return [int(t.shape[0]) if self.fields[name].sequence else 1 for t in column]
 
     def nbytes(self, edit_id: EditId) -> int:
-        """Bytes of one edit's tensors (a tensor held under two names counted once)."""
+        """Bytes of one edit's tensors (a tensor held under two names counted once; unread rows
+        of a lazily read store counted as they will be held)."""
         i = self.position(edit_id)
         unique = {id(column[i]): column[i] for column in self._columns.values()}
         return sum(t.numel() * t.element_size() for t in unique.values())
@@ -311,7 +321,7 @@ class EditStore(StoreFiles):
         def build() -> torch.Tensor:
             if not column:
                 return torch.zeros((0, field.width), dtype=empty_dtype(field), device=device)
-            return torch.stack([t.to(device) for t in column])  # [n_edits, width]
+            return torch.stack([materialize(t).to(device) for t in column])  # [n_edits, width]
 
         if not cache:
             return build()

@@ -21,6 +21,7 @@ from dualedit.folders import (
     read_folder,
     write_folder,
 )
+from dualedit.folders.mapped import BLOCK_BYTES, LazyRows, MappedTensor, lazy_split, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ class StoreFiles:
                 continue  # the same tensors as an earlier field's: written once, under it
             if not column:
                 tensors[name] = torch.zeros((0, field.width), dtype=empty_dtype(field))
-            elif field.sequence:
-                tensors[name] = torch.cat([t.cpu() for t in column])  # [total rows, width]
+            elif field.sequence:  # [total rows, width]
+                tensors[name] = torch.cat([materialize(t).cpu() for t in column])
             else:
-                tensors[name] = torch.stack([t.cpu() for t in column])  # [n_edits, width]
+                tensors[name] = torch.stack([materialize(t).cpu() for t in column])  # [n, width]
         index = {
             **meta,
             "next_id": self._next_id,
@@ -99,7 +100,8 @@ class StoreFiles:
         }
         if same:
             index[SAME_AS] = same
-        writer.tensors(tensors_file, tensors)
+        # Block checksums: a large store loads lazily (`read_files`), each edit verified on use.
+        writer.tensors(tensors_file, tensors, blocks=BLOCK_BYTES)
         writer.manifest(index_file, index, covers=[tensors_file])
         return [tensors_file, index_file]
 
@@ -151,10 +153,15 @@ class StoreFiles:
 
     @staticmethod
     def read_files(
-        directory: str | os.PathLike, *, index_file: str, tensors_file: str
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
+        directory: str | os.PathLike, *, index_file: str, tensors_file: str,
+        lazy: bool | None = None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor | MappedTensor], str | None]:
         """The index and tensors of a saved store, verified against each other's checksums
         (one version of the folder, see `folders.read_folder`), and its revision.
+
+        `lazy` (`FolderReader.tensors_lazy`): None memory-maps a large tensor file written with
+        block checksums, so its sequences are read, and verified, only when an edit's are first
+        used (`take`); True maps any such file; False reads and verifies the whole file now.
 
         Raises:
             FileNotFoundError: the folder or a file is missing.
@@ -167,7 +174,7 @@ class StoreFiles:
                 f"edit store file {directory / index_file} not found ({directory}: {what})"
             )
 
-        def read(reader: FolderReader) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
+        def read(reader: FolderReader) -> tuple[dict[str, Any], dict[str, Any], str | None]:
             index = reader.read_manifest(index_file, what="edit store")
             if not reader.checked():
                 logger.warning(
@@ -176,7 +183,7 @@ class StoreFiles:
                 )
             if not reader.exists(tensors_file):
                 raise FileNotFoundError(f"edit store file {directory / tensors_file} not found")
-            return index, reader.tensors(tensors_file, check=False), index.get("revision")
+            return index, reader.tensors_lazy(tensors_file, lazy=lazy), index.get("revision")
 
         return read_folder(directory, read)
 
@@ -189,15 +196,17 @@ class StoreFiles:
         fill: Mapping[str, float] | None = None,
         share: Sequence[tuple[str, str]] = (),
         allow_nonfinite: Iterable[str] = (),
+        lazy: bool | None = None,
     ) -> dict[str, Any]:
-        """Replace the edits by those saved in `directory` by `save` (see `take`).
+        """Replace the edits by those saved in `directory` by `save` (see `take`; `lazy` as
+        `read_files`).
 
         Returns:
             The index (the caller's meta is in it).
         """
         directory = Path(directory)
         index, tensors, revision = self.read_files(
-            directory, index_file=index_file, tensors_file=tensors_file
+            directory, index_file=index_file, tensors_file=tensors_file, lazy=lazy
         )
         self.take(
             index,
@@ -214,7 +223,7 @@ class StoreFiles:
     def take(
         self,
         index: Mapping[str, Any],
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor | MappedTensor],
         *,
         index_path: Path,
         tensors_path: Path,
@@ -224,6 +233,11 @@ class StoreFiles:
     ) -> None:
         """Replace the edits by those of a saved index and its tensors; everything is checked
         before anything changes, so a refused file leaves the store as it was.
+
+        Memory-mapped tensors (`read_files` with `lazy`): vectors (keys) are read and checked
+        now; each edit's rows of a sequence stay unread (`mapped.LazyRows`) until first used,
+        when they are verified against the file's block checksums and checked finite, and a
+        damaged block is refused naming the file.
 
         Args:
             index_path, tensors_path: where they were read from (for the messages).
@@ -245,7 +259,13 @@ class StoreFiles:
         same = self._check_same(index, tensors, lengths, index_path, tensors_path)
         for name, earlier in same.items():
             tensors[name] = tensors[earlier]
-        check_finite(tensors, tensors_path, allow=allow_nonfinite)
+        allow_nonfinite = set(allow_nonfinite)
+        for name, tensor in list(tensors.items()):
+            field = self.fields.get(name)
+            if isinstance(tensor, MappedTensor) and (field is None or not field.sequence):
+                tensors[name] = tensor.rows()  # a vector field (keys): read and verified now
+        check_finite({k: t for k, t in tensors.items() if torch.is_tensor(t)}, tensors_path,
+                     allow=allow_nonfinite)
         for name, value in (fill or {}).items():
             if name not in tensors:
                 field = self._vector(name)
@@ -271,17 +291,25 @@ class StoreFiles:
                     f"{tensors_path}: {name} is stored as {tensor.dtype}, expected a floating "
                     f"dtype like {field.dtype}"
                 )
-            rows[name] = tensor.split(lengths[name]) if field.sequence and ids else tensor
+            if isinstance(tensor, MappedTensor):
+                rows[name] = lazy_split(tensor, lengths[name], dtype=field.dtype,
+                                        device=self.device,
+                                        check_finite=name not in allow_nonfinite)
+            else:
+                rows[name] = tensor.split(lengths[name]) if field.sequence and ids else tensor
         self.clear()
         for i, edit_id in enumerate(ids):
             row = {
-                name: rows[name][i].clone().to(device=self.device, dtype=field.dtype)
+                name: rows[name][i] if isinstance(rows[name][i], LazyRows)
+                else rows[name][i].clone().to(device=self.device, dtype=field.dtype)
                 for name, field in self.fields.items()
             }
             for name, earlier in same.items():
                 row[name] = row[earlier]
             for first, second in share:
                 a, b = row[first], row[second]
+                if isinstance(a, LazyRows) or isinstance(b, LazyRows):
+                    continue  # unread: compared (and shared) only when read whole
                 if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
                     row[second] = a
             self._append(edit_id, row, dict(info[i]))

@@ -21,14 +21,17 @@ def manifest_checksum(record: Mapping[str, Any]) -> str:
     return sha256_bytes(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
-
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def tensor_entry(data: bytes, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The manifest entry of a tensor file: size, SHA-256, and each tensor's dtype and shape."""
-    return {
+def tensor_entry(
+    data: bytes, tensors: Mapping[str, torch.Tensor], *, blocks: int | None = None
+) -> dict[str, Any]:
+    """The manifest entry of a tensor file: size, SHA-256, and each tensor's dtype and shape;
+    with `blocks` (a block size in bytes), also the SHA-256 of each block, so the file can be
+    read lazily and verified block by block (`mapped.py`)."""
+    entry: dict[str, Any] = {
         "bytes": len(data),
         "sha256": sha256_bytes(data),
         "tensors": {
@@ -36,6 +39,11 @@ def tensor_entry(data: bytes, tensors: Mapping[str, torch.Tensor]) -> dict[str, 
             for name, t in sorted(tensors.items())
         },
     }
+    if blocks is not None:
+        view = memoryview(data)
+        entry["blocks"] = {"bytes": blocks, "sha256": [
+            sha256_bytes(view[i:i + blocks]) for i in range(0, max(len(data), 1), blocks)]}
+    return entry
 
 
 def check_finite(

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from dualedit.folders.checks import check_finite, manifest_checksum, sha256_bytes
+from dualedit.folders.mapped import LAZY_MIN_BYTES, MappedFile, MappedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,29 @@ class FolderReader:
         if check:
             check_finite(tensors, path, allow=allow_nonfinite)
         return tensors
+
+    def tensors_lazy(
+        self, name: str, *, lazy: bool | None = None
+    ) -> dict[str, torch.Tensor | MappedTensor]:
+        """A safetensors file as `tensors(name, check=False)` gives it or, for a file written
+        with block checksums, memory-mapped (`mapped.MappedTensor`: rows verified when first
+        read). `lazy`: None maps files with blocks of at least `LAZY_MIN_BYTES`; True maps any
+        file with blocks; False reads every file whole. A file without blocks is read whole."""
+        entry = self._entry(name) if self.checked() else {}
+        if lazy is False or "blocks" not in entry or (
+                lazy is None and int(entry.get("bytes", 0)) < LAZY_MIN_BYTES):
+            return dict(self.tensors(name, check=False))
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
+        except FileNotFoundError:
+            if self._swapped():
+                raise FolderChanged(name) from None
+            raise FileNotFoundError(f"{self.directory / name} not found") from None
+        try:
+            return dict(MappedFile(fd, self.directory / name, entry,
+                                   self._manifest_path()).tensors)
+        finally:
+            os.close(fd)  # the mapping keeps the file itself
 
     def _entry(self, name: str) -> dict[str, Any]:
         files = (self.manifest or {}).get("files")

@@ -43,12 +43,16 @@ class FolderWriter:
         self._entries: dict[str, dict[str, Any]] = {}
         self._dropped: set[str] = set()
 
-    def tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Write a safetensors file; returns its manifest entry."""
+    def tensors(
+        self, name: str, tensors: Mapping[str, torch.Tensor], *, blocks: int | None = None
+    ) -> dict[str, Any]:
+        """Write a safetensors file; returns its manifest entry (with `blocks`, a block size in
+        bytes, the entry also holds per-block checksums: the file can be read lazily,
+        `FolderReader.tensors_lazy`)."""
         tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
         data = save_safetensors_bytes(tensors)
         self._write(name, data)
-        self._entries[name] = tensor_entry(data, tensors)
+        self._entries[name] = tensor_entry(data, tensors, blocks=blocks)
         return self._entries[name]
 
     def text(self, name: str, text: str) -> dict[str, Any]:

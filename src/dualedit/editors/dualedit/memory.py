@@ -333,12 +333,12 @@ class EditMemory:
                 prompt=(info := store.info(edit_id))["prompt"],
                 target=info["target"],
                 image=info["image"],
-                text_positions=int(text.shape[0]),
-                visual_positions=int(visual.shape[0]),
+                text_positions=text,
+                visual_positions=visual,
                 nbytes=store.nbytes(edit_id),
             )
             for edit_id, text, visual in zip(
-                store.ids, store.tensors("text"), store.tensors("visual"), strict=True
+                store.ids, store.lengths("text"), store.lengths("visual"), strict=True
             )
         ]
 
@@ -412,21 +412,24 @@ class EditMemory:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, *, device: torch.device | str | None = None
+        cls, directory: str | os.PathLike, *, device: torch.device | str | None = None,
+        lazy: bool | None = None,
     ) -> EditMemory:
         """A new memory with the edits saved in `directory` by `save` (FileNotFoundError: a file
-        is missing; ValueError: the files are malformed, damaged or disagree)."""
+        is missing; ValueError: the files are malformed, damaged or disagree). A large memory
+        is memory-mapped: its states are read and verified per edit on first use (`lazy`, see
+        `EditStore.read_files`)."""
         directory = Path(directory)
         index, tensors, _ = EditStore.read_files(
-            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE
+            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE, lazy=lazy
         )
         index = _check_index(index, directory / INDEX_FILE)
         memory = cls(**{name: index[name] for name in MODEL_FIELDS}, device=device)
         memory.take(index, tensors, directory)
         return memory
 
-    def read(self, directory: str | os.PathLike) -> None:
-        """Replace this memory's edits by those saved in `directory`.
+    def read(self, directory: str | os.PathLike, *, lazy: bool | None = None) -> None:
+        """Replace this memory's edits by those saved in `directory` (`lazy` as `load`).
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -435,12 +438,12 @@ class EditMemory:
         """
         directory = Path(directory)
         index, tensors, _ = EditStore.read_files(
-            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE
+            directory, index_file=INDEX_FILE, tensors_file=STATES_FILE, lazy=lazy
         )
         self.take(index, tensors, directory)
 
     def take(
-        self, index: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+        self, index: dict[str, Any], tensors: dict[str, Any], directory: Path
     ) -> None:
         """Replace this memory's edits by a saved index and its tensors, read from `directory`
         (checked against this memory's model fields and against each other)."""
