@@ -16,6 +16,10 @@ same way:
   and the write's `"revision"` (a random id). `read_folder` verifies every file it is asked for
   against its manifest, refuses NaN and infinite values (unless a caller allows them by name),
   and names the file and what is wrong.
+- **Large files read lazily.** A tensor file written with block checksums (edit memories) is
+  memory-mapped when it is large (`FolderReader.tensors_lazy`, `mapped.py`): its header and
+  size are checked at once, each range of rows the first time it is used, against the checksums
+  of the 1 MiB blocks it covers; a damaged block is refused then, naming the file.
 - **Readers never see a mix.** A reader opens the folder once and reads every file through that
   handle, so all files come from one write even while a writer swaps a new folder in; a file that
   vanished under it makes it read again.
@@ -23,7 +27,7 @@ same way:
   it loaded (`expect_revision`): if another process saved the folder in between, the save is
   refused (`ConcurrentChange`) instead of silently dropping that process's work.
 
-Modules: lock.py, checks.py, write.py, read.py. It imports nothing of dualedit but `io`.
+Modules: lock.py, checks.py, write.py, read.py, mapped.py. It imports nothing of dualedit but `io`.
 """
 
 from dualedit.folders.checks import (
