@@ -308,8 +308,11 @@ def test_similarity_rows_agree_with_the_matrix():
     ]
     parts[0]["image_mean"][1] = 0.0
     parts[0]["image_groups"][1] = 0.0
+    from dualedit.editors.dualedit.heads import GateHeads
+
+    heads = GateHeads(HIDDEN, width=8)  # the learned kind's (random) heads
     for kind in GATE_KEYS:
-        a, b = gate_vectors(parts[0], kind), gate_vectors(parts[1], kind)
+        a, b = gate_vectors(parts[0], kind, heads), gate_vectors(parts[1], kind, heads)
         torch.testing.assert_close(
             similarity_rows(a, b, kind), similarity_matrix(a, b, kind).diagonal()
         )
@@ -445,3 +448,15 @@ def test_add_many_is_one_batch_of_adds_and_refuses_all_on_one_bad_edit():
     with pytest.raises(ValueError, match="3 text states but"):
         m.add_many(*zip(edit(8), edit(9), edit(10)), prompts=["only one"])
     assert m.ids == [0, "b", 1, 2]  # nothing of the refused batches was stored
+
+
+def test_answer_keys_of_prompts_of_different_lengths_load_again(tmp_path):
+    """text_keys "answer" keeps the last prompt token and the target: the gap to the visual
+    count is each prompt's own length, so two edits may differ in it (files once refused)."""
+    m = memory(text_keys="answer")
+    for seed, (n_text, n_visual) in enumerate([(3, 9), (2, 14)]):
+        text, visual, keys = edit(seed, n=n_visual)
+        m.add(text[-n_text:], visual, keys)
+    m.save(tmp_path)
+    loaded = EditMemory.load(tmp_path)
+    assert [e.text_positions for e in loaded.entries()] == [3, 2]

@@ -88,7 +88,11 @@ def _int_adapter(tensors):
 
 
 def _swap_text_lengths(index):
-    index["text_lengths"] = [index["text_lengths"][0] + 1, index["text_lengths"][1] - 1]
+    # Rows moved from edit 1's text states to edit 0's, past edit 0's visual count (a shift that
+    # keeps within the visual counts cannot be told from the lengths alone under text_keys
+    # "answer", where the gap is each prompt's length).
+    moved = index["visual_lengths"][0] + 1 - index["text_lengths"][0]
+    index["text_lengths"] = [index["text_lengths"][0] + moved, index["text_lengths"][1] - moved]
 
 
 DAMAGES = {

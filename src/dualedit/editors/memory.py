@@ -295,6 +295,11 @@ class EditStore(StoreFiles):
         unique = {id(column[i]): column[i] for column in self._columns.values()}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
+    def clear_cache(self) -> None:
+        """Drop the values computed from the edits (`cached`), e.g. when how they are compared
+        changed."""
+        self._cache.clear()
+
     def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """`build()`, computed once and kept until the next change of the edits (for a method's
         own matrices; use a key that names the method, e.g. ("gate", kind, device))."""

@@ -34,6 +34,8 @@ from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.data.prompts import record_samples
 from dualedit.data.requests import edit_requests
 from dualedit.editors.dualedit.editor import DualEditor
+from dualedit.editors.dualedit.gate import LEARNED
+from dualedit.editors.dualedit.gate_fit import fit_gate
 from dualedit.train.data import split_indices
 from dualedit.train.settings import TrainSettings
 
@@ -231,11 +233,18 @@ def calibrate_on(
     **overrides: Any,
 ) -> TauChoice:
     """Choose tau on the edits `val_idx` and save the adapters with it (and `overrides`, run-time
-    config fields such as gate_key) to `out_dir` (default: `adapters_dir`)."""
+    config fields such as gate_key) to `out_dir` (default: `adapters_dir`).
+
+    With the "learned" gate key, the gate heads are fitted first (`gate_fit.fit_gate`) on the
+    other records of `dataset` (the validation edits held out), and saved with the adapters."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
     was_training = model.training
     model.eval()
+    heads = None
     try:
+        if editor.config.gate_key == LEARNED:
+            held_out = set(val_idx)
+            heads = fit_gate(editor, dataset, [i for i in range(len(dataset)) if i not in held_out])
         choice = choose_tau(editor, dataset, val_idx, mode=mode)
     finally:
         editor.detach()
@@ -243,6 +252,8 @@ def calibrate_on(
     calibrated = DualEditor.from_pretrained(
         model, processor, adapters_dir, **overrides, tau=choice.tau
     )
+    if heads is not None:
+        calibrated.memory.set_gate_heads(heads)
     try:
         calibrated.save_pretrained(out_dir if out_dir is not None else adapters_dir)
     finally:

@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from dualedit.editors.dualedit.gate import KIND_PARTS
+from dualedit.editors.dualedit.gate import KIND_PARTS, LEARNED
 
 #: The paper's gate thresholds (DualEdit, COLM 2025) per `config.model_type`.
 DEFAULT_TAU: dict[str, float] = {"llava": 0.6, "blip-2": 0.8}
 #: Width of the adapters' attention space in the released code (for 2560- and 4096-wide models).
 DEFAULT_WIDTH = 1024
 GATE_SCOPES: tuple[str, ...] = ("both", "text")
-GATE_KEYS: tuple[str, ...] = tuple(KIND_PARTS)
+GATE_KEYS: tuple[str, ...] = (*KIND_PARTS, LEARNED)
 #: The gate key per `config.model_type` (chosen on the validation edits, see `gate_key`); others
 #: get DEFAULT_GATE_KEY.
 ARCH_GATE_KEY: dict[str, str] = {"blip-2": "prompt_end_image_groups"}
@@ -66,6 +66,10 @@ class DualEditConfig:
             two cosines (question and image must both match; nearest edit chosen by it).
             "prompt_end_image_groups": like "prompt_end_image" with the image mean replaced by
             the means of 4 contiguous groups of image positions (keys.py).
+            "learned": keys from two fitted heads (image, question; `heads.py`), the similarity
+            the smaller of their cosines; the heads are fitted on the train split's frozen key
+            parts by `dualedit calibrate` / `dualedit train` and saved beside the adapters, and
+            tau is their learned threshold.
             None: per architecture (`ARCH_GATE_KEY`, else "prompt_end_image"), as chosen on the
             64 validation edits of the built-in world with the trained layer-0 adapters and tau
             calibrated on the same edits: BLIP-2 "prompt_end_image_groups" (64 edits stored at

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
-from dualedit.data.prompts import Sample, encode, encode_prompts, group_by_image
+from dualedit.data.prompts import Sample, encode_prompts
 from dualedit.data.requests import EditRequest
 from dualedit.editors.base import (
     EditId,
@@ -55,13 +55,10 @@ from dualedit.editors.dualedit.gate import GateDecision, decision_of
 from dualedit.editors.dualedit.hooks import CallContext, DualEditHooks
 from dualedit.editors.dualedit.memory import INDEX_FILE as MEMORY_INDEX_FILE
 from dualedit.editors.dualedit.memory import STATES_FILE as MEMORY_STATES_FILE
-from dualedit.editors.dualedit.memory import (
-    EditInfo,
-    EditMemory,
-    EditStates,
-    edit_states,
-    pad_states,
-)
+from dualedit.editors.dualedit.capture_states import capture_states, states_of
+from dualedit.editors.dualedit.heads import FILE as HEADS_FILE
+from dualedit.editors.dualedit.heads import heads_from, heads_meta
+from dualedit.editors.dualedit.memory import EditInfo, EditMemory, EditStates
 from dualedit.editors.weights import GradFlags, freeze
 
 logger = logging.getLogger(__name__)
@@ -369,36 +366,10 @@ class DualEditor(Editor):
     def _capture(
         self, samples: Sequence[Sample], load_image: ImageLoader
     ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-        """(text states, visual states, gate keys) of each sample, from a frozen forward that
-        stops after layer max(t, v), adapters off, no gradient."""
-        t, v = self.config.text_layer, self.config.visual_layer
-        out: list[Any] = [None] * len(samples)
-        size = self.batch_size
-        # model.eval() walks every submodule (~4 ms on the small VLMs, a sixth of a forward):
-        # only a model in training mode is switched, and switched back after.
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
-        try:
-            for rows in group_by_image(samples).values():
-                for start in range(0, len(rows), size):
-                    chunk = rows[start : start + size]
-                    batch = encode(
-                        [samples[i] for i in chunk], self.processor, self.backbone, load_image
-                    ).to(self._input_device)
-                    forward = self._forward_of(batch)
-                    with (
-                        torch.no_grad(),
-                        self.hooks.disabled(),
-                        LayerTrace(self.model, self.backbone, [t, v], stop=True) as trace,
-                    ):
-                        outputs = trace.run(forward)
-                    for row, i in enumerate(chunk):
-                        out[i] = _edit_states(outputs, t, v, batch, row, self.config.text_keys)
-        finally:
-            if was_training:
-                self.model.train()
-        return out
+        """(text states, visual states, gate key parts) of each sample (`capture_states`)."""
+        return capture_states(self.model, self.processor, self.backbone, self.hooks, self.config,
+                              samples, load_image, batch_size=self.batch_size,
+                              device=self._input_device)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -407,6 +378,8 @@ class DualEditor(Editor):
         edits go to the memory files, not here)."""
         meta = super().folder_meta()
         del meta["edits"]
+        if self.memory.gate_heads is not None:
+            meta["gate_heads"] = heads_meta(self.memory.gate_heads)
         return meta
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -418,15 +391,27 @@ class DualEditor(Editor):
         load_adapter_tensors(self.adapters, tensors, where=where)
 
     def write_files(self, writer: FolderWriter) -> list[str]:
-        """The edit memory (`memory.json`, `memory.safetensors`) when edits are stored (none of
-        an earlier save is kept otherwise)."""
+        """The edit memory (`memory.json`, `memory.safetensors`) when edits are stored, and the
+        fitted gate heads (`gate_heads.safetensors`) when there are any (none of an earlier save
+        is kept otherwise)."""
+        written = []
+        heads = self.memory.gate_heads
+        if heads is not None:
+            writer.tensors(HEADS_FILE, heads.state_dict())
+            written.append(HEADS_FILE)
+        else:
+            writer.drop(HEADS_FILE)
         if len(self.memory):
-            return self.memory.write(writer)
+            return written + self.memory.write(writer)
         writer.drop(MEMORY_INDEX_FILE, MEMORY_STATES_FILE)
-        return []
+        return written
 
     def load_files(self, folder: EditorFolder) -> None:
-        """The stored edits, when the folder holds any."""
+        """The fitted gate heads and the stored edits, when the folder holds them."""
+        if HEADS_FILE in folder.files:
+            self.memory.set_gate_heads(heads_from(
+                folder.meta.get("gate_heads", {}), folder.files[HEADS_FILE],
+                str(folder.path / HEADS_FILE)))
         if MEMORY_INDEX_FILE in folder.files:
             states = folder.files.get(MEMORY_STATES_FILE)
             if states is None:
@@ -469,36 +454,6 @@ class DualEditor(Editor):
         """Replace the stored edits by those saved in `directory` (checked against the model's
         hidden size, the adapter layers and the model type)."""
         self.memory.read(directory)
-
-
-def states_of(
-    states: Sequence[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
-    device: torch.device | str | None = None,
-) -> EditStates:
-    """Pad per-edit (text, visual, keys) triples into one `EditStates`, one edit per row."""
-    text, text_mask = pad_states([s[0] for s in states], device)
-    visual, visual_mask = pad_states([s[1] for s in states], device)
-    keys = {k: torch.stack([s[2][k] for s in states]).to(text.device) for k in states[0][2]}
-    return EditStates(text, text_mask, visual, visual_mask, keys)
-
-
-def _edit_states(
-    outputs: dict[int, torch.Tensor], t: int, v: int, batch: Any, row: int, text_keys: str
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One edit's trimmed states and gate key parts from a right-padded captured batch
-    (`memory.edit_states` on that row alone, padding cut)."""
-    n = int(batch.attention_mask[row].sum())
-    one = slice(row, row + 1)
-    states = edit_states(
-        outputs[t][one, :n], outputs[v][one, :n], batch.attention_mask[one, :n],
-        batch.image_mask[one, :n], batch.prompt_end[one], text_keys,
-    )
-    text = states.text[0].clone()  # [n_text, hidden]
-    if v != t:
-        visual = states.visual[0].clone()  # [n, hidden]
-    else:
-        visual = text if text.shape[0] == n else outputs[t][row, :n].clone()
-    return text, visual, {k: key[0].clone() for k, key in states.keys.items()}
 
 
 def _layer_device(layer: nn.Module) -> torch.device:

@@ -57,6 +57,19 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
 }
 #: Kinds whose similarity is the minimum of the part cosines, not one cosine of whole vectors.
 MIN_KINDS: frozenset[str] = frozenset({"prompt_end_and_image"})
+#: The learned key kind (`heads.GateHeads`: fitted heads, not a fixed formula) and its parts.
+LEARNED = "learned"
+LEARNED_PARTS: tuple[str, ...] = ("prompt_end", "image_mean", "image_groups")
+
+
+def kind_parts(kind: str) -> tuple[str, ...]:
+    """The key parts a gate key kind is built from (ValueError: an unknown kind)."""
+    if kind == LEARNED:
+        return LEARNED_PARTS
+    if kind not in KIND_PARTS:
+        raise ValueError(f"unknown gate key kind {kind!r}; expected one of "
+                         f"{(*KIND_PARTS, LEARNED)}")
+    return KIND_PARTS[kind]
 
 
 def key_parts(
@@ -110,16 +123,25 @@ def _image_groups(h: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(sums, dim=-1).flatten(1)  # mean direction = sum direction
 
 
-def gate_vectors(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+def gate_vectors(parts: dict[str, torch.Tensor], kind: str, heads: Any = None) -> torch.Tensor:
     """Gate vectors of `kind` from key parts: unit [batch, hidden], [batch, 2 * hidden]
     ("prompt_end_image") or [batch, (1 + IMAGE_GROUPS) * hidden] ("prompt_end_image_groups");
-    for "prompt_end_and_image" [batch, 2 * hidden + 1], two unit parts
-    (compare them with `similarity_matrix` / `similarity_rows`, not with a dot product).
+    for "prompt_end_and_image" [batch, 2 * hidden + 1], two unit parts; for "learned" the
+    fitted `heads`' keys [batch, 2 * width], two unit halves (compare them with
+    `similarity_matrix` / `similarity_rows`, not with a dot product).
 
     Raises:
-        ValueError: an unknown kind, or a part the kind needs is missing or unknown (NaN, as in
-            memory files written before the part existed).
+        ValueError: an unknown kind, a part the kind needs is missing or unknown (NaN, as in
+            memory files written before the part existed), or "learned" without heads.
     """
+    if kind == LEARNED:
+        if heads is None:
+            raise ValueError(
+                "gate key 'learned' needs fitted gate heads, which this editor does not have: "
+                "fit them with `dualedit calibrate --editor DIR --option gate_key=learned` "
+                "(or train with that option)"
+            )
+        return heads.embed(parts)
     if kind not in KIND_PARTS:
         raise ValueError(f"unknown gate key kind {kind!r}; expected one of {tuple(KIND_PARTS)}")
     missing = [p for p in KIND_PARTS[kind] if p not in parts or bool(parts[p].isnan().any())]
@@ -161,6 +183,8 @@ def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> t
     Both are gate vectors of `kind` (`gate_vectors`); queries are normalised here (per part for
     the min kinds), so a raw single-part key works too. Keys must already be unit (per part).
     """
+    if kind == LEARNED:
+        return learned_similarity(queries, keys)
     if kind in MIN_KINDS:
         q_end, q_image = _split(queries)
         k_end, k_image = _split(keys)
@@ -170,11 +194,28 @@ def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> t
 
 def similarity_rows(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
     """Gate similarity of each query to the key of the same row: [batch, d] x2 -> [batch]."""
+    if kind == LEARNED:
+        q_image, q_question = _halves(queries)
+        k_image, k_question = _halves(keys)
+        return torch.minimum((q_image * k_image).sum(-1), (q_question * k_question).sum(-1))
     if kind in MIN_KINDS:
         q_end, q_image = _split(queries)
         k_end, k_image = _split(keys)
         return torch.minimum((q_end * k_end).sum(-1), (q_image * k_image).sum(-1))
     return (F.normalize(queries.float(), dim=-1) * keys).sum(dim=-1)
+
+
+def learned_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Learned keys [batch, 2w], [n, 2w] -> [batch, n]: the smaller of the image and question
+    cosines (both halves are unit, or zero for an input without an image)."""
+    q_image, q_question = _halves(queries)
+    k_image, k_question = _halves(keys)
+    return torch.minimum(q_image @ k_image.T, q_question @ k_question.T)
+
+
+def _halves(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = keys.shape[-1] // 2
+    return keys[..., :half].float(), keys[..., half:].float()
 
 
 def _split(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +299,8 @@ def decide(ctx: Any, h: torch.Tensor, memory: Any, config: Any) -> None:
             `open` (per input: similarity >= tau, or all True with the gate off), `active`,
             and the chosen edits' `states` / `edit_index`.
         h: [batch, seq, hidden] the text layer's output.
-        memory: the `EditMemory` looked up when the caller gives no edits.
+        memory: the `EditMemory` looked up when the caller gives no edits (its `gate_heads`
+            build the keys of the "learned" kind).
         config: the resolved `DualEditConfig` (gate_key, tau, use_visual, gate_scope).
     """
     ctx.decided = True
@@ -284,15 +326,24 @@ def decide(ctx: Any, h: torch.Tensor, memory: Any, config: Any) -> None:
             ctx.edits = ctx.edits.select(rows.to(ctx.edits.text.device))
     if ctx.edits is None and len(memory) == 0:
         return
+    if ctx.edits is not None and not ctx.gate:
+        # Given edits, gate off (a trainer's pass): every input takes its edit; no key needed.
+        ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
+        ctx.states = ctx.edits
+        ctx.similarity = torch.full((batch,), math.nan, device=h.device)
+        ctx.open = torch.ones(batch, dtype=torch.bool, device=h.device)
+        ctx.active = True
+        return
     key_kind = config.gate_key
     parts = key_parts(
         h,
         ctx.prompt_end,
         last_positions(ctx.attention_mask),
         ctx.image_mask & ctx.attention_mask,
-        KIND_PARTS[key_kind],
+        kind_parts(key_kind),
     )
-    keys = gate_vectors(parts, key_kind)  # [batch, d] unit rows
+    heads = memory.gate_heads
+    keys = gate_vectors(parts, key_kind, heads).to(h.device)  # [batch, d] unit rows (or parts)
     if ctx.edits is None:
         chosen, similarity = memory.lookup(keys, key_kind)  # [batch], [batch]
         ctx.chosen = chosen
@@ -300,7 +351,7 @@ def decide(ctx: Any, h: torch.Tensor, memory: Any, config: Any) -> None:
         ctx.chosen = torch.full((batch,), -1, dtype=torch.long, device=h.device)
         ctx.states = ctx.edits
         edit_keys = {k: part.to(h.device) for k, part in ctx.edits.keys.items()}
-        similarity = similarity_rows(keys, gate_vectors(edit_keys, key_kind), key_kind)
+        similarity = similarity_rows(keys, gate_vectors(edit_keys, key_kind, heads), key_kind)
     ctx.similarity = similarity
     if ctx.gate:
         ctx.open = similarity >= config.tau  # [batch]

@@ -29,9 +29,15 @@ import torch
 from dualedit.editors.base import EditId
 from dualedit.editors.base import EditInfo as BaseEditInfo
 from dualedit.editors.dualedit.config import TEXT_KEYS
+from dualedit.editors.dualedit.memory_index import (  # noqa: F401  (re-exported)
+    MODEL_FIELDS,
+    READABLE_FORMATS,
+    check_index,
+    check_lengths,
+)
 from dualedit.editors.dualedit.gate import (
     KEY_PARTS,
-    KIND_PARTS,
+    kind_parts,
     REQUIRED_PARTS,
     compact,
     gate_vectors,
@@ -51,12 +57,9 @@ MEMORY_FORMAT = 5
 # "image_groups" key part; format 3: no checksums; format 4: text and visual states always
 # written apart (format 5 writes states shared by both once, `same_as`). Parts a file lacks are
 # unknown (NaN) for its edits.
-READABLE_FORMATS = (1, 2, 3, 4, 5)
 PART_SINCE_FORMAT = {"image_mean": 2, "image_groups": 3}
 STATES_FILE = "memory.safetensors"
 INDEX_FILE = "memory.json"
-#: What the states belong to: saved in memory.json and checked when a file is read.
-MODEL_FIELDS = ("hidden_size", "text_layer", "visual_layer", "model_type", "text_keys")
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,8 @@ class EditMemory:
             for part in KEY_PARTS
         }  # the names and order of the tensors in memory.safetensors
         self._store = EditStore({"text": states, "visual": states, **keys}, device=self.device)
+        #: The "learned" gate key's fitted heads (`set_gate_heads`), None otherwise.
+        self.gate_heads: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -371,12 +376,23 @@ class EditMemory:
         def build() -> torch.Tensor:
             parts = {  # [n_edits, width] each; only the gate matrix is kept
                 part: self._store.stacked(f"key.{part}", device, cache=False)
-                for part in KIND_PARTS.get(kind, ())
+                for part in kind_parts(kind)
             }
-            return gate_vectors(parts, kind)  # [n_edits, d]
+            heads = self.gate_heads
+            if heads is not None:
+                parts = {k: v.to(heads.image.weight.device) for k, v in parts.items()}
+            vectors = gate_vectors(parts, kind, heads)  # [n_edits, d]
+            return vectors if device is None else vectors.to(device)
 
-        # A matrix built under inference_mode is an inference tensor: cache the two apart.
-        return self._store.cached(("gate", kind, device, torch.is_inference_mode_enabled()), build)
+        # A matrix built under inference_mode is an inference tensor: cache the two apart; the
+        # learned kind's also per heads (set_gate_heads drops it).
+        return self._store.cached(("gate", kind, device, torch.is_inference_mode_enabled(),
+                                   id(self.gate_heads)), build)
+
+    def set_gate_heads(self, heads: Any) -> None:
+        """The fitted heads of the "learned" gate key (`heads.GateHeads`, or None)."""
+        self.gate_heads = heads
+        self._store.clear_cache()
 
     def states(
         self, positions: torch.Tensor | Sequence[int], device: torch.device | str | None = None
@@ -423,7 +439,7 @@ class EditMemory:
         index, tensors, _ = EditStore.read_files(
             directory, index_file=INDEX_FILE, tensors_file=STATES_FILE, lazy=lazy
         )
-        index = _check_index(index, directory / INDEX_FILE)
+        index = check_index(index, directory / INDEX_FILE)
         memory = cls(**{name: index[name] for name in MODEL_FIELDS}, device=device)
         memory.take(index, tensors, directory)
         return memory
@@ -448,14 +464,14 @@ class EditMemory:
         """Replace this memory's edits by a saved index and its tensors, read from `directory`
         (checked against this memory's model fields and against each other)."""
         index_path = Path(directory) / INDEX_FILE
-        index = _check_index(index, index_path)
+        index = check_index(index, index_path)
         for name in MODEL_FIELDS:
             if index[name] != getattr(self, name):
                 raise ValueError(
                     f"{index_path}: {name} is {index[name]!r}, this memory needs "
                     f"{getattr(self, name)!r}"
                 )
-        _check_lengths(index, index_path)
+        check_lengths(index, index_path)
         self._store.take(
             index,
             tensors,
@@ -473,41 +489,3 @@ class EditMemory:
 
     def _meta(self) -> dict[str, Any]:
         return {"format": MEMORY_FORMAT, **{name: getattr(self, name) for name in MODEL_FIELDS}}
-
-
-def _check_lengths(index: dict[str, Any], path: Path) -> None:
-    """Per edit, the text layer keeps every position of the visual layer's ("all") or its
-    non-image ones ("text": fewer by the model's image positions, the same for every edit with
-    an image): lengths that break this belong to other edits (swapped, shifted)."""
-    text, visual = index.get("text_lengths"), index.get("visual_lengths")
-    if not (isinstance(text, list) and isinstance(visual, list)) or len(text) != len(visual):
-        return  # the store names what is wrong with the lists themselves
-    if not all(isinstance(n, int) for n in text + visual):
-        return
-    gaps = [v - t for t, v in zip(text, visual, strict=True)]
-    image_gaps = sorted({g for g in gaps if g})
-    for i, gap in enumerate(gaps):
-        if index["text_keys"] == "all":
-            wrong = gap != 0
-        else:
-            wrong = gap < 0 or (gap and len(image_gaps) > 1)
-        if wrong:
-            raise ValueError(
-                f"{path}: edit {i} keeps {text[i]} text and {visual[i]} visual positions, which "
-                f"does not fit text_keys {index['text_keys']!r} (the lengths belong to other "
-                "edits: the index is damaged)"
-            )
-
-
-def _check_index(index: dict[str, Any], path: Path) -> dict[str, Any]:
-    index = dict(index)
-    if index.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{path}: not an edit memory index of format {READABLE_FORMATS}")
-    if index["format"] == 1:
-        index.setdefault("text_keys", "all")  # format 1 always stored every position
-    missing = [name for name in MODEL_FIELDS if name not in index]  # the store checks the rest
-    if index["format"] >= 4 and "files" not in index:
-        missing.append("files")
-    if missing:
-        raise ValueError(f"{path}: missing field(s) {missing}")
-    return index

@@ -11,6 +11,7 @@ from dualedit.data.mmedit import MMEditDataset
 from dualedit.editors.dualedit.calibrate import calibrate_adapters
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.editor import DualEditor
+from dualedit.editors.dualedit.gate import LEARNED
 from dualedit.editors.dualedit.train import train_dualedit
 from dualedit.editors.spec import MethodSpec, Recipe
 from dualedit.train.settings import TrainResult, TrainSettings
@@ -37,10 +38,11 @@ def train(
     **kwargs: Any,
 ) -> TrainResult:
     """`train_dualedit`, choosing tau on the validation edits unless the config gives one
-    (`calibrate_tau=None`) — the registry's trainer for `dualedit train --method dualedit`."""
+    (`calibrate_tau=None`) — the registry's trainer for `dualedit train --method dualedit`. The
+    "learned" gate key is always calibrated: its heads are fitted in that step."""
     if calibrate_tau is None:
-        given = config.tau if isinstance(config, DualEditConfig) else (config or {}).get("tau")
-        calibrate_tau = given is None
+        fields = config.to_dict() if isinstance(config, DualEditConfig) else dict(config or {})
+        calibrate_tau = fields.get("tau") is None or fields.get("gate_key") == LEARNED
     return train_dualedit(
         model, processor, train_dataset, config=config, calibrate_tau=calibrate_tau, **kwargs
     )

@@ -1,0 +1,154 @@
+"""The learned gate key: heads fitted on key parts keep an input's own edit and refuse look-alikes
+with many edits stored; saved and loaded with the adapters; decided per input in a batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train_data import write_tiny_mmedit
+
+import dualedit.editors.dualedit.heads as heads_module
+from dualedit.editors.dualedit import DualEditor, calibrate_adapters
+from dualedit.editors.dualedit.gate import IMAGE_GROUPS, learned_similarity
+from dualedit.editors.dualedit.heads import GateHeads, fit_gate_heads
+
+HIDDEN = 16
+
+
+def synthetic(n, seed, entities=40, questions=4, noise=0.35):
+    """Key parts of n records of a toy world: an image shows one entity, a question asks one of
+    a few attributes; each record edits one distinct (entity, question) fact, and its locality
+    inputs ask facts no record edits (as the built-in world draws them). Returns parts, answers."""
+    g = torch.Generator().manual_seed(seed)
+    ent = torch.randn(entities, HIDDEN, generator=torch.Generator().manual_seed(100))
+    que = torch.randn(questions, HIDDEN, generator=torch.Generator().manual_seed(101))
+    facts = torch.randperm(entities * questions, generator=g)[:n]
+    e, q = facts // questions, facts % questions
+    edited = set(facts.tolist())
+    free = [f for f in range(entities * questions) if f not in edited]
+
+    def unedited(entity=None, question=None):
+        pool = [f for f in free if (entity is None or f // questions == entity)
+                and (question is None or f % questions == question)] or free
+        return pool[int(torch.randint(len(pool), (1,), generator=g))]
+
+    m_loc = torch.tensor([unedited(entity=int(x)) for x in e])  # the edited entity, other fact
+    hard = torch.tensor([unedited(question=int(x)) for x in q])  # the same attribute, other entity
+
+    def inputs(entity, question):
+        base = ent[entity] + noise * torch.randn(n, HIDDEN, generator=g)
+        return {"image_mean": base, "image_groups": base.repeat(1, IMAGE_GROUPS)
+                + noise * torch.randn(n, HIDDEN * IMAGE_GROUPS, generator=g),
+                "prompt_end": que[question] + noise * torch.randn(n, HIDDEN, generator=g)}
+
+    no_image = {"image_mean": torch.zeros(n, HIDDEN),
+                "image_groups": torch.zeros(n, HIDDEN * IMAGE_GROUPS),
+                "prompt_end": torch.randn(n, HIDDEN, generator=g)}
+    parts = {"edit": inputs(e, q), "t_gen": inputs(e, q), "v_gen": inputs(e, q),
+             "m_loc": inputs(m_loc // questions, m_loc % questions),
+             "m_loc_hard": inputs(hard // questions, hard % questions), "t_loc": no_image}
+    answers = {"edit": facts, "t_gen": facts, "v_gen": facts, "m_loc": m_loc,
+               "m_loc_hard": hard, "t_loc": torch.full((n,), -1)}
+    return parts, answers
+
+
+def right_rates(heads, parts):
+    """Every edit stored at once; gen right = nearest is its own and open; loc right = closed."""
+    keys = heads.embed(parts["edit"])
+    out = {}
+    for kind in ("t_gen", "v_gen", "m_loc", "m_loc_hard", "t_loc"):
+        best, nearest = learned_similarity(heads.embed(parts[kind]), keys).max(dim=1)
+        opened = best >= heads.threshold
+        if kind in ("t_gen", "v_gen"):
+            out[kind] = float((opened & (nearest == torch.arange(len(keys)))).float().mean())
+        else:
+            out[kind] = float((~opened).float().mean())
+    return out
+
+
+def test_fitted_heads_open_own_edits_and_refuse_look_alikes_with_many_stored():
+    parts, answers = synthetic(120, seed=0)
+    heads = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64)
+    test_parts, _ = synthetic(48, seed=1)  # other records of the same world, all stored at once
+    rates = right_rates(heads, test_parts)
+    assert min(rates.values()) >= 0.85, rates
+    untrained = right_rates(GateHeads(HIDDEN, 16), test_parts)
+    assert sum(rates.values()) > sum(untrained.values()) + 0.5
+    # Deterministic for a seed.
+    again = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64)
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(),
+                                                  again.state_dict().values(), strict=True))
+    # A text-only input never matches an edit with an image.
+    keys = heads.embed(test_parts["edit"])
+    assert (learned_similarity(heads.embed(test_parts["t_loc"]), keys) <= 1e-6).all()
+
+
+def test_fit_refuses_bad_inputs():
+    parts, answers = synthetic(8, seed=0)
+    with pytest.raises(ValueError, match="need 'edit'"):
+        fit_gate_heads({k: v for k, v in parts.items() if k != "v_gen"}, answers, steps=1)
+    short = {**parts, "m_loc": {p: t[:4] for p, t in parts["m_loc"].items()}}
+    with pytest.raises(ValueError, match="every kind alike"):
+        fit_gate_heads(short, answers, steps=1)
+    nan = {**parts, "edit": {**parts["edit"], "image_groups": parts["edit"]["image_groups"]
+                             * float("nan")}}
+    with pytest.raises(ValueError, match="lack"):
+        fit_gate_heads(nan, answers, steps=1)
+
+
+CONFIG = {"text_layer": 2, "visual_layer": 3, "width": 16, "heads": 2}
+
+
+def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
+        tiny_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(heads_module, "STEPS", 30)
+    model, processor = tiny_factory("llava")
+    data = write_tiny_mmedit(tmp_path / "data", n=10)
+    editor = DualEditor(model, processor, **CONFIG)
+    editor.save_pretrained(tmp_path / "src")
+    editor.detach()
+    with pytest.raises(ValueError, match="needs fitted gate heads"):
+        unfitted = DualEditor.from_pretrained(model, processor, tmp_path / "src",
+                                              gate_key="learned")
+        try:
+            unfitted.apply_records = None
+            record = data[0]
+            unfitted.edit(data.images(record.image), "q", " a")
+            unfitted.explain(data.images(record.image), "what is it?")
+        finally:
+            unfitted.detach()
+    choice = calibrate_adapters(model, processor, tmp_path / "src", data, out_dir=tmp_path / "out",
+                                val_edits=3, gate_key="learned")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["config"]["gate_key"] == "learned" and saved["config"]["tau"] == choice.tau
+    assert saved["gate_heads"]["hidden"] == model.config.text_config.hidden_size
+    assert "gate_heads.safetensors" in saved["files"]
+    loaded = DualEditor.from_pretrained(model, processor, tmp_path / "out")
+    try:
+        heads = loaded.memory.gate_heads
+        assert heads is not None and not any(p.requires_grad for p in heads.parameters())
+        a, b = data[0], data[1]
+        loaded.edit(data.images(a.image), "What is it? The answer is:", " zebra")
+        loaded.edit(data.images(b.image), "What colour is it? The answer is:", " mauve")
+        # One decision per input of a batch, each equal to the input's own alone.
+        alone = [loaded.explain(data.images(r.image), p) for r, p in (
+            (a, "What is it? The answer is:"), (b, "What colour is it? The answer is:"))]
+        assert [d.edit_id for d in alone] == [0, 1]
+        assert all(d.similarity > 0.99 for d in alone)  # its own key: cosine 1 on both halves
+        text_only = loaded.explain(None, "Who wrote the book? The answer is:")
+        assert text_only.similarity <= 1e-6 and not text_only.gate_open
+        # Saved again with the edits, the heads and the memory come back together.
+        loaded.save_pretrained(tmp_path / "with-edits")
+    finally:
+        loaded.detach()
+    again = DualEditor.from_pretrained(model, processor, tmp_path / "with-edits")
+    try:
+        assert len(again.memory) == 2
+        assert all(torch.equal(x, y) for x, y in zip(
+            again.memory.gate_heads.state_dict().values(), heads.state_dict().values(),
+            strict=True))
+        assert again.explain(data.images(a.image), "What is it? The answer is:").edit_id == 0
+    finally:
+        again.detach()
