@@ -16,7 +16,7 @@ with their own random gate keys, so the nearest-edit lookup compares each input 
 keys as it would with N real edits. Target: ratio <= 1.10 at one edit.
 
 Usage: python benchmarks/inference.py [--arch llava|blip2|both] [--out FILE] [--repeats N]
-       [--quick] [--device cuda] [--dtype bfloat16]
+       [--quick] [--device cuda] [--dtype bfloat16] [--gate-key learned]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from common import Variant  # noqa: E402
 
 from dualedit.data.prompts import encode, encode_prompts, record_samples  # noqa: E402
 from dualedit.editors.dualedit import DualEditor  # noqa: E402
-from dualedit.editors.dualedit.gate import KEY_PARTS, part_width  # noqa: E402
+from dualedit.editors.dualedit.gate import KEY_PARTS, LEARNED, part_width  # noqa: E402
+from dualedit.editors.dualedit.heads import GateHeads  # noqa: E402
 
 TARGET_RATIO = 1.10
 EDIT_COUNTS = (1, 100, 10_000)
@@ -45,14 +46,20 @@ NEW_TOKENS = 4
 QUICK_NEW_TOKENS = 2
 
 
-def filled_editor(setup: common.Setup, n_edits: int, image: Any, prompt: str, target: str):
-    """A detached editor holding one real edit and n_edits - 1 copies with random gate keys."""
+def filled_editor(setup: common.Setup, n_edits: int, image: Any, prompt: str, target: str,
+                  gate_key: str | None = None):
+    """A detached editor holding one real edit and n_edits - 1 copies with random gate keys
+    (`gate_key`: the gate key kind, None: the adapters'; "learned" without fitted heads in the
+    adapters' folder gets untrained heads, which cost the same time)."""
     editor = DualEditor(
         setup.model,
         setup.processor,
         setup.backbone,
         pretrained=None if setup.adapters is None else str(setup.adapters),
+        **({} if gate_key is None else {"gate_key": gate_key}),
     )
+    if editor.config.gate_key == LEARNED and editor.memory.gate_heads is None:
+        editor.memory.set_gate_heads(GateHeads(setup.backbone.hidden_size(setup.model)))
     real = editor.edit(image, prompt, target)
     states = editor.memory.states([0])
     text = states.text[0][states.text_mask[0]]  # [m, hidden]
@@ -83,7 +90,8 @@ def bench_arch(setup: common.Setup, args: Any) -> dict[str, Any]:
         ],
     }
     editors = {
-        n: filled_editor(setup, n, store(edit.image), edit.prompt, edit.target.strip())[0]
+        n: filled_editor(setup, n, store(edit.image), edit.prompt, edit.target.strip(),
+                         args.gate_key)[0]
         for n in counts
     }
     device = setup.device
@@ -161,6 +169,7 @@ def bench_arch(setup: common.Setup, args: Any) -> dict[str, Any]:
         "layers": {"text": editors[counts[0]].config.text_layer,
                    "visual": editors[counts[0]].config.visual_layer},
         "tau": editors[counts[0]].config.tau,
+        "gate_key": editors[counts[0]].config.gate_key,
         "bytes_per_edit": per_edit,
         "memory_note": "copies share the real edit's states; only gate keys are distinct",
         "groups": results,
@@ -202,7 +211,12 @@ def print_arch(arch: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser("inference", __doc__.splitlines()[0]).parse_args(argv)
+    p = common.parser("inference", __doc__.splitlines()[0])
+    p.add_argument("--gate-key", default=None,
+                   help="the gate key kind (default: the adapters'); e.g. learned, whose "
+                        "[n, 128] key matrix is a fifth of prompt_end_image_groups' on 128 wide "
+                        "states")
+    args = p.parse_args(argv)
     common.check_args(args, repeats=15, warmup=2)
     info = common.machine_info(args)
     results = {}
