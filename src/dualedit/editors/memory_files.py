@@ -291,19 +291,19 @@ class StoreFiles:
                     f"{tensors_path}: {name} is stored as {tensor.dtype}, expected a floating "
                     f"dtype like {field.dtype}"
                 )
-            if isinstance(tensor, MappedTensor):
+            if isinstance(tensor, MappedTensor):  # unread rows per edit
                 rows[name] = lazy_split(tensor, lengths[name], dtype=field.dtype,
                                         device=self.device,
                                         check_finite=name not in allow_nonfinite)
-            else:
-                rows[name] = tensor.split(lengths[name]) if field.sequence and ids else tensor
+            elif field.sequence:  # each edit's rows its own copy (freed with the edit)
+                rows[name] = [t.clone().to(device=self.device, dtype=field.dtype)
+                              for t in (tensor.split(lengths[name]) if ids else ())]
+            else:  # vectors: one copy of the matrix, a row of it per edit (10,000 clones cost 1 s)
+                matrix = tensor.to(device=self.device, dtype=field.dtype)
+                rows[name] = (matrix.clone() if matrix is tensor else matrix).unbind(0)
         self.clear()
         for i, edit_id in enumerate(ids):
-            row = {
-                name: rows[name][i] if isinstance(rows[name][i], LazyRows)
-                else rows[name][i].clone().to(device=self.device, dtype=field.dtype)
-                for name, field in self.fields.items()
-            }
+            row = {name: rows[name][i] for name in self.fields}
             for name, earlier in same.items():
                 row[name] = row[earlier]
             for first, second in share:
