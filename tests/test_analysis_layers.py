@@ -311,14 +311,14 @@ def test_analyze_finalists_trains_them_and_recommend_takes_the_chosen_pair(tiny_
     assert rec["trained_editor"] == chosen["editor"] and "finalists" in rec["evidence"]
     assert rec["recommendation"]["gate_key"] == "prompt_end_image"
     # A second run reuses every scored finalist.
-    import dualedit.analysis.finalists as finalists
+    import dualedit.analysis.layers as layers
 
     def refuse(*a, **k):
         raise AssertionError("a scored finalist was trained again")
 
-    original = finalists.train_and_score
-    finalists.train_and_score = refuse
+    original = layers.train_and_score
+    layers.train_and_score = refuse
     try:
         assert main(args) == 0
     finally:
-        finalists.train_and_score = original
+        layers.train_and_score = original

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from dualedit.analysis.figures import pyplot, read_json, save_figure, write_json
 from dualedit.analysis.layers import RESULT_FILE as SWEEP_FILE
-from dualedit.analysis.layers import TIE, Variant, edit_score, pair_rank, read_cell, train_and_score
+from dualedit.analysis.layers import TIE, Variant, edit_score, pair_rank, scored_cell
 from dualedit.train.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -166,17 +166,9 @@ def run_finalists(
     for candidate in tqdm(candidates, desc=f"finalists ({task})", disable=not progress,
                           unit="pair"):
         t, v = candidate["text_layer"], candidate["visual_layer"]
-        variant = Variant(f"pair-{t}-{v}", "pair", t, v)
-        config = {**(options or {}), **variant.options()}
-        cell_settings = {"task": task, "config": config, "limit": limit,
-                         "train": dataclasses.asdict(settings), "source": source or {}}
-        cell_path = out / "finalists-cells" / f"{variant.name}.json"
-        cell = read_cell(cell_path, cell_settings)
-        if cell is None:
-            cell = train_and_score(spec, model, processor, train_split, variant, config,
-                                   settings, out / "finalists-runs", limit, progress)
-            cell["settings"] = cell_settings
-            write_json(cell_path, cell)
+        cell = scored_cell(spec, model, processor, train_split, Variant(f"pair-{t}-{v}", "pair",
+                           t, v), out, "finalists", task=task, settings=settings,
+                           options=options, limit=limit, progress=progress, source=source)
         rows.append({**cell, **candidate})
     chosen, reason = choose_finalist(rows)
     result = {

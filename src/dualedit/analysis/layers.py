@@ -132,17 +132,9 @@ def run_layer_sweep(
     started = time.perf_counter()
     for variant in tqdm(variants, desc=f"layer sweep ({task})", disable=not progress,
                         unit="variant"):
-        config = {**(options or {}), **variant.options()}
-        cell_settings = {"task": task, "config": config, "limit": limit,
-                         "train": dataclasses.asdict(settings), "source": source or {}}
-        cell_path = out / "layers-cells" / f"{variant.name}.json"
-        cell = read_cell(cell_path, cell_settings)
-        if cell is None:
-            cell = train_and_score(spec, model, processor, train_split, variant, config,
-                                   settings, out / "layers-runs", limit, progress)
-            cell["settings"] = cell_settings
-            write_json(cell_path, cell)
-        rows.append(cell)
+        rows.append(scored_cell(spec, model, processor, train_split, variant, out, "layers",
+                                task=task, settings=settings, options=options, limit=limit,
+                                progress=progress, source=source))
     result = {
         "analysis": "layers",
         "source": source or {},
@@ -159,6 +151,23 @@ def run_layer_sweep(
     write_json(out / RESULT_FILE, result)
     plot_layers(result, out)
     return result
+
+
+def scored_cell(spec, model, processor, train_split, variant, out, stage, *, task, settings,
+                options, limit, progress, source) -> dict[str, Any]:
+    """`variant`'s scores: read from `out/<stage>-cells/<variant>.json` when it was scored with
+    the same settings, else trained in `out/<stage>-runs/<variant>`, scored and written there."""
+    config = {**(options or {}), **variant.options()}
+    cell_settings = {"task": task, "config": config, "limit": limit,
+                     "train": dataclasses.asdict(settings), "source": source or {}}
+    cell_path = Path(out) / f"{stage}-cells" / f"{variant.name}.json"
+    cell = read_cell(cell_path, cell_settings)
+    if cell is None:
+        cell = train_and_score(spec, model, processor, train_split, variant, config, settings,
+                               Path(out) / f"{stage}-runs", limit, progress)
+        cell["settings"] = cell_settings
+        write_json(cell_path, cell)
+    return cell
 
 
 def train_and_score(spec, model, processor, train_split, variant, config, settings, runs, limit,

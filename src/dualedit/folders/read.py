@@ -57,14 +57,17 @@ class FolderReader:
         return True
 
     def read_bytes(self, name: str) -> bytes:
+        with os.fdopen(self._open(name), "rb") as f:
+            return f.read()
+
+    def _open(self, name: str) -> int:
+        """A read-only descriptor of this version's `name` (FolderChanged: swapped meanwhile)."""
         try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
+            return os.open(name, os.O_RDONLY, dir_fd=self._fd)
         except FileNotFoundError:
             if self._swapped():
                 raise FolderChanged(name) from None
             raise FileNotFoundError(f"{self.directory / name} not found") from None
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
 
     def read_manifest(self, name: str, *, what: str = "config") -> dict[str, Any]:
         """The manifest JSON object (errors name the file)."""
@@ -128,12 +131,7 @@ class FolderReader:
         if lazy is False or "blocks" not in entry or (
                 lazy is None and int(entry.get("bytes", 0)) < LAZY_MIN_BYTES):
             return dict(self.tensors(name, check=False))
-        try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
-        except FileNotFoundError:
-            if self._swapped():
-                raise FolderChanged(name) from None
-            raise FileNotFoundError(f"{self.directory / name} not found") from None
+        fd = self._open(name)
         try:
             return dict(MappedFile(fd, self.directory / name, entry,
                                    self._manifest_path()).tensors)

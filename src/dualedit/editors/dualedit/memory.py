@@ -384,10 +384,9 @@ class EditMemory:
             vectors = gate_vectors(parts, kind, heads)  # [n_edits, d]
             return vectors if device is None else vectors.to(device)
 
-        # A matrix built under inference_mode is an inference tensor: cache the two apart; the
-        # learned kind's also per heads (set_gate_heads drops it).
-        return self._store.cached(("gate", kind, device, torch.is_inference_mode_enabled(),
-                                   id(self.gate_heads)), build)
+        # A matrix built under inference_mode is an inference tensor: cache the two apart
+        # (set_gate_heads drops every cached matrix).
+        return self._store.cached(("gate", kind, device, torch.is_inference_mode_enabled()), build)
 
     def set_gate_heads(self, heads: Any) -> None:
         """The fitted heads of the "learned" gate key (`heads.GateHeads`, or None)."""
