@@ -7,6 +7,7 @@ import torch
 from dualedit.data.prompts import Sample, encode, encode_prompts
 from dualedit.editors.capture import LayerTrace
 from dualedit.editors.dualedit import DualEditor, text_positions
+from dualedit.editors.dualedit.heads import GateHeads
 
 # The edit, a query that is the edit itself (same image, prompt and target), and an unrelated
 # query that is longer, so that the edit's query is the padded row in a batch of the two.
@@ -38,6 +39,15 @@ def randomise_outputs(editor, seed=0, std=1.0):
         for adapter in (editor.text_adapter, editor.visual_adapter):
             for p in adapter.out.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def with_heads(editor, seed=0):
+    """The editor, given unfitted (seeded, random) gate heads when its key is the learned one:
+    its decisions then follow the heads' cosines like a fitted key's."""
+    if editor.config.gate_key == "learned":
+        torch.manual_seed(seed)
+        editor.memory.set_gate_heads(GateHeads(editor.memory.hidden_size))
+    return editor
 
 
 def add_edit(editor, images, spec=EDIT, **kwargs):
@@ -152,11 +162,12 @@ def test_base_weights_and_hooks_are_left_exactly(tiny_vlm, tiny_images, make):
 
 @pytest.mark.parametrize(
     "gate_key",
-    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups"],
+    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups",
+     "learned"],
 )
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_gate_per_input_with_right_padding(tiny_vlm, tiny_images, make, order, gate_key):
-    editor = make(tau=0.999, gate_key=gate_key)
+    editor = with_heads(make(tau=0.999, gate_key=gate_key))
     randomise_outputs(editor)
     add_edit(editor, tiny_images)
     samples = [(RELATED, UNRELATED)[i] for i in order]
@@ -265,14 +276,16 @@ def test_gate_key_prompt_end_ignores_the_answer_last_position_does_not(tiny_vlm,
 
 @pytest.mark.parametrize(
     "gate_key",
-    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups"],
+    ["prompt_end", "prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups",
+     "learned"],
 )
 def test_generate_keeps_the_prompt_pass_decision(tiny_vlm, tiny_images, make, gate_key):
     backbone, processor = tiny_vlm.backbone, tiny_vlm.processor
     # Released text positions and text keys: the seed was chosen for them (its edit flips the
     # first answer on both models). Random adapters that also edit the prompt end can emit the
     # image placeholder id, which an uncached re-run of the prompt then rejects.
-    editor = make(tau=0.999, text_prompt_end=False, text_keys="all", gate_key=gate_key)
+    editor = with_heads(make(tau=0.999, text_prompt_end=False, text_keys="all",
+                             gate_key=gate_key))
     randomise_outputs(editor, seed=1)
     add_edit(editor, tiny_images)
     prompts = encode_prompts([RELATED, UNRELATED], processor, backbone, tiny_images)
