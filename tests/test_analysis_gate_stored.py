@@ -20,13 +20,17 @@ from dualedit.analysis.figures import as_written, read_json
 from dualedit.analysis.gate import KEYS, QUERY_KINDS, _similarities, run_gate
 from dualedit.analysis.inputs import analysis_data
 from dualedit.analysis.stored import (
+    IMAGE_TAU_GRID,
+    NO_CANDIDATE,
     TAU0_GRID,
     Nearest,
+    best_image_first,
     best_radius,
     best_stored_tau,
     grace_thresholds,
     mean_rate,
     nearest,
+    nearest_image_first,
     score_rule,
     stored_separation,
 )
@@ -191,7 +195,9 @@ def stored_run(tiny_vlm, tmp_path_factory):
 def test_stored_section_layout_rates_and_figure(stored_run):
     result = stored_run.result
     section = result["stored"]
-    assert set(section) == {"notes", "edits", "tau0_grid", "per_layer", "best"}
+    assert set(section) == {"notes", "edits", "tau0_grid", "image_tau_grid", "per_layer",
+                            "best"}
+    assert section["image_tau_grid"] == list(IMAGE_TAU_GRID)
     assert section["edits"] == RECORDS and "split" in section["notes"]
     assert section["tau0_grid"] == sorted(TAU0_GRID)
     assert list(section["per_layer"]) == [str(layer) for layer in range(6)]
@@ -210,6 +216,18 @@ def test_stored_section_layout_rates_and_figure(stored_run):
                 assert entry[rule]["mean"] == pytest.approx(np.mean(present))
                 means[rule].append(entry[rule]["mean"])
             assert -1.0 <= entry["radius"]["median_threshold"] <= 1.0
+    for table in section["per_layer"].values():
+        for key, entry in table.items():
+            # The image-first rule exists exactly for the keys of the prompt end and an image.
+            assert ("image_first" in entry) == (key in IMAGE_FIRST_KEYS), key
+            if key in IMAGE_FIRST_KEYS:
+                first = entry["image_first"]
+                assert set(first) == {"image_tau", "tau", "mean", "right"}
+                assert first["image_tau"] in IMAGE_TAU_GRID and 0.0 <= first["mean"] <= 1.0
+    best = section["best"]["image_first"]
+    assert best["key"] in IMAGE_FIRST_KEYS and best["mean"] == max(
+        entry["image_first"]["mean"] for table in section["per_layer"].values()
+        for entry in table.values() if "image_first" in entry)
     for rule, fields in (("tau", {"tau"}), ("radius", {"tau0", "median_threshold"})):
         best = section["best"][rule]
         assert set(best) == {"layer", "key", "mean"} | fields
@@ -221,6 +239,52 @@ def test_stored_section_layout_rates_and_figure(stored_run):
     saved = read_json(stored_run.out / "gate.json")
     assert saved["stored"] == as_written(section)
     assert saved["per_layer"] == as_written(result["per_layer"])  # the pairwise part as before
+
+
+IMAGE_FIRST_KEYS = ("prompt_end_image", "prompt_end_and_image", "prompt_end_image_groups")
+
+
+def test_image_first_without_a_filter_is_the_nearest_by_question(stored_run):
+    """At image_tau -1 every edit is a candidate: the choice is the prompt-end key's."""
+    log = stored_run.log
+    for layer in range(6):
+        plain = log.found(layer, "prompt_end")
+        for key in IMAGE_FIRST_KEYS:
+            first = log.found(layer, key, -1.0)
+            for kind in QUERY_KINDS:
+                if not plain[kind].similarity.size:
+                    continue  # a kind without queries (no hard M-Loc here)
+                assert first[kind].similarity == pytest.approx(plain[kind].similarity, abs=1e-5)
+                # the same edit, or one as near (ties in float)
+                same = first[kind].chosen == plain[kind].chosen
+                assert same.mean() >= 0.9, (layer, key, kind)
+
+
+def test_image_first_filters_on_the_picture_then_picks_by_question():
+    edits_image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # edit 0 shows A, edit 1 shows B
+    edits_question = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    # A rephrased picture of A asking edit 0's question: nearer to edit 1 by question alone
+    # after noise, but the picture filter keeps only edit 0.
+    query_image = torch.tensor([[0.96, 0.28]])
+    query_question = torch.tensor([[0.8, 0.6]])
+    edits = (edits_image, edits_question)
+    sim, chosen = nearest_image_first((query_image, query_question), edits, -1.0)
+    assert chosen.tolist() == [1] and float(sim) == pytest.approx(1.0)
+    sim, chosen = nearest_image_first((query_image, query_question), edits, 0.9)
+    assert chosen.tolist() == [0] and float(sim) == pytest.approx(0.8)
+    sim, chosen = nearest_image_first((torch.tensor([[-1.0, 0.0]]), query_question), edits, 0.5)
+    assert chosen.tolist() == [-1] and float(sim) == NO_CANDIDATE  # no picture matches: closed
+    # The search picks the filter that makes the rephrased picture find its own edit.
+    found = {}
+    for image_tau in (-1.0, 0.9):
+        s, c = nearest_image_first((query_image, query_question), edits, image_tau)
+        loc_s, loc_c = nearest_image_first((torch.tensor([[0.0, 1.0]]), torch.tensor(
+            [[0.0, 1.0]])), edits, image_tau)  # B's picture, another question: stays closed
+        found[image_tau] = {"v_gen": _near(s.numpy(), c.numpy(), [0]),
+                            "m_loc": _near(loc_s.numpy(), loc_c.numpy(), [0])}
+    best = best_image_first(found)
+    assert best["image_tau"] == 0.9 and best["mean"] == 1.0
+    assert best["right"] == {"v_gen": 1.0, "m_loc": 1.0}
 
 
 def test_nearest_is_at_least_the_own_edit_and_equal_when_it_is_the_own(stored_run):

@@ -184,7 +184,8 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keys", nargs="+", default=None, help="key kinds (default: all)")
     g.add_argument("--stored", action="store_true",
                    help="also store every analysed record's edit at once and score the "
-                        "nearest-of-many decisions (one tau, per-edit GRACE radius); use e.g. "
+                        "nearest-of-many decisions (one tau, per-edit GRACE radius, image "
+                        "first then question); use e.g. "
                         "--split eval --samples 1000")
 
     s = kinds.add_parser("layers", help="train text-only, visual-only and paired adapters at "

@@ -15,6 +15,11 @@ Two rules give the thresholds:
   an inserted edit whose ball overlaps an earlier edit's ball (angle < the sum of the radii) and
   whose target differs shrinks both radii to half their angle. Its threshold is cos(radius);
   tau0 is searched over a grid by the same mean-over-kinds criterion.
+- "image_first" (LiveEdit's hard filter on the picture, then the question), for the gate keys
+  built from the prompt end and an image part: only the stored edits whose image cosine reaches
+  an image threshold are candidates; among them the nearest by the prompt-end cosine is chosen,
+  and the gate opens when that cosine reaches a question threshold. The image threshold is
+  searched over `IMAGE_TAU_GRID` (-1: no filter), the question threshold as rule 1's tau.
 
 Similarities are the gate's own (`gate_vectors` + `similarity_matrix`) for its key kinds and the
 cosine of the normalised means for the analysis's mean keys ("image_mean", "text_mean"; a zero
@@ -23,6 +28,7 @@ mean, a sample without an image, has cosine 0 with everything).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,12 +49,22 @@ from dualedit.analysis.scopes import (
     first_run_middle,
     threshold_candidates,
 )
-from dualedit.editors.dualedit.gate import gate_vectors, similarity_matrix
+from dualedit.editors.dualedit.gate import (
+    IMAGE_GROUPS,
+    KIND_PARTS,
+    gate_vectors,
+    similarity_matrix,
+)
 from dualedit.editors.memory import argmax_rows
 
 #: The tau0 searched by the radius rule (the rule-1 tau is added to it).
 TAU0_GRID: tuple[float, ...] = tuple(round(0.80 + 0.01 * i, 2) for i in range(20))
 RULES: tuple[str, ...] = ("tau", "radius")
+#: The image thresholds searched by the image-first rule (-1: every stored edit is a candidate).
+IMAGE_TAU_GRID: tuple[float, ...] = (-1.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96,
+                                     0.97, 0.98, 0.99)
+#: The similarity given to a query that no stored edit passes the image filter for (closed).
+NO_CANDIDATE = -2.0
 
 NOTES: dict[str, str] = {
     "decision": "every analysed record's edit is stored at once; a query's nearest stored edit "
@@ -63,6 +79,10 @@ NOTES: dict[str, str] = {
     "order with angular radius rho0 = arccos(tau0); an inserted edit j and every earlier edit i "
     "with angle < rho_i + rho0 and another target both shrink to at most angle / 2; threshold "
     "= cos(radius); tau0 from TAU0_GRID plus the rule-1 tau, by the same mean criterion",
+    "image_first": "for keys of the prompt end and an image part: candidates are the stored "
+    "edits whose image cosine (image mean, or the mean of the image-group cosines) >= "
+    "image_tau; the nearest candidate by prompt-end cosine is chosen and the gate opens when "
+    "that cosine >= tau; image_tau from IMAGE_TAU_GRID (-1: no filter), tau as rule 1's",
     "similarity": "gate keys: the gate's similarity_matrix of gate_vectors; image_mean and "
     "text_mean: cosine of the normalised means (a zero mean, no image, has cosine 0)",
     "split": "train-split records may repeat a fact (two edits of the same entity and question "
@@ -131,6 +151,52 @@ def nearest(
         raise ValueError("nearest: no stored edits")
     chosen, similarity = argmax_rows(pairwise(queries, edits, key))  # [q], [q]
     return similarity, chosen
+
+
+def split_vectors(key: str, features: Mapping[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(image [n, d_i], question [n, d_q]) vectors whose dot products are the image cosine (of
+    the image means, or the mean of the image-group cosines; 0 without an image) and the
+    prompt-end cosine; None for a key without both parts."""
+    parts = KIND_PARTS.get(key, ())
+    if "prompt_end" not in parts or len(parts) != 2:
+        return None
+    question = F.normalize(features["prompt_end"].float(), dim=-1)
+    if "image_groups" in parts:
+        groups = features["image_groups"].float().unflatten(-1, (IMAGE_GROUPS, -1))
+        image = F.normalize(groups, dim=-1).flatten(-2) / math.sqrt(IMAGE_GROUPS)
+    else:
+        image = F.normalize(features["image_mean"].float(), dim=-1)
+    return image, question
+
+
+def nearest_image_first(
+    queries: tuple[torch.Tensor, torch.Tensor], edits: tuple[torch.Tensor, torch.Tensor],
+    image_tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image-first rule's choice: among the edits whose image cosine >= image_tau, the
+    nearest by prompt-end cosine. (image [q, d_i], question [q, d_q]), the same of [n] edits ->
+    (prompt-end similarity [q], chosen [q] long); NO_CANDIDATE and -1 where none passes.
+
+    Example:
+        >>> img, q = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> nearest_image_first((img[:1], q[:1]), (img, q), 0.5)
+        (tensor([1.]), tensor([0]))
+    """
+    image = queries[0] @ edits[0].T  # [q, n]
+    question = queries[1] @ edits[1].T  # [q, n]
+    masked = question.masked_fill(image < image_tau, NO_CANDIDATE)
+    similarity, chosen = masked.max(dim=1)  # [q], [q]
+    chosen = torch.where(similarity > NO_CANDIDATE, chosen, torch.full_like(chosen, -1))
+    return similarity, chosen
+
+
+def best_image_first(found: Mapping[float, Mapping[str, Nearest]]) -> dict[str, Any]:
+    """The image-first entry {"image_tau", "tau", "mean", "right"} of the image threshold (and
+    its best question tau) with the highest mean; ties: the middle of the first run."""
+    tried = [(image_tau, *best_stored_tau(near)) for image_tau, near in sorted(found.items())]
+    image_tau, tau, mean, right = tried[first_run_middle(np.array([t[2] for t in tried]))]
+    return {"image_tau": image_tau, "tau": tau, "mean": mean, "right": right}
 
 
 # -- the radius rule -------------------------------------------------------------------------------
@@ -313,6 +379,9 @@ class NearestLog:
         self.keys = tuple(keys)
         self._edits: dict[tuple[int, str], torch.Tensor] = {}  # [n, d] per (layer, key)
         self._found: dict[tuple[int, str, str], list[tuple[torch.Tensor, ...]]] = {}
+        self._split: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        # Per (layer, key, kind, image_tau): the image-first choices, batch by batch.
+        self._first: dict[tuple[int, str, str, float], list[tuple[torch.Tensor, ...]]] = {}
 
     def add(self, layer: int, kind: str, queries: Mapping[str, torch.Tensor],
             edits: Mapping[str, torch.Tensor], rows: Sequence[int]) -> None:
@@ -325,16 +394,29 @@ class NearestLog:
                 stored = self._edits[(layer, key)] = key_vectors(key, edits)
             similarity, chosen = nearest(key_vectors(key, queries), stored, key)
             self._found.setdefault((layer, key, kind), []).append((similarity, chosen, own))
+            if (layer, key) not in self._split:
+                self._split[(layer, key)] = split_vectors(key, edits)
+            split = self._split[(layer, key)]
+            if split is None:
+                continue
+            asked = split_vectors(key, queries)
+            for image_tau in IMAGE_TAU_GRID:
+                similarity, chosen = nearest_image_first(asked, split, image_tau)
+                self._first.setdefault((layer, key, kind, image_tau), []).append(
+                    (similarity, chosen, own))
 
     def stored_vectors(self, layer: int, key: str) -> torch.Tensor:
         """The stored edits' [n, d] `key_vectors` at one (layer, key) (KeyError: no query yet)."""
         return self._edits[(layer, key)]
 
-    def found(self, layer: int, key: str) -> dict[str, Nearest]:
-        """{query kind: Nearest} of one (layer, key); empty arrays for kinds without queries."""
+    def found(self, layer: int, key: str, image_tau: float | None = None
+              ) -> dict[str, Nearest]:
+        """{query kind: Nearest} of one (layer, key) (with `image_tau`: the image-first rule's
+        choices at that image threshold); empty arrays for kinds without queries."""
         out = {}
         for kind in QUERY_KINDS:
-            parts = self._found.get((layer, key, kind), [])
+            parts = (self._found.get((layer, key, kind), []) if image_tau is None
+                     else self._first.get((layer, key, kind, image_tau), []))
             joined = [torch.cat([p[i] for p in parts]).double().numpy() if parts
                       else np.zeros(0) for i in range(3)]
             out[kind] = Nearest(joined[0], joined[1].astype(np.int64),
@@ -346,20 +428,29 @@ class NearestLog:
         """gate.json's "stored" section: {"notes", "edits", "tau0_grid", "per_layer":
         {str(layer): {key: entry}}, "best": {"tau": {layer, key, mean, tau}, "radius": {layer,
         key, mean, tau0, median_threshold}}}."""
-        per_layer = {
-            str(layer): {key: stored_separation(self.found(layer, key),
-                                                self._edits[(layer, key)], key, targets, grid)
-                         for key in self.keys}
-            for layer in tqdm(layers, desc="gate stored", unit="layer", disable=not progress)
-        }
+        per_layer: dict[str, dict[str, Any]] = {}
+        for layer in tqdm(layers, desc="gate stored", unit="layer", disable=not progress):
+            per_layer[str(layer)] = {}
+            for key in self.keys:
+                entry = stored_separation(self.found(layer, key), self._edits[(layer, key)],
+                                          key, targets, grid)
+                if self._split.get((layer, key)) is not None:
+                    entry["image_first"] = best_image_first(
+                        {t: self.found(layer, key, t) for t in IMAGE_TAU_GRID})
+                per_layer[str(layer)][key] = entry
         best = {}
-        for rule, fields in (("tau", ("tau",)), ("radius", ("tau0", "median_threshold"))):
-            layer, key = max(((layer, key) for layer in per_layer for key in self.keys),
-                             key=lambda p: per_layer[p[0]][p[1]][rule]["mean"])
+        for rule, fields in (("tau", ("tau",)), ("radius", ("tau0", "median_threshold")),
+                             ("image_first", ("image_tau", "tau"))):
+            pairs = [(layer, key) for layer in per_layer for key in self.keys
+                     if rule in per_layer[layer][key]]
+            if not pairs:
+                continue
+            layer, key = max(pairs, key=lambda p: per_layer[p[0]][p[1]][rule]["mean"])
             entry = per_layer[layer][key][rule]
             best[rule] = {"layer": int(layer), "key": key, "mean": entry["mean"],
                           **{name: entry[name] for name in fields}}
         return {"notes": dict(NOTES), "edits": len(targets), "tau0_grid": sorted(grid),
+                "image_tau_grid": list(IMAGE_TAU_GRID),
                 "per_layer": per_layer, "best": best}
 
 
@@ -371,14 +462,19 @@ def plot_stored(section: Mapping[str, Any], layers: Sequence[int], keys: Sequenc
     """Per layer, the mean right-rate of each key under each rule (two panels)."""
     plt = pyplot()
     width = max(6.0, 0.3 * len(layers) + 4)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 4.4), sharey=True, squeeze=False)
-    titles = {"tau": "one tau for every stored edit", "radius": "per-edit radius (GRACE)"}
+    rules = [rule for rule in (*RULES, "image_first") if rule in section["best"]]
+    fig, axes = plt.subplots(1, len(rules), figsize=(len(rules) * width, 4.4), sharey=True,
+                             squeeze=False)
+    titles = {"tau": "one tau for every stored edit", "radius": "per-edit radius (GRACE)",
+              "image_first": "image first, then question"}
     per_layer = section["per_layer"]
     first = per_layer[str(layers[0])][keys[0]]["tau"]["right"]
     present = [kind for kind, rate in first.items() if rate is not None]
     closed = sum(kind in OUT_OF_SCOPE for kind in present) / max(len(present), 1)
-    for ax, rule in zip(axes.flat, RULES, strict=True):
+    for ax, rule in zip(axes.flat, rules, strict=True):
         for key in keys:
+            if rule not in per_layer[str(layers[0])][key]:
+                continue
             means = [per_layer[str(layer)][key][rule]["mean"] for layer in layers]
             ax.plot(layers, means, marker="o", markersize=3, label=key)
         ax.axhline(closed, color="gray", linestyle=":",
@@ -391,7 +487,7 @@ def plot_stored(section: Mapping[str, Any], layers: Sequence[int], keys: Sequenc
         if len(layers) <= 48:
             ax.set_xticks(list(layers))
     axes.flat[0].set_ylabel("mean right-rate over query kinds (higher is better)")
-    axes.flat[1].legend(fontsize=7, loc="lower right", ncol=2)
+    axes.flat[-1].legend(fontsize=7, loc="lower right", ncol=2)
     stored = per_layer[str(layers[0])][keys[0]]["stored"]
     fig.suptitle(f"Gate with all {stored} edits stored: nearest-of-many decisions per layer")
     return save_figure(fig, path)
