@@ -28,7 +28,6 @@ mean, a sample without an image, has cosine 0 with everything).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,10 +49,10 @@ from dualedit.analysis.scopes import (
     threshold_candidates,
 )
 from dualedit.editors.dualedit.gate import (
-    IMAGE_GROUPS,
     KIND_PARTS,
     gate_vectors,
     similarity_matrix,
+    unit_groups,
 )
 from dualedit.editors.memory import argmax_rows
 
@@ -163,8 +162,7 @@ def split_vectors(key: str, features: Mapping[str, torch.Tensor]
         return None
     question = F.normalize(features["prompt_end"].float(), dim=-1)
     if "image_groups" in parts:
-        groups = features["image_groups"].float().unflatten(-1, (IMAGE_GROUPS, -1))
-        image = F.normalize(groups, dim=-1).flatten(-2) / math.sqrt(IMAGE_GROUPS)
+        image = unit_groups(features["image_groups"])
     else:
         image = F.normalize(features["image_mean"].float(), dim=-1)
     return image, question
@@ -183,8 +181,12 @@ def nearest_image_first(
         >>> nearest_image_first((img[:1], q[:1]), (img, q), 0.5)
         (tensor([1.]), tensor([0]))
     """
-    image = queries[0] @ edits[0].T  # [q, n]
-    question = queries[1] @ edits[1].T  # [q, n]
+    return _masked_nearest(queries[0] @ edits[0].T, queries[1] @ edits[1].T, image_tau)
+
+
+def _masked_nearest(image: torch.Tensor, question: torch.Tensor, image_tau: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_image_first` from the [q, n] image and prompt-end cosines."""
     masked = question.masked_fill(image < image_tau, NO_CANDIDATE)
     similarity, chosen = masked.max(dim=1)  # [q], [q]
     chosen = torch.where(similarity > NO_CANDIDATE, chosen, torch.full_like(chosen, -1))
@@ -400,8 +402,9 @@ class NearestLog:
             if split is None:
                 continue
             asked = split_vectors(key, queries)
+            image, question = asked[0] @ split[0].T, asked[1] @ split[1].T  # [batch, n] each
             for image_tau in IMAGE_TAU_GRID:
-                similarity, chosen = nearest_image_first(asked, split, image_tau)
+                similarity, chosen = _masked_nearest(image, question, image_tau)
                 self._first.setdefault((layer, key, kind, image_tau), []).append(
                     (similarity, chosen, own))
 

@@ -153,10 +153,7 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str, heads: Any = None) -
     if kind == "prompt_end_image":
         return _mean_of_cosines(parts["prompt_end"], parts["image_mean"].float())
     if kind == "prompt_end_image_groups":
-        groups = parts["image_groups"].float()
-        # Each group a unit direction: the image cosine is the mean of the group cosines.
-        image = F.normalize(groups.unflatten(-1, (IMAGE_GROUPS, -1)), dim=-1).flatten(-2)
-        return _mean_of_cosines(parts["prompt_end"], image)
+        return _mean_of_cosines(parts["prompt_end"], unit_groups(parts["image_groups"]))
     if kind == "prompt_end_and_image":
         image = parts["image_mean"].float()
         no_image = (image == 0).all(dim=-1, keepdim=True).to(image.dtype)  # [batch, 1]
@@ -166,6 +163,14 @@ def gate_vectors(parts: dict[str, torch.Tensor], kind: str, heads: Any = None) -
             dim=-1,
         )  # [batch, 2 * hidden + 1]
     return F.normalize(parts[kind].float(), dim=-1)
+
+
+def unit_groups(groups: torch.Tensor) -> torch.Tensor:
+    """[batch, IMAGE_GROUPS * hidden] image groups -> the same, each group normalised and the
+    whole divided by sqrt(IMAGE_GROUPS): a dot product of two is the mean of the group cosines
+    (zero, no image, stays zero)."""
+    unit = F.normalize(groups.float().unflatten(-1, (IMAGE_GROUPS, -1)), dim=-1).flatten(-2)
+    return unit / math.sqrt(IMAGE_GROUPS)
 
 
 def _mean_of_cosines(prompt_end: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dualedit.editors.dualedit.gate import IMAGE_GROUPS, LEARNED_PARTS, learned_similarity
+from dualedit.editors.dualedit.gate import (
+    IMAGE_GROUPS,
+    LEARNED_PARTS,
+    learned_similarity,
+    unit_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +94,7 @@ class GateHeads(nn.Module):
             raise ValueError(f"gate key 'learned' needs the key part(s) {missing}, which these "
                              "edits lack (edits stored before the part existed: add them again)")
         mean = F.normalize(parts["image_mean"].float(), dim=-1)
-        groups = parts["image_groups"].float()
-        groups = F.normalize(groups.unflatten(-1, (IMAGE_GROUPS, -1)), dim=-1).flatten(-2) / 2
-        image = torch.cat([mean, groups], dim=-1)
+        image = torch.cat([mean, unit_groups(parts["image_groups"])], dim=-1)
         has_image = (image.abs().sum(dim=-1, keepdim=True) > 0).float()
         return image, F.normalize(parts["prompt_end"].float(), dim=-1), has_image
 
