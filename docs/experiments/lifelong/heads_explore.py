@@ -1,0 +1,181 @@
+"""Exploratory (2026-12-02, not part of the package): variants of the learned gate heads,
+scored gate-only with all eval edits stored.
+
+Fit on the train split minus the validation edits; tau chosen with the validation edits stored
+(as `calibrate --option mode=sequential`); scored on the eval split with all eval edits stored.
+Usage: python runs/heads_explore.py MODEL WORLD OUT.json [--val 300] [--variants a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualedit.backbones.registry import get_backbone
+from dualedit.data.mmedit import load_split
+from dualedit.editors.dualedit import DualEditor
+from dualedit.editors.dualedit.calibrate import best_threshold
+from dualedit.editors.dualedit.gate import learned_similarity
+from dualedit.editors.dualedit.gate_fit import gate_fit_data
+from dualedit.editors.dualedit.heads import BLOCK_KINDS, PASS_KINDS, GateHeads
+from dualedit.evaluate import load_vlm
+from dualedit.train.data import split_indices
+
+
+class Heads(GateHeads):
+    def __init__(self, hidden, width=64, mlp=0):
+        super().__init__(hidden, width)
+        if mlp:
+            image_in = self.image.in_features
+            self.image_net = nn.Sequential(
+                nn.Linear(image_in, mlp), nn.GELU(), nn.Linear(mlp, width))
+            self.question_net = nn.Sequential(
+                nn.Linear(hidden, mlp), nn.GELU(), nn.Linear(mlp, width))
+        else:
+            self.image_net, self.question_net = self.image, self.question
+
+    def embed_features(self, image, question, has_image):
+        p = self.image.weight
+        image = ((image.to(p) - self.image_mean) / self.image_std) * has_image.to(p)
+        question = (question.to(p) - self.question_mean) / self.question_std
+        e = F.normalize(self.image_net(image), dim=-1) * has_image.to(p)
+        q = F.normalize(self.question_net(question), dim=-1)
+        return torch.cat([e, q], dim=-1)
+
+
+def fit(parts, answers, *, width=64, mlp=0, steps=3000, batch=256, lr=3e-3, seed=0,
+        img_nce=0.0, hard_w=1.0, wd=0.0, drop=0.0):
+    kinds = [k for k in PASS_KINDS + BLOCK_KINDS if k in parts]
+    n = len(parts["edit"]["prompt_end"])
+    feats = {k: GateHeads.raw_features(parts[k]) for k in ["edit", *kinds]}
+    hidden = feats["edit"][1].shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    heads = Heads(hidden, width, mlp)
+    stacked = [torch.cat([feats[k][j] for k in feats if k != "t_loc"]) for j in range(3)]
+    heads.standardise_on(*stacked)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=wd)
+    b = min(batch, n)
+    m = max(1, b // 2)
+    for _ in range(steps):
+        rows = torch.randperm(n, generator=gen)[:b]
+        stored = rows[:m]
+        keys = heads.embed_features(*(f[stored] for f in feats["edit"]))
+        sa = answers["edit"][stored]
+        loss = torch.zeros(())
+        for kind in kinds:
+            query = heads.embed_features(*(f[rows] for f in feats[kind]))
+            sim = learned_similarity(query, keys)
+            own = torch.zeros(b, m, dtype=torch.bool)
+            if kind in PASS_KINDS:
+                own[torch.arange(m), torch.arange(m)] = True
+            amb = (answers[kind][rows][:, None] == sa[None, :]) & ~own
+            slot = heads.threshold.expand(b, 1)
+            logits = torch.cat([sim, slot], 1) * heads.scale.abs()
+            blocked = torch.cat([amb, torch.zeros(b, 1, dtype=torch.bool)], 1)
+            logits = logits.masked_fill(blocked, -1e4)
+            target = torch.where(own.any(1), own.float().argmax(1), torch.full((b,), m))
+            w = hard_w if kind == "m_loc_hard" else 1.0
+            loss = loss + w * F.cross_entropy(logits, target)
+        if img_nce:
+            # edit image vs own V-Gen image, other records' edit images as negatives
+            e = heads.embed_features(*(f[rows] for f in feats["edit"]))[:, :heads.width]
+            v = heads.embed_features(*(f[rows] for f in feats["v_gen"]))[:, :heads.width]
+            has = feats["edit"][2][rows][:, 0] > 0
+            lg = (v @ e.T) * heads.scale.abs()
+            loss = loss + img_nce * F.cross_entropy(lg[has][:, has], torch.arange(int(has.sum())))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    heads.eval()
+    return heads
+
+
+@torch.no_grad()
+def decide(heads, parts, kinds):
+    keys = heads.embed(parts["edit"])
+    out = {}
+    for kind in kinds:
+        sim = learned_similarity(heads.embed(parts[kind]), keys)  # [n, n]
+        best, pos = sim.max(1)
+        own = pos == torch.arange(len(pos))
+        out[kind] = (best, own)
+    return out
+
+
+def choose(dec):
+    pos = torch.cat([dec[k][0][dec[k][1]] for k in PASS_KINDS])
+    neg = torch.cat([dec[k][0] for k in BLOCK_KINDS if k in dec])
+    tau, acc = best_threshold(pos, neg)
+    return tau
+
+
+def score(dec, tau):
+    r = {}
+    for k, (best, own) in dec.items():
+        ok = (own & (best >= tau)) if k in PASS_KINDS else (best < tau)
+        r[k] = round(100 * ok.float().mean().item(), 1)
+    r["mean"] = round(sum(r.values()) / len(r), 2)
+    return r
+
+
+VARIANTS = {
+    "base": {},
+    "w128": {"width": 128},
+    "mlp256": {"mlp": 256},
+    "nce05": {"img_nce": 0.5},
+    "nce1": {"img_nce": 1.0},
+    "hard2": {"hard_w": 2.0},
+    "steps6k": {"steps": 6000},
+    "mlp256_nce05": {"mlp": 256, "img_nce": 0.5},
+    "wd": {"wd": 0.05},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("world")
+    ap.add_argument("out")
+    ap.add_argument("--val", type=int, default=300)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--limit", type=int, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    model, processor = load_vlm(a.model)
+    model.eval()
+    backbone = get_backbone(model)
+    editor = DualEditor(model, processor, backbone, text_layer=0, visual_layer=1,
+                        gate_key="learned")
+    train = load_split(a.world, "vqa", "train")
+    ev = load_split(a.world, "vqa", "eval")
+    fit_idx, val_idx = split_indices(len(train), a.val)
+    n_eval = len(ev) if a.limit is None else a.limit
+    t = time.time()
+    with torch.no_grad():
+        fp, fa = gate_fit_data(editor, train, fit_idx)
+        vp, _ = gate_fit_data(editor, train, val_idx)
+        ep, _ = gate_fit_data(editor, ev, list(range(n_eval)))
+    print(f"features {time.time() - t:.0f}s", flush=True)
+    kinds = [k for k in PASS_KINDS + BLOCK_KINDS if k in ep]
+    results = {}
+    for name in a.variants.split(","):
+        t = time.time()
+        heads = fit(fp, fa, **VARIANTS[name])
+        tau = choose(decide(heads, vp, kinds))
+        val = score(decide(heads, vp, kinds), tau)
+        res = score(decide(heads, ep, kinds), tau)
+        results[name] = {"tau": round(tau, 4), "val": val, "eval": res,
+                         "threshold": round(float(heads.threshold.detach()), 4)}
+        print(name, f"{time.time() - t:.0f}s", json.dumps(results[name]), flush=True)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
