@@ -85,6 +85,27 @@ def test_fitted_heads_open_own_edits_and_refuse_look_alikes_with_many_stored():
     assert (learned_similarity(heads.embed(test_parts["t_loc"]), keys) <= 1e-6).all()
 
 
+def test_two_layer_heads_fit_and_round_trip_through_their_meta():
+    parts, answers = synthetic(120, seed=0)
+    heads = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64, mlp=32)
+    assert heads.mlp == 32 and isinstance(heads.image, torch.nn.Sequential)
+    test_parts, _ = synthetic(48, seed=1)
+    rates = right_rates(heads, test_parts)
+    assert min(rates.values()) >= 0.8, rates
+    meta = heads_module.heads_meta(heads)
+    assert meta["mlp"] == 32
+    again = heads_module.heads_from(meta, heads.state_dict(), "here")
+    assert torch.equal(again.embed(test_parts["v_gen"]), heads.embed(test_parts["v_gen"]))
+    # Meta written before the field existed means linear heads; a mismatch is refused by name.
+    linear = GateHeads(HIDDEN, 16)
+    old_meta = {k: v for k, v in heads_module.heads_meta(linear).items() if k != "mlp"}
+    assert heads_module.heads_from(old_meta, linear.state_dict(), "old").mlp == 0
+    with pytest.raises(ValueError, match="here: gate head tensors"):
+        heads_module.heads_from(old_meta, heads.state_dict(), "here")
+    with pytest.raises(ValueError, match="here: gate heads meta"):
+        heads_module.heads_from({**meta, "mlp": -1}, heads.state_dict(), "here")
+
+
 def test_fit_refuses_bad_inputs():
     parts, answers = synthetic(8, seed=0)
     with pytest.raises(ValueError, match="need 'edit'"):
@@ -152,3 +173,18 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
         assert again.explain(data.images(a.image), "What is it? The answer is:").edit_id == 0
     finally:
         again.detach()
+    # Two-layer heads by a calibration option: saved with their size, loaded as such.
+    calibrate_adapters(model, processor, tmp_path / "src", data, out_dir=tmp_path / "mlp",
+                       val_edits=3, gate_key="learned", heads_mlp=8)
+    saved = json.loads((tmp_path / "mlp" / "adapter_config.json").read_text())
+    assert saved["gate_heads"]["mlp"] == 8
+    two = DualEditor.from_pretrained(model, processor, tmp_path / "mlp")
+    try:
+        assert two.memory.gate_heads.mlp == 8
+        two.edit(data.images(a.image), "What is it? The answer is:", " zebra")
+        assert two.explain(data.images(a.image), "What is it? The answer is:").similarity > 0.99
+    finally:
+        two.detach()
+    with pytest.raises(ValueError, match="heads_mlp"):
+        calibrate_adapters(model, processor, tmp_path / "src", data, val_edits=3,
+                           gate_key="learned", heads_mlp=-1)

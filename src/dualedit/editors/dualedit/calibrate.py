@@ -179,6 +179,7 @@ def calibrate_adapters(
     val_edits: int | None = None,
     mode: str = "single",
     gate_key: str | None = None,
+    heads_mlp: int = 0,
     ignore_base_mismatch: bool = False,
 ) -> TauChoice:
     """Choose tau for saved adapters on the validation edits and save the adapters with it.
@@ -192,6 +193,8 @@ def calibrate_adapters(
         val_edits: how many validation edits training held out (None: `TrainSettings`'s).
         mode: "single" or "sequential" (see `choose_tau`).
         gate_key: choose tau for this gate key and save it with the adapters (None: theirs).
+        heads_mlp: with the "learned" key, hidden units of two-layer gate heads (0: linear heads;
+            `heads.GateHeads`).
         ignore_base_mismatch: load adapters saved for other base weights (see
             `Editor.from_pretrained`).
 
@@ -207,6 +210,8 @@ def calibrate_adapters(
     """
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
+    if isinstance(heads_mlp, bool) or not isinstance(heads_mlp, int) or heads_mlp < 0:
+        raise ValueError(f"calibration option heads_mlp: an int >= 0, got {heads_mlp!r}")
     if train_dataset.path.name == Path(SPLIT_FILES[(train_dataset.task, "eval")]).name:
         raise ValueError(f"{train_dataset.path}: the eval split; tau is chosen on the validation "
                          "edits of the train split")
@@ -217,7 +222,7 @@ def calibrate_adapters(
         overrides["ignore_base_mismatch"] = True
     return calibrate_on(
         model, processor, Path(adapters_dir), train_dataset, val_idx, mode,
-        out_dir=Path(out_dir) if out_dir is not None else None, **overrides,
+        out_dir=Path(out_dir) if out_dir is not None else None, heads_mlp=heads_mlp, **overrides,
     )
 
 
@@ -230,13 +235,15 @@ def calibrate_on(
     mode: str = "single",
     *,
     out_dir: Path | None = None,
+    heads_mlp: int = 0,
     **overrides: Any,
 ) -> TauChoice:
     """Choose tau on the edits `val_idx` and save the adapters with it (and `overrides`, run-time
     config fields such as gate_key) to `out_dir` (default: `adapters_dir`).
 
     With the "learned" gate key, the gate heads are fitted first (`gate_fit.fit_gate`) on the
-    other records of `dataset` (the validation edits held out), and saved with the adapters."""
+    other records of `dataset` (the validation edits held out), and saved with the adapters
+    (`heads_mlp`: hidden units of two-layer heads, 0: linear)."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
     was_training = model.training
     model.eval()
@@ -244,7 +251,8 @@ def calibrate_on(
     try:
         if editor.config.gate_key == LEARNED:
             held_out = set(val_idx)
-            heads = fit_gate(editor, dataset, [i for i in range(len(dataset)) if i not in held_out])
+            heads = fit_gate(editor, dataset,
+                             [i for i in range(len(dataset)) if i not in held_out], mlp=heads_mlp)
         choice = choose_tau(editor, dataset, val_idx, mode=mode)
     finally:
         editor.detach()

@@ -53,7 +53,16 @@ WIDTH = 64
 STEPS = 3000
 BATCH = 256
 LR = 3e-3
+#: Hidden units of two-layer heads; 0: linear heads (the default).
+MLP = 0
 FILE = "gate_heads.safetensors"
+
+
+def _head(inputs: int, width: int, mlp: int) -> nn.Module:
+    """One head: linear, or two layers with `mlp` hidden units and a GELU."""
+    if not mlp:
+        return nn.Linear(inputs, width)
+    return nn.Sequential(nn.Linear(inputs, mlp), nn.GELU(), nn.Linear(mlp, width))
 
 
 class GateHeads(nn.Module):
@@ -62,16 +71,20 @@ class GateHeads(nn.Module):
     Args:
         hidden: the model's hidden size (the width of a key part).
         width: the size of each head's output.
+        mlp: 0 (default): each head is one linear map; > 0: two layers, `mlp` hidden units and a
+            GELU between (better on the 256-entity world's validation edits, exploratory so far:
+            `docs/experiments/lifelong_gate.md`).
     """
 
-    def __init__(self, hidden: int, width: int = WIDTH):
+    def __init__(self, hidden: int, width: int = WIDTH, mlp: int = MLP):
         super().__init__()
-        if hidden < 1 or width < 1:
-            raise ValueError(f"GateHeads: hidden and width must be positive, got {hidden}, {width}")
-        self.hidden, self.width = int(hidden), int(width)
+        if hidden < 1 or width < 1 or mlp < 0:
+            raise ValueError(f"GateHeads: hidden and width must be positive and mlp >= 0, got "
+                             f"{hidden}, {width}, {mlp}")
+        self.hidden, self.width, self.mlp = int(hidden), int(width), int(mlp)
         image_in = hidden * (1 + IMAGE_GROUPS)
-        self.image = nn.Linear(image_in, width)
-        self.question = nn.Linear(hidden, width)
+        self.image = _head(image_in, width, self.mlp)
+        self.question = _head(hidden, width, self.mlp)
         self.threshold = nn.Parameter(torch.tensor(0.5))
         self.scale = nn.Parameter(torch.tensor(20.0))
         for name, size in (("image_mean", image_in), ("question_mean", hidden)):
@@ -80,7 +93,8 @@ class GateHeads(nn.Module):
             self.register_buffer(name, torch.ones(size))
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, width={self.width}, threshold={float(self.threshold):.4f}"
+        return (f"hidden={self.hidden}, width={self.width}, mlp={self.mlp}, "
+                f"threshold={float(self.threshold):.4f}")
 
     # -- features and keys ----------------------------------------------------------------------
 
@@ -111,7 +125,7 @@ class GateHeads(nn.Module):
     def embed_features(self, image: torch.Tensor, question: torch.Tensor,
                        has_image: torch.Tensor) -> torch.Tensor:
         """[batch, 2 * width]: the unit image key (zero without an image), the unit question key."""
-        p = self.image.weight
+        p = self.threshold
         image = ((image.to(p) - self.image_mean) / self.image_std) * has_image.to(p)
         question = (question.to(p) - self.question_mean) / self.question_std
         e = F.normalize(self.image(image), dim=-1) * has_image.to(p)  # [batch, width]
@@ -135,6 +149,7 @@ def fit_gate_heads(
     batch_size: int = BATCH,
     lr: float = LR,
     seed: int = 0,
+    mlp: int = MLP,
     progress: bool = False,
 ) -> GateHeads:
     """Fit the heads and threshold on the frozen key parts of training records.
@@ -145,6 +160,7 @@ def fit_gate_heads(
         answers: {same kinds: [n] long}: ids of each input's unedited answer ("edit": the edit
             question's unedited answer), for the masks.
         width, steps (None: `STEPS`), batch_size, lr, seed: the fit (deterministic for a seed).
+        mlp: hidden units of two-layer heads (0: linear heads, see `GateHeads`).
 
     Raises:
         ValueError: no edits, kinds of other sizes, or fewer than 2 records.
@@ -162,7 +178,7 @@ def fit_gate_heads(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        heads = GateHeads(hidden, width)
+        heads = GateHeads(hidden, width, mlp)
     stacked = [torch.cat([features[k][j] for k in features if k != "t_loc"]) for j in range(3)]
     heads.standardise_on(*stacked)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -203,7 +219,7 @@ def fit_gate_heads(
 
 def heads_meta(heads: GateHeads) -> dict[str, Any]:
     """The JSON part of saved heads (the editor config holds it)."""
-    return {"hidden": heads.hidden, "width": heads.width, "parts": list(PARTS),
+    return {"hidden": heads.hidden, "width": heads.width, "mlp": heads.mlp, "parts": list(PARTS),
             "image_groups": IMAGE_GROUPS}
 
 
@@ -211,7 +227,7 @@ def heads_from(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], whe
                ) -> GateHeads:
     """Heads rebuilt from `heads_meta` and their saved tensors (ValueError naming `where`)."""
     try:
-        heads = GateHeads(int(meta["hidden"]), int(meta["width"]))
+        heads = GateHeads(int(meta["hidden"]), int(meta["width"]), int(meta.get("mlp", 0)))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{where}: gate heads meta {dict(meta)!r} is malformed "
                          f"({error})") from None

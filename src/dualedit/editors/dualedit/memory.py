@@ -380,7 +380,7 @@ class EditMemory:
             }
             heads = self.gate_heads
             if heads is not None:
-                parts = {k: v.to(heads.image.weight.device) for k, v in parts.items()}
+                parts = {k: v.to(heads.threshold.device) for k, v in parts.items()}
             vectors = gate_vectors(parts, kind, heads)  # [n_edits, d]
             return vectors if device is None else vectors.to(device)
 
