@@ -23,8 +23,8 @@ def make_results(method="ft-l", n_edits=None, hard=False, gen=False, scorer="pap
     return Results(
         method=method,
         editor_options={"steps": 3},
-        backbone={"model_type": "llava", "name_or_path": "/tmp/models/tiny-llava"},
-        dataset={"path": "/tmp/world/vqa/vqa_eval.json", "task": "vqa", "split": "eval", "n": 2},
+        backbone={"model_type": "llava", "name_or_path": "models/tiny-llava"},
+        dataset={"path": "world/vqa/vqa_eval.json", "task": "vqa", "split": "eval", "n": 2},
         protocol="single" if n_edits is None else "sequential",
         scorer=scorer,
         prompt_protocol={"name": "mmedit-paper-code", "version": 1},

@@ -40,8 +40,8 @@ def _eval_results(protocol: str = "sequential", ns=(1, 10, 100)) -> dict:
     ]
     return {
         "method": "ft-l", "editor_options": {"steps": 2},
-        "backbone": {"model_type": "llava", "name_or_path": "/models/tiny-llava/"},
-        "dataset": {"path": "/w/vqa/vqa_eval.json", "task": "vqa", "split": "eval", "n": 100},
+        "backbone": {"model_type": "llava", "name_or_path": "models/tiny-llava/"},
+        "dataset": {"path": "w/vqa/vqa_eval.json", "task": "vqa", "split": "eval", "n": 100},
         "protocol": protocol, "scorer": "paper", "prompt_protocol": {}, "settings": {},
         "versions": {"dualedit": "0.1.0"}, "time": "2025-01-01T00:00:00", "runs": runs,
         "wall_s": 3.0, "records_per_s": 1.0,

@@ -3,7 +3,12 @@ scored gate-only with all eval edits stored.
 
 Fit on the train split minus the validation edits; tau chosen with the validation edits stored
 (as `calibrate --option mode=sequential`); scored on the eval split with all eval edits stored.
-Usage: python runs/heads_explore.py MODEL WORLD OUT.json [--val 300] [--variants a,b]
+Usage: python heads_explore.py MODEL WORLD OUT.json [--val 300] [--variants a,b]
+
+Kept as the record of the runs in `docs/experiments/lifelong_gate.md`. Its fit loop is a copy of
+`heads.fit_gate_heads` with the loss variants (image contrast, hard M-Loc weight) added; the
+two-layer heads it found are now `fit_gate_heads(..., mlp=N)` (`calibrate --option heads_mlp=N`),
+which is what to call outside this record.
 """
 
 from __future__ import annotations
