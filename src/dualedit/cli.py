@@ -14,6 +14,10 @@ from pathlib import Path
 from dualedit.analysis.command import add_analyze_parser
 from dualedit.bench.command import add_bench_parser
 
+# train.settings.LR_SCHEDULES, spelled here so that parsing arguments imports no torch (a test
+# keeps the two equal).
+TRAIN_LR_SCHEDULES = ("constant", "cosine", "linear")
+
 
 def _cmd_world(args: argparse.Namespace) -> int:
     from dualedit.world import build_world
@@ -146,6 +150,7 @@ def _train_settings(args: argparse.Namespace):
         "seed": args.seed,
         "text_loc_kl": False if args.no_text_loc_kl else None,
         "checkpoint_every": args.checkpoint_every,
+        "lr_schedule": args.lr_schedule,
     }
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
@@ -394,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="step budget")
     p.add_argument("--batch-size", type=int, default=None, help="edits per step, all processes")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-schedule", choices=TRAIN_LR_SCHEDULES, default=None,
+                   help="the rate after warm-up: constant (default), or cosine / linear decay "
+                        "to 0 at --steps")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--patience", type=int, default=None, help="validations without improvement")
     p.add_argument("--seed", type=int, default=None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import shutil
 import time
@@ -390,10 +391,17 @@ def _validation_size(n_records: int, settings: TrainSettings, val_fraction: floa
 
 
 def _lr_at(settings: TrainSettings, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant."""
+    """Linear warm-up over `warmup_steps`, then `settings.lr_schedule`: constant, or a cosine or
+    linear decay from lr at the end of warm-up to 0 at `max_steps`."""
     if settings.warmup_steps and step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
-    return settings.lr
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    span = max(1, settings.max_steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    if settings.lr_schedule == "cosine":
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return settings.lr * (1.0 - progress)
 
 
 def _check_terms(terms: dict[str, torch.Tensor], seen: list[str] | None) -> list[str]:

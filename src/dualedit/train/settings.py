@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 # Fields that change what a run computes: a resumed run must use the same values. The others
-# (how long, how often to checkpoint or log, data workers) may change between a run and its resume.
+# (how long, how often to checkpoint or log, data workers) may change between a run and its resume,
+# except `max_steps` under a decaying schedule (the rate at every step depends on it).
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 TRAJECTORY_FIELDS: tuple[str, ...] = (
     "lr",
     "batch_size",
     "warmup_steps",
+    "lr_schedule",
     "grad_clip",
     "text_loc_kl",
     "eval_every",
@@ -38,6 +41,8 @@ class TrainSettings:
             batch_size / processes of them); must be divisible by the number of processes.
         max_steps: step budget; training ends there at the latest.
         warmup_steps: linear learning-rate warm-up from lr / warmup_steps to lr (0: none).
+        lr_schedule: the rate after warm-up: "constant" (lr throughout), "cosine" or "linear"
+            (from lr down to 0 at `max_steps`; early stopping does not shorten the schedule).
         grad_clip: clip the trained parameters' gradient norm to this value (None: no clipping).
         text_loc_kl: DualEdit: include the KL term on the text-only locality sample (the
             paper's loss); False drops it as the released code does.
@@ -61,6 +66,7 @@ class TrainSettings:
     batch_size: int = 4
     max_steps: int = 2000
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     grad_clip: float | None = 1.0
     text_loc_kl: bool = True
     eval_every: int = 100
@@ -81,6 +87,11 @@ class TrainSettings:
             _int_at_least(name, getattr(self, name), 1)
         for name in ("warmup_steps", "seed", "num_workers"):
             _int_at_least(name, getattr(self, name), 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"TrainSettings: lr_schedule must be one of {list(LR_SCHEDULES)}, "
+                f"got {self.lr_schedule!r}"
+            )
         if self.grad_clip is not None:
             _positive_number("grad_clip", self.grad_clip)
         if self.patience is not None:
@@ -123,10 +134,14 @@ class TrainSettings:
         return cls.from_dict(data, where=str(path))
 
     def trajectory_changes(self, other: TrainSettings) -> dict[str, tuple[Any, Any]]:
-        """{field: (self's value, other's value)} for the trajectory fields that differ."""
+        """{field: (self's value, other's value)} for the trajectory fields that differ
+        (`max_steps` too when either decays the rate towards it)."""
+        names = TRAJECTORY_FIELDS
+        if {self.lr_schedule, other.lr_schedule} != {"constant"}:
+            names = (*names, "max_steps")
         return {
             name: (getattr(self, name), getattr(other, name))
-            for name in TRAJECTORY_FIELDS
+            for name in names
             if getattr(self, name) != getattr(other, name)
         }
 
