@@ -188,3 +188,13 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
     with pytest.raises(ValueError, match="heads_mlp"):
         calibrate_adapters(model, processor, tmp_path / "src", data, val_edits=3,
                            gate_key="learned", heads_mlp=-1)
+    # Heads asked for with a key that has none: refused before anything is written, the
+    # model left without hooks.
+    before = (tmp_path / "src" / "adapter_config.json").read_bytes()
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"heads_mlp=8: gate heads exist only with gate_key="):
+        calibrate_adapters(model, processor, tmp_path / "src", data, out_dir=tmp_path / "no",
+                           val_edits=3, gate_key="prompt_end", heads_mlp=8)
+    assert not (tmp_path / "no").exists()
+    assert (tmp_path / "src" / "adapter_config.json").read_bytes() == before
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks

@@ -1,5 +1,5 @@
 """The learning-rate schedule of the training loop: constant, cosine or linear decay after the
-warm-up, validated, part of a run's trajectory (with its step budget), and reachable from the CLI."""
+warm-up, validated, part of a run's trajectory (with its step budget), reachable from the CLI."""
 
 from __future__ import annotations
 

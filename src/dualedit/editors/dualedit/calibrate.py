@@ -202,7 +202,8 @@ def calibrate_adapters(
         The `TauChoice`.
 
     Raises:
-        ValueError: the eval split, an unknown mode, or a bad number of validation edits.
+        ValueError: the eval split, an unknown mode, a bad number of validation edits, or
+            `heads_mlp` with a gate key other than "learned".
 
     Example:
         >>> calibrate_adapters(model, processor, "runs/vqa/best", load_split(root, "vqa", "train"),
@@ -243,8 +244,15 @@ def calibrate_on(
 
     With the "learned" gate key, the gate heads are fitted first (`gate_fit.fit_gate`) on the
     other records of `dataset` (the validation edits held out), and saved with the adapters
-    (`heads_mlp`: hidden units of two-layer heads, 0: linear)."""
+    (`heads_mlp`: hidden units of two-layer heads, 0: linear; refused with another key)."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
+    if heads_mlp and editor.config.gate_key != LEARNED:
+        editor.detach()
+        raise ValueError(
+            f"calibration option heads_mlp={heads_mlp}: gate heads exist only with "
+            f"gate_key={LEARNED!r}, and {adapters_dir}'s gate key is "
+            f"{editor.config.gate_key!r} (add --option gate_key={LEARNED})"
+        )
     was_training = model.training
     model.eval()
     heads = None
