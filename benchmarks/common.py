@@ -8,6 +8,7 @@ and its spread the quartiles of the per-round paired ratios.
 Models: the pretrained small VLM of the demo cache when there is one
 (`$DUALEDIT_CACHE/models/{arch}-seed0`, default `~/.cache/dualedit`), else a freshly initialised
 model of the same size (timing does not depend on the weights); the JSON records which.
+`--size real` builds LLaVA-1.5-7B / BLIP2-OPT-2.7B at their real shapes instead (`real_sizes.py`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
         help="auto: the demo cache's pretrained model when present; fresh: a new random model",
     )
     p.add_argument(
+        "--size",
+        choices=("small", "real"),
+        default="small",
+        help="fresh models: small (the built-in world's) or real (LLaVA-1.5-7B's and "
+        "BLIP2-OPT-2.7B's widths and depths, random weights: a GPU run; real_sizes.py)",
+    )
+    p.add_argument(
         "--decoder-layers",
         type=int,
         default=None,
@@ -91,6 +99,10 @@ def check_args(args: argparse.Namespace, repeats: int, warmup: int) -> None:
         )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here")
+    if getattr(args, "size", "small") == "real":
+        if args.decoder_layers is not None or args.quick:
+            raise SystemExit("--size real takes neither --decoder-layers nor --quick")
+        args.model = "fresh"
     if args.decoder_layers is not None:
         if args.decoder_layers < 6:
             raise SystemExit(f"--decoder-layers must be >= 6, got {args.decoder_layers}")
@@ -231,6 +243,12 @@ def _fresh_model(
             heldout_per_entity=1,
             progress=False,
         )
+    if getattr(args, "size", "small") == "real":
+        from real_sizes import REAL_SIZES, build_real_model, build_real_processor
+
+        tokenizer = build_world_tokenizer(world_dir, arch)
+        model = build_real_model(arch, tokenizer, device=args.device, dtype=dtype, seed=SEED)
+        return model, build_real_processor(arch, tokenizer), world_dir, REAL_SIZES[arch].name
     size_name = "tiny" if args.quick else "small"
     size = resolve_size(size_name)
     if args.decoder_layers is not None:
@@ -371,6 +389,7 @@ def finish(args: argparse.Namespace, benchmark: str, info: dict[str, Any], body:
             "quick": args.quick,
             "model": args.model,
             "decoder_layers": args.decoder_layers,
+            "size": getattr(args, "size", "small"),
             "interleaved": True,
         },
         **body,

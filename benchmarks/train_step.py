@@ -376,6 +376,7 @@ def memory_in_subprocesses(args: Any) -> dict[str, dict[str, Any]]:
         command.append("--quick")
     if args.decoder_layers is not None:
         command += ["--decoder-layers", str(args.decoder_layers)]
+    command += ["--size", args.size]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     # Concurrent: each figure is its own process's memory, and no timing is taken meanwhile.
     running = {
