@@ -92,6 +92,14 @@ def test_calibration_reaches_train_dualedit(mode, monkeypatch, capsys):
     assert "gate threshold tau 0.9000 chosen on 4 validation edits" in capsys.readouterr().out
 
 
+def test_heads_size_reaches_train_dualedit(monkeypatch):
+    seen = fake_training(monkeypatch)
+    args = build_parser().parse_args([*BASE, "--option", "gate_key=learned", "--train-option",
+                                      "heads_mlp=256"])
+    assert args.func(args) == 0
+    assert seen["heads_mlp"] == 256 and seen["config"] == {"gate_key": "learned"}
+
+
 def test_a_given_tau_is_kept(monkeypatch):
     seen = fake_training(monkeypatch)
     args = build_parser().parse_args([*BASE, "--option", "tau=0.7"])

@@ -10,9 +10,10 @@ import torch
 from test_train_data import write_tiny_mmedit
 
 import dualedit.editors.dualedit.heads as heads_module
-from dualedit.editors.dualedit import DualEditor, calibrate_adapters
+from dualedit.editors.dualedit import DualEditor, calibrate_adapters, train_dualedit
 from dualedit.editors.dualedit.gate import IMAGE_GROUPS, learned_similarity
 from dualedit.editors.dualedit.heads import GateHeads, fit_gate_heads
+from dualedit.train import TrainSettings
 
 HIDDEN = 16
 
@@ -198,3 +199,24 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
     assert not (tmp_path / "no").exists()
     assert (tmp_path / "src" / "adapter_config.json").read_bytes() == before
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks
+
+
+def test_training_with_the_learned_key_fits_heads_of_the_asked_size(tiny_factory, tmp_path,
+                                                                    monkeypatch):
+    """`train_dualedit(heads_mlp=N)` (`dualedit train --train-option heads_mlp=N`): the heads
+    fitted at the end have N hidden units; with a key that has no heads it is refused before
+    anything trains."""
+    monkeypatch.setattr(heads_module, "STEPS", 30)
+    model, processor = tiny_factory("llava")
+    data = write_tiny_mmedit(tmp_path / "data", n=10)
+    settings = TrainSettings(lr=1e-2, batch_size=4, max_steps=2, eval_every=2, val_edits=3,
+                             patience=None)
+    with pytest.raises(ValueError, match="heads_mlp=8: gate heads exist only with"):
+        train_dualedit(model, processor, data, config=CONFIG, settings=settings,
+                       out_dir=tmp_path / "refused", heads_mlp=8, progress=False)
+    assert not (tmp_path / "refused").exists()
+    result = train_dualedit(model, processor, data, config={**CONFIG, "gate_key": "learned"},
+                            settings=settings, out_dir=tmp_path / "run", heads_mlp=8,
+                            progress=False)
+    saved = json.loads((result.best_dir / "adapter_config.json").read_text())
+    assert saved["gate_heads"]["mlp"] == 8 and saved["config"]["tau"] == result.tau.tau

@@ -211,8 +211,7 @@ def calibrate_adapters(
     """
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
-    if isinstance(heads_mlp, bool) or not isinstance(heads_mlp, int) or heads_mlp < 0:
-        raise ValueError(f"calibration option heads_mlp: an int >= 0, got {heads_mlp!r}")
+    check_heads_mlp(heads_mlp)
     if train_dataset.path.name == Path(SPLIT_FILES[(train_dataset.task, "eval")]).name:
         raise ValueError(f"{train_dataset.path}: the eval split; tau is chosen on the validation "
                          "edits of the train split")
@@ -225,6 +224,19 @@ def calibrate_adapters(
         model, processor, Path(adapters_dir), train_dataset, val_idx, mode,
         out_dir=Path(out_dir) if out_dir is not None else None, heads_mlp=heads_mlp, **overrides,
     )
+
+
+def check_heads_mlp(heads_mlp: Any, gate_key: str | None = None, *, where: str = "") -> None:
+    """Refuse a `heads_mlp` that is not an int >= 0, or > 0 with a gate key (`gate_key`, named
+    by `where`; None: not known yet) other than "learned", which has no heads to shape."""
+    if isinstance(heads_mlp, bool) or not isinstance(heads_mlp, int) or heads_mlp < 0:
+        raise ValueError(f"calibration option heads_mlp: an int >= 0, got {heads_mlp!r}")
+    if heads_mlp and gate_key is not None and gate_key != LEARNED:
+        raise ValueError(
+            f"calibration option heads_mlp={heads_mlp}: gate heads exist only with "
+            f"gate_key={LEARNED!r}, and {where or 'the gate key'} is {gate_key!r} "
+            f"(add --option gate_key={LEARNED})"
+        )
 
 
 def calibrate_on(
@@ -246,13 +258,11 @@ def calibrate_on(
     other records of `dataset` (the validation edits held out), and saved with the adapters
     (`heads_mlp`: hidden units of two-layer heads, 0: linear; refused with another key)."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
-    if heads_mlp and editor.config.gate_key != LEARNED:
+    try:
+        check_heads_mlp(heads_mlp, editor.config.gate_key, where=f"{adapters_dir}'s gate key")
+    except ValueError:
         editor.detach()
-        raise ValueError(
-            f"calibration option heads_mlp={heads_mlp}: gate heads exist only with "
-            f"gate_key={LEARNED!r}, and {adapters_dir}'s gate key is "
-            f"{editor.config.gate_key!r} (add --option gate_key={LEARNED})"
-        )
+        raise
     was_training = model.training
     model.eval()
     heads = None

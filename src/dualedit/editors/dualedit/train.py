@@ -20,7 +20,12 @@ from torch import nn
 
 from dualedit.backbones import Backbone, get_backbone
 from dualedit.data.mmedit import MMEditDataset
-from dualedit.editors.dualedit.calibrate import CALIBRATION_MODES, TauChoice, calibrate_on
+from dualedit.editors.dualedit.calibrate import (
+    CALIBRATION_MODES,
+    TauChoice,
+    calibrate_on,
+    check_heads_mlp,
+)
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.losses import METRICS, edit_pass
@@ -46,6 +51,8 @@ class DualEditTrainable:
             (`TrainSettings.text_loc_kl`).
         calibration: how `finish` stores the validation edits while it chooses tau: "single" or
             "sequential" (see `calibrate.choose_tau`).
+        heads_mlp: with the "learned" gate key, hidden units of the gate heads `finish` fits
+            (0: linear heads; see `heads.GateHeads`).
         backbone: where the model's layers are (None: looked up).
         editor_class: `DualEditor` or a method built on its adapters (VisEdit's `VisEditor`):
             the editor trained, its `Config` and its name in the run meta.
@@ -65,6 +72,7 @@ class DualEditTrainable:
         config: DualEditConfig | dict[str, Any] | None = None,
         text_loc_kl: bool = True,
         calibration: str = "single",
+        heads_mlp: int = 0,
         backbone: Backbone | None = None,
         editor_class: type[DualEditor] = DualEditor,
     ):
@@ -78,6 +86,8 @@ class DualEditTrainable:
         self.name = editor_class.name
         self.text_loc_kl = text_loc_kl
         self.calibration = calibration
+        check_heads_mlp(heads_mlp, config.gate_key or "default", where="the config's gate key")
+        self.heads_mlp = heads_mlp
         self.editor = editor_class(
             model, processor, backbone if backbone is not None else get_backbone(model),
             config=config,
@@ -111,7 +121,8 @@ class DualEditTrainable:
     def finish(self, best_dir: Path, dataset: MMEditDataset, val_idx: list[int]) -> TauChoice:
         """Choose tau on the validation edits and save it in the best adapters' config."""
         return calibrate_on(
-            self.editor.model, self.editor.processor, best_dir, dataset, val_idx, self.calibration
+            self.editor.model, self.editor.processor, best_dir, dataset, val_idx, self.calibration,
+            heads_mlp=self.heads_mlp,
         )
 
     def close(self) -> None:
@@ -133,6 +144,7 @@ def train_dualedit(
     accelerator: Accelerator | None = None,
     calibrate_tau: bool = True,
     calibration: str = "single",
+    heads_mlp: int = 0,
     editor_class: type[DualEditor] = DualEditor,
 ) -> TrainResult:
     """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
@@ -162,6 +174,8 @@ def train_dualedit(
         calibration: how the validation edits are stored while tau is chosen: "single" (one
             at a time) or "sequential" (all at once, as the sequential protocol holds them);
             see `calibrate.choose_tau`.
+        heads_mlp: with the "learned" gate key, hidden units of the fitted gate heads (0:
+            linear; refused with another key).
         editor_class: the editor trained (`DualEditor`, or VisEdit's `VisEditor`, which shares
             its adapters, hooks and edited pass).
 
@@ -187,6 +201,7 @@ def train_dualedit(
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
     config = _resolve_config(config, editor_class.Config, where=f"train {editor_class.name} config")
+    check_heads_mlp(heads_mlp, config.gate_key or "default", where="the config's gate key")
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     validation_split(
@@ -195,7 +210,7 @@ def train_dualedit(
     place_model(model, accelerator)
     trainable = DualEditTrainable(
         model, processor, config=config, text_loc_kl=settings.text_loc_kl, calibration=calibration,
-        editor_class=editor_class,
+        heads_mlp=heads_mlp, editor_class=editor_class,
     )
     result = train(
         trainable,
