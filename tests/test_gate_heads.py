@@ -69,16 +69,19 @@ def right_rates(heads, parts):
     return out
 
 
-def test_fitted_heads_open_own_edits_and_refuse_look_alikes_with_many_stored():
+@pytest.mark.parametrize("mlp", [0, None])  # linear heads, and the default two-layer ones
+def test_fitted_heads_open_own_edits_and_refuse_look_alikes_with_many_stored(mlp):
     parts, answers = synthetic(120, seed=0)
-    heads = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64)
+    size = {} if mlp is None else {"mlp": mlp}
+    heads = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64, **size)
+    assert heads.mlp == (heads_module.MLP if mlp is None else mlp)
     test_parts, _ = synthetic(48, seed=1)  # other records of the same world, all stored at once
     rates = right_rates(heads, test_parts)
     assert min(rates.values()) >= 0.85, rates
-    untrained = right_rates(GateHeads(HIDDEN, 16), test_parts)
+    untrained = right_rates(GateHeads(HIDDEN, 16, **size), test_parts)
     assert sum(rates.values()) > sum(untrained.values()) + 0.5
     # Deterministic for a seed.
-    again = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64)
+    again = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=64, **size)
     assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(),
                                                   again.state_dict().values(), strict=True))
     # A text-only input never matches an edit with an image.
@@ -98,7 +101,7 @@ def test_two_layer_heads_fit_and_round_trip_through_their_meta():
     again = heads_module.heads_from(meta, heads.state_dict(), "here")
     assert torch.equal(again.embed(test_parts["v_gen"]), heads.embed(test_parts["v_gen"]))
     # Meta written before the field existed means linear heads; a mismatch is refused by name.
-    linear = GateHeads(HIDDEN, 16)
+    linear = GateHeads(HIDDEN, 16, mlp=0)
     old_meta = {k: v for k, v in heads_module.heads_meta(linear).items() if k != "mlp"}
     assert heads_module.heads_from(old_meta, linear.state_dict(), "old").mlp == 0
     with pytest.raises(ValueError, match="here: gate head tensors"):
@@ -146,6 +149,7 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["config"]["gate_key"] == "learned" and saved["config"]["tau"] == choice.tau
     assert saved["gate_heads"]["hidden"] == model.config.text_config.hidden_size
+    assert saved["gate_heads"]["mlp"] == heads_module.MLP == 256  # the default: two layers
     assert "gate_heads.safetensors" in saved["files"]
     loaded = DualEditor.from_pretrained(model, processor, tmp_path / "out")
     try:
@@ -174,7 +178,11 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
         assert again.explain(data.images(a.image), "What is it? The answer is:").edit_id == 0
     finally:
         again.detach()
-    # Two-layer heads by a calibration option: saved with their size, loaded as such.
+    # Other heads by a calibration option (0: linear): saved with their size, loaded as such.
+    calibrate_adapters(model, processor, tmp_path / "src", data, out_dir=tmp_path / "linear",
+                       val_edits=3, gate_key="learned", heads_mlp=0)
+    saved = json.loads((tmp_path / "linear" / "adapter_config.json").read_text())
+    assert saved["gate_heads"]["mlp"] == 0
     calibrate_adapters(model, processor, tmp_path / "src", data, out_dir=tmp_path / "mlp",
                        val_edits=3, gate_key="learned", heads_mlp=8)
     saved = json.loads((tmp_path / "mlp" / "adapter_config.json").read_text())

@@ -36,6 +36,7 @@ from dualedit.data.requests import edit_requests
 from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.gate import LEARNED
 from dualedit.editors.dualedit.gate_fit import fit_gate
+from dualedit.editors.dualedit.heads import MLP
 from dualedit.train.data import split_indices
 from dualedit.train.settings import TrainSettings
 
@@ -179,7 +180,7 @@ def calibrate_adapters(
     val_edits: int | None = None,
     mode: str = "single",
     gate_key: str | None = None,
-    heads_mlp: int = 0,
+    heads_mlp: int | None = None,
     ignore_base_mismatch: bool = False,
 ) -> TauChoice:
     """Choose tau for saved adapters on the validation edits and save the adapters with it.
@@ -193,8 +194,8 @@ def calibrate_adapters(
         val_edits: how many validation edits training held out (None: `TrainSettings`'s).
         mode: "single" or "sequential" (see `choose_tau`).
         gate_key: choose tau for this gate key and save it with the adapters (None: theirs).
-        heads_mlp: with the "learned" key, hidden units of two-layer gate heads (0: linear heads;
-            `heads.GateHeads`).
+        heads_mlp: with the "learned" key, hidden units of the gate heads' two layers (0: linear
+            heads; None: `heads.MLP`; see `heads.GateHeads`).
         ignore_base_mismatch: load adapters saved for other base weights (see
             `Editor.from_pretrained`).
 
@@ -227,8 +228,11 @@ def calibrate_adapters(
 
 
 def check_heads_mlp(heads_mlp: Any, gate_key: str | None = None, *, where: str = "") -> None:
-    """Refuse a `heads_mlp` that is not an int >= 0, or > 0 with a gate key (`gate_key`, named
-    by `where`; None: not known yet) other than "learned", which has no heads to shape."""
+    """Refuse a `heads_mlp` that is not None (the default size) or an int >= 0, or an int > 0
+    with a gate key (`gate_key`, named by `where`; None: not known yet) other than "learned",
+    which has no heads to shape."""
+    if heads_mlp is None:
+        return
     if isinstance(heads_mlp, bool) or not isinstance(heads_mlp, int) or heads_mlp < 0:
         raise ValueError(f"calibration option heads_mlp: an int >= 0, got {heads_mlp!r}")
     if heads_mlp and gate_key is not None and gate_key != LEARNED:
@@ -248,7 +252,7 @@ def calibrate_on(
     mode: str = "single",
     *,
     out_dir: Path | None = None,
-    heads_mlp: int = 0,
+    heads_mlp: int | None = None,
     **overrides: Any,
 ) -> TauChoice:
     """Choose tau on the edits `val_idx` and save the adapters with it (and `overrides`, run-time
@@ -256,7 +260,8 @@ def calibrate_on(
 
     With the "learned" gate key, the gate heads are fitted first (`gate_fit.fit_gate`) on the
     other records of `dataset` (the validation edits held out), and saved with the adapters
-    (`heads_mlp`: hidden units of two-layer heads, 0: linear; refused with another key)."""
+    (`heads_mlp`: hidden units of their two layers, 0: linear, None: `heads.MLP`; a number is
+    refused with another key)."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
     try:
         check_heads_mlp(heads_mlp, editor.config.gate_key, where=f"{adapters_dir}'s gate key")
@@ -270,7 +275,8 @@ def calibrate_on(
         if editor.config.gate_key == LEARNED:
             held_out = set(val_idx)
             heads = fit_gate(editor, dataset,
-                             [i for i in range(len(dataset)) if i not in held_out], mlp=heads_mlp)
+                             [i for i in range(len(dataset)) if i not in held_out],
+                             mlp=MLP if heads_mlp is None else heads_mlp)
         choice = choose_tau(editor, dataset, val_idx, mode=mode)
     finally:
         editor.detach()

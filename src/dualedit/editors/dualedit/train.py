@@ -52,7 +52,7 @@ class DualEditTrainable:
         calibration: how `finish` stores the validation edits while it chooses tau: "single" or
             "sequential" (see `calibrate.choose_tau`).
         heads_mlp: with the "learned" gate key, hidden units of the gate heads `finish` fits
-            (0: linear heads; see `heads.GateHeads`).
+            (0: linear heads; None: `heads.MLP`; see `heads.GateHeads`).
         backbone: where the model's layers are (None: looked up).
         editor_class: `DualEditor` or a method built on its adapters (VisEdit's `VisEditor`):
             the editor trained, its `Config` and its name in the run meta.
@@ -72,7 +72,7 @@ class DualEditTrainable:
         config: DualEditConfig | dict[str, Any] | None = None,
         text_loc_kl: bool = True,
         calibration: str = "single",
-        heads_mlp: int = 0,
+        heads_mlp: int | None = None,
         backbone: Backbone | None = None,
         editor_class: type[DualEditor] = DualEditor,
     ):
@@ -144,7 +144,7 @@ def train_dualedit(
     accelerator: Accelerator | None = None,
     calibrate_tau: bool = True,
     calibration: str = "single",
-    heads_mlp: int = 0,
+    heads_mlp: int | None = None,
     editor_class: type[DualEditor] = DualEditor,
 ) -> TrainResult:
     """Train the DualEdit adapters of `model` (frozen) and keep the best by validation.
@@ -175,7 +175,7 @@ def train_dualedit(
             at a time) or "sequential" (all at once, as the sequential protocol holds them);
             see `calibrate.choose_tau`.
         heads_mlp: with the "learned" gate key, hidden units of the fitted gate heads (0:
-            linear; refused with another key).
+            linear; None: `heads.MLP`; a number is refused with another key).
         editor_class: the editor trained (`DualEditor`, or VisEdit's `VisEditor`, which shares
             its adapters, hooks and edited pass).
 
