@@ -318,6 +318,45 @@ def test_similarity_rows_agree_with_the_matrix():
         )
 
 
+def test_lookup_form_gives_the_similarity_matrix_of_every_kind():
+    """The transposed matrix the memory keeps for lookups (`lookup_matrix`) scores as
+    `similarity_matrix` does, for every gate key (an input without an image included), and the
+    memory's lookup picks the same edits."""
+    from dualedit.editors.dualedit.config import GATE_KEYS
+    from dualedit.editors.dualedit.gate import (
+        gate_vectors,
+        lookup_matrix,
+        lookup_similarity,
+        similarity_matrix,
+    )
+    from dualedit.editors.dualedit.heads import GateHeads
+
+    g = torch.Generator().manual_seed(5)
+    widths = {"prompt_end": 1, "last_position": 1, "image_mean": 1, "image_groups": IMAGE_GROUPS}
+    queries = {p: torch.randn(3, w * HIDDEN, generator=g) for p, w in widths.items()}
+    stored = {p: torch.randn(50, w * HIDDEN, generator=g) for p, w in widths.items()}
+    queries["image_mean"][2] = 0.0
+    queries["image_groups"][2] = 0.0
+    heads = GateHeads(HIDDEN, width=8)
+    for kind in GATE_KEYS:
+        q, k = gate_vectors(queries, kind, heads), gate_vectors(stored, kind, heads)
+        matrix = lookup_matrix(k, kind)
+        assert matrix.shape == (k.shape[1], 50) and matrix.is_contiguous()
+        torch.testing.assert_close(lookup_similarity(q, matrix, kind),
+                                   similarity_matrix(q, k, kind))
+    store = memory()
+    store.set_gate_heads(heads)
+    for i in range(50):
+        store.add(torch.randn(2, HIDDEN, generator=g), torch.randn(3, HIDDEN, generator=g),
+                  {p: stored[p][i] for p in widths})
+    for kind in GATE_KEYS:
+        positions, similarity = store.lookup(gate_vectors(queries, kind, heads), kind)
+        expected = similarity_matrix(gate_vectors(queries, kind, heads),
+                                     store.key_matrix(kind), kind).max(dim=1)
+        assert positions.tolist() == expected.indices.tolist()
+        torch.testing.assert_close(similarity, expected.values)
+
+
 def test_saved_memory_serves_the_min_key_and_old_files_refuse_it(tmp_path):
     """The min key reads the stored parts: a saved and loaded memory looks up the same, and a
     format-1 file (no image part) refuses it by name."""

@@ -197,6 +197,29 @@ def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> t
     return F.normalize(queries.float(), dim=-1) @ keys.T  # [batch, n]
 
 
+def lookup_matrix(keys: torch.Tensor, kind: str) -> torch.Tensor:
+    """Stored gate vectors [n, d] of `kind` in the form `lookup_similarity` takes: transposed and
+    contiguous, [d, n] float32 (the min kinds' two parts normalised here, once), so that a lookup
+    is one or two matmuls over contiguous memory with no per-call copy of the keys."""
+    if kind in MIN_KINDS:
+        return torch.cat(_split(keys), dim=-1).T.contiguous()  # [d, n], unit parts
+    return keys.float().T.contiguous()  # [d, n]; learned: rows :w image, w: question
+
+
+def lookup_similarity(queries: torch.Tensor, matrix: torch.Tensor, kind: str) -> torch.Tensor:
+    """`similarity_matrix(queries, keys, kind)` from `matrix = lookup_matrix(keys, kind)`:
+    [batch, d], [d, n] -> [batch, n]."""
+    if kind == LEARNED:
+        q_image, q_question = _halves(queries)
+        half = q_image.shape[-1]
+        return torch.minimum(q_image @ matrix[:half], q_question @ matrix[half:])
+    if kind in MIN_KINDS:
+        q_end, q_image = _split(queries)
+        width = q_end.shape[-1]
+        return torch.minimum(q_end @ matrix[:width], q_image @ matrix[width:])
+    return F.normalize(queries.float(), dim=-1) @ matrix  # [batch, n]
+
+
 def similarity_rows(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
     """Gate similarity of each query to the key of the same row: [batch, d] x2 -> [batch]."""
     if kind == LEARNED:

@@ -42,8 +42,9 @@ from dualedit.editors.dualedit.gate import (
     compact,
     gate_vectors,
     key_parts,
+    lookup_matrix,
+    lookup_similarity,
     part_width,
-    similarity_matrix,
     text_key_positions,
 )
 from dualedit.editors.memory import MAX_ID_LENGTH  # noqa: F401  (re-exported)
@@ -362,8 +363,13 @@ class EditMemory:
         """
         if not len(self._store):
             raise ValueError("lookup in an empty edit memory")
-        matrix = self.key_matrix(kind, keys.device)  # [n_edits, d], unit rows (or parts)
-        return argmax_rows(similarity_matrix(keys, matrix, kind))  # of [batch, n_edits]
+        device = keys.device
+        # Only the transposed form is kept for lookups (no second copy of the key matrix).
+        matrix = self._store.cached(
+            ("gate-lookup", kind, device, torch.is_inference_mode_enabled()),
+            lambda: lookup_matrix(self._build_key_matrix(kind, device), kind),
+        )  # [d, n_edits], unit columns (or parts)
+        return argmax_rows(lookup_similarity(keys, matrix, kind))  # of [batch, n_edits]
 
     def key_matrix(self, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
         """The stacked gate vectors of `kind` of the stored edits: [n_edits, d] float32.
@@ -372,21 +378,24 @@ class EditMemory:
             ValueError: an unknown kind, or edits that lack a part the kind needs.
         """
         device = torch.device(device) if device is not None else None
-
-        def build() -> torch.Tensor:
-            parts = {  # [n_edits, width] each; only the gate matrix is kept
-                part: self._store.stacked(f"key.{part}", device, cache=False)
-                for part in kind_parts(kind)
-            }
-            heads = self.gate_heads
-            if heads is not None:
-                parts = {k: v.to(heads.threshold.device) for k, v in parts.items()}
-            vectors = gate_vectors(parts, kind, heads)  # [n_edits, d]
-            return vectors if device is None else vectors.to(device)
-
         # A matrix built under inference_mode is an inference tensor: cache the two apart
         # (set_gate_heads drops every cached matrix).
-        return self._store.cached(("gate", kind, device, torch.is_inference_mode_enabled()), build)
+        return self._store.cached(
+            ("gate", kind, device, torch.is_inference_mode_enabled()),
+            lambda: self._build_key_matrix(kind, device),
+        )
+
+    def _build_key_matrix(self, kind: str, device: torch.device | None) -> torch.Tensor:
+        """`key_matrix` without the cache: [n_edits, d] float32."""
+        parts = {  # [n_edits, width] each; only the gate matrix is kept
+            part: self._store.stacked(f"key.{part}", device, cache=False)
+            for part in kind_parts(kind)
+        }
+        heads = self.gate_heads
+        if heads is not None:
+            parts = {k: v.to(heads.threshold.device) for k, v in parts.items()}
+        vectors = gate_vectors(parts, kind, heads)  # [n_edits, d]
+        return vectors if device is None else vectors.to(device)
 
     def set_gate_heads(self, heads: Any) -> None:
         """The fitted heads of the "learned" gate key (`heads.GateHeads`, or None)."""
