@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation edits training held out (default: train's default)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a calibration option, repeatable (dualedit: mode=single|sequential, "
-                        "gate_key=..., heads_mlp=N: two-layer learned gate heads)")
+                        "gate_key=..., heads_mlp=N: the learned gate heads' hidden units, "
+                        "default 256, 0: linear)")
     _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_calibrate)
 
