@@ -99,7 +99,7 @@ def check_args(args: argparse.Namespace, repeats: int, warmup: int) -> None:
         )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here")
-    if getattr(args, "size", "small") == "real":
+    if args.size == "real":
         if args.decoder_layers is not None or args.quick:
             raise SystemExit("--size real takes neither --decoder-layers nor --quick")
         args.model = "fresh"
@@ -243,7 +243,7 @@ def _fresh_model(
             heldout_per_entity=1,
             progress=False,
         )
-    if getattr(args, "size", "small") == "real":
+    if args.size == "real":
         from real_sizes import REAL_SIZES, build_real_model, build_real_processor
 
         tokenizer = build_world_tokenizer(world_dir, arch)
@@ -389,7 +389,7 @@ def finish(args: argparse.Namespace, benchmark: str, info: dict[str, Any], body:
             "quick": args.quick,
             "model": args.model,
             "decoder_layers": args.decoder_layers,
-            "size": getattr(args, "size", "small"),
+            "size": args.size,
             "interleaved": True,
         },
         **body,

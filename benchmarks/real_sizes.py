@@ -29,8 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dualedit.small_vlm.configs import VLMSize, build_processor
-from dualedit.small_vlm.tokenizer import IMAGE
+from dualedit.small_vlm.configs import VLMSize, build_processor, greedy_until_eos, special_ids
 
 
 @dataclass(frozen=True)
@@ -82,14 +81,10 @@ REAL_SIZES: dict[str, RealSize] = {
 
 
 def _ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> dict[str, int]:
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than {vocab_size}")
-    return {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
-    }
+    ids = special_ids(tokenizer)
+    if ids["vocab_size"] > vocab_size:
+        raise ValueError(f"tokenizer has {ids['vocab_size']} tokens, more than {vocab_size}")
+    return ids
 
 
 def real_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig | Blip2Config:
@@ -139,11 +134,7 @@ def build_real_model(
             model = cls(config)
     finally:
         torch.set_default_dtype(previous)
-    gen = model.generation_config
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-    )
-    gen.do_sample = False
+    greedy_until_eos(model, special_ids(tokenizer))
     return model.eval()
 
 

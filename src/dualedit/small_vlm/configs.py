@@ -133,7 +133,8 @@ def num_image_tokens(arch: str, size: VLMSize | str | None, image_size: int) -> 
     return size.num_query_tokens
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+def special_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The tokenizer's vocabulary size and special ids (ValueError: no image token)."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no {IMAGE!r} token; build it with small_vlm.tokenizer")
@@ -250,7 +251,7 @@ def build_model(
     """
     size = resolve_size(size)
     _check(arch, image_size, size)
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -269,12 +270,17 @@ def build_model(
             _init_vit_like_clip(model.vision_model, size)
     finally:
         torch.random.set_rng_state(generator_state)
+    greedy_until_eos(model, ids)
+    return model
+
+
+def greedy_until_eos(model: PreTrainedModel, ids: dict) -> None:
+    """Make `model.generate()` greedy and stop on ``</s>`` (`ids`: from `special_ids`)."""
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
         ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"],
     )
     gen.do_sample = False
-    return model
 
 
 def build_processor(
@@ -291,7 +297,7 @@ def build_processor(
     """
     size = resolve_size(size)
     _check(arch, image_size, size)
-    _special_ids(tokenizer)
+    special_ids(tokenizer)
     if arch == "llava":
         if getattr(tokenizer, "image_token", None) != IMAGE:
             raise ValueError("llava needs a tokenizer built with build_tokenizer(words, 'llava')")
