@@ -121,6 +121,19 @@ def test_fit_refuses_bad_inputs():
                              * float("nan")}}
     with pytest.raises(ValueError, match="lack"):
         fit_gate_heads(nan, answers, steps=1)
+    for stored in (0, 9):  # edits stored per step: at least one, at most the batch (8 here)
+        with pytest.raises(ValueError, match="stored must be in"):
+            fit_gate_heads(parts, answers, steps=1, stored=stored)
+
+
+def test_heads_fitted_against_a_fuller_memory_per_step_still_separate():
+    parts, answers = synthetic(120, seed=0)
+    heads = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=120, stored=100)
+    rates = right_rates(heads, synthetic(48, seed=1)[0])
+    assert min(rates.values()) >= 0.85, rates
+    # Another number stored per step is another fit (the argument is used).
+    other = fit_gate_heads(parts, answers, width=16, steps=400, batch_size=120, stored=20)
+    assert not torch.equal(other.embed(parts["edit"]), heads.embed(parts["edit"]))
 
 
 CONFIG = {"text_layer": 2, "visual_layer": 3, "width": 16, "heads": 2}

@@ -26,7 +26,7 @@ from dualedit.data.mmedit import load_split
 from dualedit.editors.dualedit import DualEditor
 from dualedit.editors.dualedit.calibrate import best_threshold
 from dualedit.editors.dualedit.gate import learned_similarity
-from dualedit.editors.dualedit.gate_fit import gate_fit_data
+from dualedit.editors.dualedit.gate_fit import answer_of, gate_fit_data
 from dualedit.editors.dualedit.heads import BLOCK_KINDS, PASS_KINDS, GateHeads
 from dualedit.evaluate import load_vlm
 from dualedit.train.data import split_indices
@@ -34,7 +34,7 @@ from dualedit.train.data import split_indices
 
 class Heads(GateHeads):
     def __init__(self, hidden, width=64, mlp=0):
-        super().__init__(hidden, width)
+        super().__init__(hidden, width, mlp=0)  # linear base; the two-layer nets are below
         if mlp:
             image_in = self.image.in_features
             self.image_net = nn.Sequential(
@@ -54,7 +54,7 @@ class Heads(GateHeads):
 
 
 def fit(parts, answers, *, width=64, mlp=0, steps=3000, batch=256, lr=3e-3, seed=0,
-        img_nce=0.0, hard_w=1.0, wd=0.0, drop=0.0):
+        img_nce=0.0, hard_w=1.0, wd=0.0, drop=0.0, stored=None):
     kinds = [k for k in PASS_KINDS + BLOCK_KINDS if k in parts]
     n = len(parts["edit"]["prompt_end"])
     feats = {k: GateHeads.raw_features(parts[k]) for k in ["edit", *kinds]}
@@ -66,7 +66,7 @@ def fit(parts, answers, *, width=64, mlp=0, steps=3000, batch=256, lr=3e-3, seed
     heads.standardise_on(*stacked)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=wd)
     b = min(batch, n)
-    m = max(1, b // 2)
+    m = max(1, b // 2) if stored is None else min(stored, b)
     for _ in range(steps):
         rows = torch.randperm(n, generator=gen)[:b]
         stored = rows[:m]
@@ -102,11 +102,27 @@ def fit(parts, answers, *, width=64, mlp=0, steps=3000, batch=256, lr=3e-3, seed
 
 
 @torch.no_grad()
-def decide(heads, parts, kinds):
+def decide(heads, parts, kinds, extra=None, mask=None):
+    """Best similarity and whether it is the query's own edit, with the edits of `parts` stored
+    (and those of `extra`, distractors: another set of records' edits, stored after them).
+    mask: (answers of `parts`, answers of `extra` or None), shared ids: a stored edit whose
+    question's unedited answer equals a query's unedited answer may edit the very fact the
+    query asks (train records repeat facts) and is left out of that query's maximum, as the
+    heads' fit masks it (a T-Gen / V-Gen query's own edit is kept)."""
     keys = heads.embed(parts["edit"])
+    n = len(keys)
+    if extra is not None:
+        keys = torch.cat([keys, heads.embed(extra["edit"])])
     out = {}
     for kind in kinds:
-        sim = learned_similarity(heads.embed(parts[kind]), keys)  # [n, n]
+        sim = learned_similarity(heads.embed(parts[kind]), keys)  # [n, n + n_extra]
+        if mask is not None:
+            mine, theirs = mask
+            stored = mine["edit"] if theirs is None else torch.cat([mine["edit"], theirs["edit"]])
+            same = mine[kind][:, None] == stored[None, :]  # [n, n + n_extra]
+            if kind in PASS_KINDS:
+                same[torch.arange(n), torch.arange(n)] = False
+            sim = sim.masked_fill(same, -2.0)
         best, pos = sim.max(1)
         own = pos == torch.arange(len(pos))
         out[kind] = (best, own)
@@ -139,6 +155,10 @@ VARIANTS = {
     "steps6k": {"steps": 6000},
     "mlp256_nce05": {"mlp": 256, "img_nce": 0.5},
     "wd": {"wd": 0.05},
+    # 2026-12-03: train against a memory closer to the one scored (700 fit records per step).
+    "mlp256_all_s350": {"mlp": 256, "batch": 700, "stored": 350},
+    "mlp256_all_s525": {"mlp": 256, "batch": 700, "stored": 525},
+    "mlp256_all_s640": {"mlp": 256, "batch": 700, "stored": 640},
 }
 
 
@@ -165,6 +185,11 @@ def main():
     with torch.no_grad():
         fp, fa = gate_fit_data(editor, train, fit_idx)
         vp, _ = gate_fit_data(editor, train, val_idx)
+    vocab = {}
+    fit_answers, val_answers = (
+        {k: torch.tensor([vocab.setdefault(answer_of(train[i], k), len(vocab)) for i in idx])
+         for k in fp} for idx in (fit_idx, val_idx))
+    with torch.no_grad():
         ep, _ = gate_fit_data(editor, ev, list(range(n_eval)))
     print(f"features {time.time() - t:.0f}s", flush=True)
     kinds = [k for k in PASS_KINDS + BLOCK_KINDS if k in ep]
@@ -175,8 +200,23 @@ def main():
         tau = choose(decide(heads, vp, kinds))
         val = score(decide(heads, vp, kinds), tau)
         res = score(decide(heads, ep, kinds), tau)
+        # tau chosen with the fit records' edits stored too (a memory of n_fit + n_val edits,
+        # still validation queries only)
+        big = decide(heads, vp, kinds, extra=fp)
+        tau_big = choose(big)
         results[name] = {"tau": round(tau, 4), "val": val, "eval": res,
-                         "threshold": round(float(heads.threshold.detach()), 4)}
+                         "threshold": round(float(heads.threshold.detach()), 4),
+                         "tau_with_fit_edits": round(tau_big, 4),
+                         "val_with_fit_edits": score(big, tau_big),
+                         "eval_at_that_tau": score(decide(heads, ep, kinds), tau_big)}
+        # the same, distractors of the very fact a query asks left out (answer-equality mask)
+        eval_dec = decide(heads, ep, kinds)
+        for rule, dec in (("masked_val", decide(heads, vp, kinds, mask=(val_answers, None))),
+                          ("masked_val_fit", decide(heads, vp, kinds, extra=fp,
+                                                    mask=(val_answers, fit_answers)))):
+            tau_m = choose(dec)
+            results[name][rule] = {"tau": round(tau_m, 4), "val": score(dec, tau_m),
+                                   "eval": score(eval_dec, tau_m)}
         print(name, f"{time.time() - t:.0f}s", json.dumps(results[name]), flush=True)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -153,6 +153,7 @@ def fit_gate_heads(
     lr: float = LR,
     seed: int = 0,
     mlp: int = MLP,
+    stored: int | None = None,
     progress: bool = False,
 ) -> GateHeads:
     """Fit the heads and threshold on the frozen key parts of training records.
@@ -164,6 +165,8 @@ def fit_gate_heads(
             question's unedited answer), for the masks.
         width, steps (None: `STEPS`), batch_size, lr, seed: the fit (deterministic for a seed).
         mlp: hidden units of two-layer heads (0: linear heads, see `GateHeads`).
+        stored: edits stored per step, out of the batch's (None: half the batch). The other
+            records' T-Gen / V-Gen queries are trained towards the "no edit" slot.
 
     Raises:
         ValueError: no edits, kinds of other sizes, or fewer than 2 records.
@@ -186,7 +189,9 @@ def fit_gate_heads(
     heads.standardise_on(*stacked)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     b = min(batch_size, n)
-    m = max(1, b // 2)  # stored edits per step
+    m = max(1, b // 2) if stored is None else stored  # stored edits per step
+    if not 1 <= m <= b:
+        raise ValueError(f"fit_gate_heads: stored must be in [1, {b}] (the batch), got {stored}")
     for _ in tqdm(range(steps), desc="gate heads", disable=not progress, unit="step"):
         rows = torch.randperm(n, generator=generator)[:b]
         stored = rows[:m]
