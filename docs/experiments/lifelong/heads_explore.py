@@ -3,7 +3,7 @@ scored gate-only with all eval edits stored.
 
 Fit on the train split minus the validation edits; tau chosen with the validation edits stored
 (as `calibrate --option mode=sequential`); scored on the eval split with all eval edits stored.
-Usage: python heads_explore.py MODEL WORLD OUT.json [--val 300] [--variants a,b]
+Usage: python heads_explore.py MODEL WORLD OUT.json [--val 300] [--variants a,b] [--key-layer 0]
 
 Kept as the record of the runs in `docs/experiments/lifelong_gate.md`. Its fit loop is a copy of
 `heads.fit_gate_heads` with the loss variants (image contrast, hard M-Loc weight) added; the
@@ -129,6 +129,77 @@ def decide(heads, parts, kinds, extra=None, mask=None):
     return out
 
 
+def facts_of(entry):
+    """The facts {kind: (entity, attribute) or None} a record's inputs ask, from the world's
+    record index (exact labels, read for validation records only)."""
+    own = (entry["entity"], entry["kind"])
+    return {"edit": own, "t_gen": own, "v_gen": own,
+            "m_loc": (entry["m_loc_entity"], entry["m_loc_kind"]),
+            "m_loc_hard": (entry["hard_m_loc_entity"], entry["hard_m_loc_kind"]), "t_loc": None}
+
+
+def rows_of(parts, rows):
+    return {k: {p: t[rows] for p, t in v.items()} for k, v in parts.items()}
+
+
+@torch.no_grad()
+def decide_blocked(heads, queries, stored, kinds, blocked):
+    """Like `decide` with the edits of the part sets `stored` (queries' own first) and, per
+    kind, a [n, n_stored] mask of stored edits left out of a query's maximum."""
+    keys = torch.cat([heads.embed(p["edit"]) for p in stored])
+    out = {}
+    for kind in kinds:
+        sim = learned_similarity(heads.embed(queries[kind]), keys)
+        if blocked is not None:
+            sim = sim.masked_fill(blocked[kind], -2.0)
+        best, pos = sim.max(1)
+        out[kind] = (best, pos == torch.arange(len(pos)))
+    return out
+
+
+def same_masks(query, stored, kinds):
+    """{kind: [n, n_stored] bool}: query value equals stored value, a pass kind's own kept."""
+    out = {}
+    for kind in kinds:
+        q = query[kind]
+        same = torch.tensor([[a is not None and a == b for b in stored] for a in q])
+        if kind in PASS_KINDS:
+            same[torch.arange(len(q)), torch.arange(len(q))] = False
+        out[kind] = same
+    return out
+
+
+def rule_check(heads, vp, fp, kinds, val_answers, fit_answers, val_facts, fit_facts):
+    """Validation only: choose tau on the first half of the validation edits by each rule, and
+    score it on the second half with a memory of the second half's edits and the fit records'
+    (850 stored), collisions of the very same fact masked by the world's labels."""
+    h = len(val_facts) // 2
+    a_rows, b_rows = torch.arange(h), torch.arange(h, len(val_facts))
+    va, vb = rows_of(vp, a_rows), rows_of(vp, b_rows)
+    ans_a = {k: v[a_rows] for k, v in val_answers.items()}
+    fa_, fb_ = val_facts[:h], val_facts[h:]
+    stored_b = [f["edit"] for f in fb_] + [f["edit"] for f in fit_facts]
+    exact_b = same_masks({k: [f[k] for f in fb_] for k in kinds}, stored_b, kinds)
+    scored = decide_blocked(heads, vb, [vb, fp], kinds, exact_b)
+    ans_mask = {"val_fit": None}
+    stored_ans = torch.cat([ans_a["edit"], fit_answers["edit"]]).tolist()
+    ans_mask["val_fit_masked"] = same_masks({k: ans_a[k].tolist() for k in kinds}, stored_ans,
+                                            kinds)
+    stored_a = [f["edit"] for f in fa_] + [f["edit"] for f in fit_facts]
+    ans_mask["val_fit_exact"] = same_masks({k: [f[k] for f in fa_] for k in kinds}, stored_a,
+                                           kinds)
+    rules = {"val": decide_blocked(heads, va, [va], kinds, None),
+             "val_masked": decide_blocked(heads, va, [va], kinds, same_masks(
+                 {k: ans_a[k].tolist() for k in kinds}, ans_a["edit"].tolist(), kinds))}
+    for name, mask in ans_mask.items():
+        rules[name] = decide_blocked(heads, va, [va, fp], kinds, mask)
+    out = {}
+    for name, dec in rules.items():
+        tau = choose(dec)
+        out[name] = {"tau": round(tau, 4), "second_half_850_stored": score(scored, tau)}
+    return out
+
+
 def choose(dec):
     pos = torch.cat([dec[k][0][dec[k][1]] for k in PASS_KINDS])
     neg = torch.cat([dec[k][0] for k in BLOCK_KINDS if k in dec])
@@ -170,12 +241,15 @@ def main():
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--key-layer", type=int, default=0,
+                    help="the layer the key parts are read at (the adapters' text layer)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model, processor = load_vlm(a.model)
     model.eval()
     backbone = get_backbone(model)
-    editor = DualEditor(model, processor, backbone, text_layer=0, visual_layer=1,
+    editor = DualEditor(model, processor, backbone, text_layer=a.key_layer,
+                        visual_layer=a.key_layer + 1,
                         gate_key="learned")
     train = load_split(a.world, "vqa", "train")
     ev = load_split(a.world, "vqa", "eval")
@@ -189,6 +263,10 @@ def main():
     fit_answers, val_answers = (
         {k: torch.tensor([vocab.setdefault(answer_of(train[i], k), len(vocab)) for i in idx])
          for k in fp} for idx in (fit_idx, val_idx))
+    with open(f"{a.world}/world.json") as f:
+        index = json.load(f)["record_index"]["vqa_train"]
+    val_facts = [facts_of(index[i]) for i in val_idx]
+    fit_facts = [facts_of(index[i]) for i in fit_idx]
     with torch.no_grad():
         ep, _ = gate_fit_data(editor, ev, list(range(n_eval)))
     print(f"features {time.time() - t:.0f}s", flush=True)
@@ -217,6 +295,8 @@ def main():
             tau_m = choose(dec)
             results[name][rule] = {"tau": round(tau_m, 4), "val": score(dec, tau_m),
                                    "eval": score(eval_dec, tau_m)}
+        results[name]["rule_check"] = rule_check(heads, vp, fp, kinds, val_answers,
+                                                 fit_answers, val_facts, fit_facts)
         print(name, f"{time.time() - t:.0f}s", json.dumps(results[name]), flush=True)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
