@@ -51,6 +51,36 @@ def test_calibrate_adapters_saves_a_calibrated_copy(tiny_factory, tiny_train, tm
     assert expected == choice
 
 
+def test_calibrate_adapters_for_a_fuller_memory_stores_distractors(tiny_factory, tiny_train,
+                                                                   tmp_path):
+    from dualedit.editors.dualedit.calibrate import distractor_indices
+
+    model, processor = tiny_factory("llava")
+    editor = DualEditor(model, processor, tau=0.5, **CONFIG)
+    editor.save_pretrained(tmp_path / "src")
+    editor.detach()
+    choice = calibrate_adapters(model, processor, tmp_path / "src", tiny_train,
+                                out_dir=tmp_path / "out", val_edits=3, mode="sequential",
+                                stored=7)
+    assert choice.edits == 3 and choice.stored == 7
+    assert saved_config(tmp_path / "out")["tau"] == choice.tau
+    val = split_indices(len(tiny_train), 3)[1]
+    check = DualEditor.from_pretrained(model, processor, tmp_path / "src")
+    try:
+        expected = choose_tau(check, tiny_train, val, mode="sequential",
+                              distractors=distractor_indices(len(tiny_train), val, 7,
+                                                             "sequential"))
+    finally:
+        check.detach()
+    assert expected == choice
+    with pytest.raises(ValueError, match="mode=sequential"):
+        calibrate_adapters(model, processor, tmp_path / "src", tiny_train, val_edits=3,
+                           stored=7)
+    with pytest.raises(ValueError, match="calibration option stored"):
+        calibrate_adapters(model, processor, tmp_path / "src", tiny_train, val_edits=3,
+                           mode="sequential", stored=9)
+
+
 def test_calibrate_adapters_refuses_the_eval_split_and_bad_modes(tiny_factory, tiny_train,
                                                                  tmp_path):
     model, processor = tiny_factory("llava")
@@ -90,11 +120,11 @@ def test_cli_calibrate_passes_its_options(monkeypatch, capsys, tmp_path):
     args = build_parser().parse_args(
         ["calibrate", "--model", "m", "--editor", str(folder), "--data", "d", "--out", "o",
          "--option", "mode=sequential", "--option", "gate_key=prompt_end_and_image",
-         "--val-edits", "5"]
+         "--option", "stored=1000", "--val-edits", "5"]
     )
     assert args.func(args) == 0
     assert seen["mode"] == "sequential" and seen["gate_key"] == "prompt_end_and_image"
-    assert seen["val_edits"] == 5 and str(seen["out_dir"]) == "o"
+    assert seen["val_edits"] == 5 and str(seen["out_dir"]) == "o" and seen["stored"] == 1000
     assert str(seen["editor"]) == str(folder)
     assert seen["dataset"][1:] == ("vqa", "train")  # never the eval split
     assert "tau 0.9000" in capsys.readouterr().out

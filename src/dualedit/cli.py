@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a calibration option, repeatable (dualedit: mode=single|sequential, "
                         "gate_key=..., heads_mlp=N: the learned gate heads' hidden units, "
-                        "default 256, 0: linear)")
+                        "default 256, 0: linear; stored=N with mode=sequential: choose tau for "
+                        "a memory of N edits, the validation edits and other train records')")
     _add_base_mismatch_arg(p)
     p.set_defaults(func=_cmd_calibrate)
 

@@ -34,8 +34,8 @@ from dualedit.data.mmedit import SPLIT_FILES, MMEditDataset
 from dualedit.data.prompts import record_samples
 from dualedit.data.requests import edit_requests
 from dualedit.editors.dualedit.editor import DualEditor
-from dualedit.editors.dualedit.gate import LEARNED
-from dualedit.editors.dualedit.gate_fit import fit_gate
+from dualedit.editors.dualedit.gate import LEARNED, gate_vectors, kind_parts, similarity_matrix
+from dualedit.editors.dualedit.gate_fit import answer_of, fit_gate
 from dualedit.editors.dualedit.heads import MLP
 from dualedit.train.data import split_indices
 from dualedit.train.settings import TrainSettings
@@ -62,6 +62,8 @@ class TauChoice:
         pass_rates: per input kind, the fraction whose similarity reaches tau (0-1).
         edits: how many edits it was chosen on.
         mode: how they were stored ("single" or "sequential", see `choose_tau`).
+        stored: edits in the memory while choosing (sequential: the edits and any distractors;
+            None: not recorded).
     """
 
     tau: float
@@ -69,13 +71,17 @@ class TauChoice:
     pass_rates: dict[str, float]
     edits: int
     mode: str = "single"
+    stored: int | None = None
 
     def describe(self) -> str:
         """One line for the command line."""
         rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.pass_rates.items())
+        memory = (f", {self.stored} stored" if self.mode == "sequential" and self.stored
+                  and self.stored != self.edits else "")
         return (
             f"gate threshold tau {self.tau:.4f} chosen on {self.edits} validation edits "
-            f"({self.mode}; right decisions {100 * self.accuracy:.1f}%; pass rates: {rates})"
+            f"({self.mode}{memory}; right decisions {100 * self.accuracy:.1f}%; pass rates: "
+            f"{rates})"
         )
 
 
@@ -109,6 +115,7 @@ def choose_tau(
     indices: Sequence[int],
     *,
     mode: str = "single",
+    distractors: Sequence[int] = (),
 ) -> TauChoice:
     """Choose `tau` on the records `indices` of `dataset` (held-out edits, never eval records).
 
@@ -121,9 +128,15 @@ def choose_tau(
             not its own is wrong whatever tau is and is left out of the choice (and of
             `pass_rates`); an M-Loc input may meet an edit of the very fact it asks when the
             held-out edits are not distinct facts, which only makes tau stricter.
+        distractors: with "sequential", other records of `dataset` whose edits are stored too
+            (after those of `indices`), so that tau is chosen for a memory of that many more
+            edits; only the inputs of `indices` are scored. A distractor whose edit question's
+            unedited answer equals an input's unedited answer may edit the very fact the input
+            asks (train records repeat facts) and is left out of that input's nearest edit.
 
     Raises:
-        ValueError: no indices, an unknown mode, or the editor's memory is not empty.
+        ValueError: no indices, an unknown mode, distractors outside "sequential" or among
+            `indices`, or the editor's memory is not empty.
     """
     if not indices:
         raise ValueError("choose_tau needs at least one held-out edit")
@@ -132,6 +145,11 @@ def choose_tau(
     if len(editor.memory):
         raise ValueError(f"choose_tau needs an empty edit memory; this editor holds "
                          f"{len(editor.memory)} edits")
+    if distractors and mode != "sequential":
+        raise ValueError(f"choose_tau: distractor edits are stored only in the sequential mode, "
+                         f"not {mode!r}")
+    if set(distractors) & set(indices):
+        raise ValueError("choose_tau: distractors must be other records than the held-out edits")
     sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
 
     def measure(record: EditRecord, own: object) -> None:
@@ -151,6 +169,8 @@ def choose_tau(
                 measure(record, editor.memory.ids[0])
             finally:
                 editor.restore()
+    elif distractors:
+        sims = _similarities_among_distractors(editor, dataset, indices, distractors)
     else:
         records = [dataset[index] for index in indices]
         editor.apply(edit_requests(records, dataset.task), dataset.images)
@@ -164,7 +184,52 @@ def choose_tau(
     negatives = torch.tensor([s for k in BLOCK_KINDS for s in sims[k]])
     tau, accuracy = best_threshold(positives, negatives)
     rates = {k: sum(s >= tau for s in v) / len(v) for k, v in sims.items() if v}
-    return TauChoice(tau=tau, accuracy=accuracy, pass_rates=rates, edits=len(indices), mode=mode)
+    return TauChoice(tau=tau, accuracy=accuracy, pass_rates=rates, edits=len(indices), mode=mode,
+                     stored=len(indices) + len(distractors) if mode == "sequential" else 1)
+
+
+@torch.no_grad()
+def _similarities_among_distractors(
+    editor: DualEditor, dataset: MMEditDataset, indices: Sequence[int], distractors: Sequence[int]
+) -> dict[str, list[float]]:
+    """`choose_tau`'s similarities {kind: [...]} with the edits of `indices` and `distractors`
+    stored at once: each input of `indices` against its nearest stored edit, distractors that
+    may edit the very fact it asks (the same unedited answer) left out."""
+    records = [dataset[i] for i in indices]
+    others = [dataset[i] for i in distractors]
+    editor.apply(edit_requests(records + others, dataset.task), dataset.images)
+    try:
+        kind = editor.config.gate_key
+        heads = editor.memory.gate_heads
+        keys = editor.memory.key_matrix(kind, "cpu")  # [n + n_distractors, d], insertion order
+        vocab: dict[str, int] = {}
+        stored = torch.tensor([vocab.setdefault(answer_of(r, "edit"), len(vocab))
+                               for r in others])  # [n_distractors]
+        n = len(records)
+        sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
+        for query_kind in PASS_KINDS + BLOCK_KINDS:
+            rows = [i for i, r in enumerate(records)
+                    if query_kind in record_samples(r, dataset.task)]
+            if not rows:
+                continue
+            samples = [record_samples(records[i], dataset.task)[query_kind] for i in rows]
+            triples = editor._capture(samples, dataset.images)
+            device = heads.threshold.device if heads is not None else torch.device("cpu")
+            parts = {part: torch.stack([k[part].float() for _, _, k in triples]).to(device)
+                     for part in kind_parts(kind)}  # [q, width] each
+            queries = gate_vectors(parts, kind, heads).cpu()  # [q, d]
+            sim = similarity_matrix(queries, keys, kind)  # [q, n + n_distractors]
+            answers = torch.tensor([vocab.get(answer_of(records[i], query_kind), -1)
+                                    for i in rows])  # [q]; -1: no distractor has it
+            same = answers[:, None] == stored[None, :]  # [q, n_distractors]
+            sim[:, n:] = sim[:, n:].masked_fill(same, float("-inf"))
+            best, position = sim.max(dim=1)  # [q], [q]
+            own = position == torch.tensor(rows)
+            keep = own if query_kind in PASS_KINDS else torch.ones_like(own)
+            sims[query_kind] = best[keep].tolist()
+        return sims
+    finally:
+        editor.restore()
 
 
 # -- trained adapters ------------------------------------------------------------------------------
@@ -181,6 +246,7 @@ def calibrate_adapters(
     mode: str = "single",
     gate_key: str | None = None,
     heads_mlp: int | None = None,
+    stored: int | None = None,
     ignore_base_mismatch: bool = False,
 ) -> TauChoice:
     """Choose tau for saved adapters on the validation edits and save the adapters with it.
@@ -196,6 +262,9 @@ def calibrate_adapters(
         gate_key: choose tau for this gate key and save it with the adapters (None: theirs).
         heads_mlp: with the "learned" key, hidden units of the gate heads' two layers (0: linear
             heads; None: `heads.MLP`; see `heads.GateHeads`).
+        stored: with "sequential", choose tau for a memory of this many edits: the validation
+            edits and `stored - val_edits` other train records' edits as distractors (a fixed
+            seeded selection; see `choose_tau`). None: the validation edits alone.
         ignore_base_mismatch: load adapters saved for other base weights (see
             `Editor.from_pretrained`).
 
@@ -203,8 +272,8 @@ def calibrate_adapters(
         The `TauChoice`.
 
     Raises:
-        ValueError: the eval split, an unknown mode, a bad number of validation edits, or
-            `heads_mlp` with a gate key other than "learned".
+        ValueError: the eval split, an unknown mode, a bad number of validation edits,
+            `heads_mlp` with a gate key other than "learned", or a bad `stored`.
 
     Example:
         >>> calibrate_adapters(model, processor, "runs/vqa/best", load_split(root, "vqa", "train"),
@@ -218,13 +287,44 @@ def calibrate_adapters(
                          "edits of the train split")
     n_val = TrainSettings().val_edits if val_edits is None else val_edits
     _, val_idx = split_indices(len(train_dataset), n_val)
+    distractors = distractor_indices(len(train_dataset), val_idx, stored, mode)
     overrides: dict[str, Any] = {} if gate_key is None else {"gate_key": gate_key}
     if ignore_base_mismatch:
         overrides["ignore_base_mismatch"] = True
     return calibrate_on(
         model, processor, Path(adapters_dir), train_dataset, val_idx, mode,
-        out_dir=Path(out_dir) if out_dir is not None else None, heads_mlp=heads_mlp, **overrides,
+        out_dir=Path(out_dir) if out_dir is not None else None, heads_mlp=heads_mlp,
+        distractors=distractors, **overrides,
     )
+
+
+#: Seed of the selection of distractor records (`distractor_indices`).
+DISTRACTOR_SEED = 1
+
+
+def distractor_indices(
+    n_records: int, val_idx: Sequence[int], stored: Any, mode: str
+) -> list[int]:
+    """The train records whose edits are stored beside the validation edits `val_idx` so that
+    `stored` edits are in the memory (a fixed seeded selection of the others, sorted; [] for
+    `stored` None).
+
+    Raises:
+        ValueError: `stored` not an int in [len(val_idx), n_records], or not "sequential".
+    """
+    if stored is None:
+        return []
+    if mode != "sequential":
+        raise ValueError(f"calibration option stored={stored}: a memory of many edits is "
+                         f"calibrated in the sequential mode (add --option mode=sequential)")
+    if isinstance(stored, bool) or not isinstance(stored, int) or not (
+            len(val_idx) <= stored <= n_records):
+        raise ValueError(f"calibration option stored: an int from the {len(val_idx)} validation "
+                         f"edits to the {n_records} train records, got {stored!r}")
+    held_out = set(val_idx)
+    others = [i for i in range(n_records) if i not in held_out]
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(DISTRACTOR_SEED))
+    return sorted(others[int(j)] for j in order[:stored - len(val_idx)])
 
 
 def check_heads_mlp(heads_mlp: Any, gate_key: str | None = None, *, where: str = "") -> None:
@@ -253,6 +353,7 @@ def calibrate_on(
     *,
     out_dir: Path | None = None,
     heads_mlp: int | None = None,
+    distractors: Sequence[int] = (),
     **overrides: Any,
 ) -> TauChoice:
     """Choose tau on the edits `val_idx` and save the adapters with it (and `overrides`, run-time
@@ -261,7 +362,8 @@ def calibrate_on(
     With the "learned" gate key, the gate heads are fitted first (`gate_fit.fit_gate`) on the
     other records of `dataset` (the validation edits held out), and saved with the adapters
     (`heads_mlp`: hidden units of their two layers, 0: linear, None: `heads.MLP`; a number is
-    refused with another key)."""
+    refused with another key). `distractors`: records whose edits are stored too while choosing
+    (sequential mode, see `choose_tau`)."""
     editor = DualEditor.from_pretrained(model, processor, adapters_dir, **overrides)
     try:
         check_heads_mlp(heads_mlp, editor.config.gate_key, where=f"{adapters_dir}'s gate key")
@@ -277,7 +379,7 @@ def calibrate_on(
             heads = fit_gate(editor, dataset,
                              [i for i in range(len(dataset)) if i not in held_out],
                              mlp=MLP if heads_mlp is None else heads_mlp)
-        choice = choose_tau(editor, dataset, val_idx, mode=mode)
+        choice = choose_tau(editor, dataset, val_idx, mode=mode, distractors=distractors)
     finally:
         editor.detach()
         model.train(was_training)
