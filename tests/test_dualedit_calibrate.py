@@ -166,9 +166,9 @@ def test_choose_tau_sequential_on_a_tiny_editor(tiny_factory, tiny_vlm, tiny_tra
 def test_choose_tau_with_distractors_scores_inputs_against_the_fuller_memory(
         tiny_factory, tiny_vlm, tiny_train, gate_key):
     """Distractors' edits are stored too; each held-out input meets its nearest stored edit, as
-    the hooks decide it with every edit stored, except distractors of the same unedited answer
-    (every record here has pred "person": T-Gen / V-Gen inputs skip them; M-Loc, "blue", and
-    T-Loc do not)."""
+    the hooks decide it with every edit stored, except edits of the same unedited answer as the
+    input's (every record here has pred "person": a T-Gen / V-Gen input keeps only its own
+    edit; M-Loc, "blue", and T-Loc meet every edit)."""
     from dualedit.editors.dualedit.calibrate import _similarities_among_distractors
 
     model, processor = tiny_factory(tiny_vlm.name)
@@ -176,33 +176,36 @@ def test_choose_tau_with_distractors_scores_inputs_against_the_fuller_memory(
                         config=DualEditConfig(text_layer=2, visual_layer=3, width=16, heads=2,
                                               gate_key=gate_key))
     held, others = [0, 1, 2], [3, 4, 5]
+
+    def hooks_view(stored, queries, kinds):
+        """{kind: the hooks' similarity of each query record's input} with `stored` edited."""
+        editor.apply(edit_requests([tiny_train[i] for i in stored], "vqa"), tiny_train.images)
+        out = {kind: [] for kind in kinds}
+        for index in queries:
+            for kind in kinds:
+                sample = record_samples(tiny_train[index], "vqa")[kind]
+                image = None if sample.image is None else tiny_train.images(sample.image)
+                out[kind].append(editor.explain(image, sample.prompt).similarity)
+        editor.restore()
+        return out
+
     try:
         sims = _similarities_among_distractors(editor, tiny_train, held, others)
         assert len(editor.memory) == 0
-        records = [tiny_train[i] for i in held]
-
-        def hooks_view(stored):
-            editor.apply(edit_requests([tiny_train[i] for i in stored], "vqa"), tiny_train.images)
-            out = {}
-            for kind in ("t_gen", "v_gen", "m_loc", "t_loc"):
-                out[kind] = []
-                for record in records:
-                    sample = record_samples(record, "vqa")[kind]
-                    image = None if sample.image is None else tiny_train.images(sample.image)
-                    d = editor.explain(image, sample.prompt)
-                    if kind in ("t_gen", "v_gen") and d.edit_id != editor.memory.ids[
-                            held.index(record.index)]:
-                        continue
-                    out[kind].append(d.similarity)
-            editor.restore()
-            return out
-
-        full, alone = hooks_view(held + others), hooks_view(held)
-        for kind in ("m_loc", "t_loc"):
+        block, gen = ("m_loc", "t_loc"), ("t_gen", "v_gen")
+        full, fewer = hooks_view(held + others, held, block), hooks_view(held, held, block)
+        for kind in block:
             assert sims[kind] == pytest.approx(full[kind], abs=1e-4), kind
-            assert all(a >= b - 1e-6 for a, b in zip(full[kind], alone[kind], strict=True))
-        for kind in ("t_gen", "v_gen"):  # every distractor masked: the held-out edits alone
+            assert all(a >= b - 1e-6 for a, b in zip(full[kind], fewer[kind], strict=True))
+        alone = {kind: [] for kind in gen}  # each record's edit stored alone
+        for index in held:
+            for kind, values in hooks_view([index], [index], gen).items():
+                alone[kind] += values
+        for kind in gen:  # every other edit left out: its own edit alone
             assert sims[kind] == pytest.approx(alone[kind], abs=1e-4), kind
+        # With no distractors (an empty list) the masks still apply; None: every edit counts.
+        assert _similarities_among_distractors(editor, tiny_train, held, [])["t_gen"] == \
+            pytest.approx(alone["t_gen"], abs=1e-4)
         choice = choose_tau(editor, tiny_train, held, mode="sequential", distractors=others)
         assert choice.stored == 6 and choice.edits == 3 and "6 stored" in choice.describe()
         with pytest.raises(ValueError, match="only in the sequential mode"):
@@ -220,7 +223,7 @@ def test_distractor_indices_fill_the_memory_to_the_asked_size():
     picked = distractor_indices(20, val, 10, "sequential")
     assert len(picked) == 7 and not set(picked) & set(val) and picked == sorted(picked)
     assert picked == distractor_indices(20, val, 10, "sequential")  # a fixed selection
-    assert distractor_indices(20, val, None, "sequential") == []
+    assert distractor_indices(20, val, None, "sequential") is None
     assert distractor_indices(20, val, 3, "sequential") == []
     assert len(distractor_indices(20, val, 20, "sequential")) == 17
     for bad in (2, 21, 5.0, True, "10"):

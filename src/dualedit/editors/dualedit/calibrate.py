@@ -115,7 +115,7 @@ def choose_tau(
     indices: Sequence[int],
     *,
     mode: str = "single",
-    distractors: Sequence[int] = (),
+    distractors: Sequence[int] | None = None,
 ) -> TauChoice:
     """Choose `tau` on the records `indices` of `dataset` (held-out edits, never eval records).
 
@@ -130,9 +130,11 @@ def choose_tau(
             held-out edits are not distinct facts, which only makes tau stricter.
         distractors: with "sequential", other records of `dataset` whose edits are stored too
             (after those of `indices`), so that tau is chosen for a memory of that many more
-            edits; only the inputs of `indices` are scored. A distractor whose edit question's
-            unedited answer equals an input's unedited answer may edit the very fact the input
-            asks (train records repeat facts) and is left out of that input's nearest edit.
+            edits; only the inputs of `indices` are scored. Given (even empty), a stored edit
+            whose question's unedited answer equals an input's unedited answer may edit the
+            very fact the input asks (train records repeat facts, the eval split's do not) and
+            is left out of that input's nearest edit, as the gate heads' fit leaves it out (an
+            input's own edit is kept). None: every stored edit counts.
 
     Raises:
         ValueError: no indices, an unknown mode, distractors outside "sequential" or among
@@ -145,10 +147,10 @@ def choose_tau(
     if len(editor.memory):
         raise ValueError(f"choose_tau needs an empty edit memory; this editor holds "
                          f"{len(editor.memory)} edits")
-    if distractors and mode != "sequential":
+    if distractors is not None and mode != "sequential":
         raise ValueError(f"choose_tau: distractor edits are stored only in the sequential mode, "
                          f"not {mode!r}")
-    if set(distractors) & set(indices):
+    if distractors is not None and set(distractors) & set(indices):
         raise ValueError("choose_tau: distractors must be other records than the held-out edits")
     sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
 
@@ -169,7 +171,7 @@ def choose_tau(
                 measure(record, editor.memory.ids[0])
             finally:
                 editor.restore()
-    elif distractors:
+    elif distractors is not None:
         sims = _similarities_among_distractors(editor, dataset, indices, distractors)
     else:
         records = [dataset[index] for index in indices]
@@ -185,7 +187,11 @@ def choose_tau(
     tau, accuracy = best_threshold(positives, negatives)
     rates = {k: sum(s >= tau for s in v) / len(v) for k, v in sims.items() if v}
     return TauChoice(tau=tau, accuracy=accuracy, pass_rates=rates, edits=len(indices), mode=mode,
-                     stored=len(indices) + len(distractors) if mode == "sequential" else 1)
+                     stored=len(indices) + len(distractors or ()) if mode == "sequential" else 1)
+
+
+#: The similarity given to a stored edit left out of an input's nearest edit.
+LEFT_OUT = -2.0
 
 
 @torch.no_grad()
@@ -193,8 +199,8 @@ def _similarities_among_distractors(
     editor: DualEditor, dataset: MMEditDataset, indices: Sequence[int], distractors: Sequence[int]
 ) -> dict[str, list[float]]:
     """`choose_tau`'s similarities {kind: [...]} with the edits of `indices` and `distractors`
-    stored at once: each input of `indices` against its nearest stored edit, distractors that
-    may edit the very fact it asks (the same unedited answer) left out."""
+    stored at once: each input of `indices` against its nearest stored edit, edits that may
+    edit the very fact it asks (the same unedited answer; its own edit kept) left out."""
     records = [dataset[i] for i in indices]
     others = [dataset[i] for i in distractors]
     editor.apply(edit_requests(records + others, dataset.task), dataset.images)
@@ -204,8 +210,7 @@ def _similarities_among_distractors(
         keys = editor.memory.key_matrix(kind, "cpu")  # [n + n_distractors, d], insertion order
         vocab: dict[str, int] = {}
         stored = torch.tensor([vocab.setdefault(answer_of(r, "edit"), len(vocab))
-                               for r in others])  # [n_distractors]
-        n = len(records)
+                               for r in records + others])  # [n + n_distractors]
         sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
         for query_kind in PASS_KINDS + BLOCK_KINDS:
             rows = [i for i, r in enumerate(records)
@@ -220,9 +225,13 @@ def _similarities_among_distractors(
             queries = gate_vectors(parts, kind, heads).cpu()  # [q, d]
             sim = similarity_matrix(queries, keys, kind)  # [q, n + n_distractors]
             answers = torch.tensor([vocab.get(answer_of(records[i], query_kind), -1)
-                                    for i in rows])  # [q]; -1: no distractor has it
-            same = answers[:, None] == stored[None, :]  # [q, n_distractors]
-            sim[:, n:] = sim[:, n:].masked_fill(same, float("-inf"))
+                                    for i in rows])  # [q]; -1: no stored edit has it
+            same = answers[:, None] == stored[None, :]  # [q, n + n_distractors]
+            own = torch.zeros_like(same)
+            if query_kind in PASS_KINDS:
+                own[torch.arange(len(rows)), torch.tensor(rows)] = True
+            # Left out: below every cosine (a row with every edit left out is one with no edit).
+            sim = sim.masked_fill(same & ~own, LEFT_OUT)
             best, position = sim.max(dim=1)  # [q], [q]
             own = position == torch.tensor(rows)
             keep = own if query_kind in PASS_KINDS else torch.ones_like(own)
@@ -304,16 +313,16 @@ DISTRACTOR_SEED = 1
 
 def distractor_indices(
     n_records: int, val_idx: Sequence[int], stored: Any, mode: str
-) -> list[int]:
+) -> list[int] | None:
     """The train records whose edits are stored beside the validation edits `val_idx` so that
-    `stored` edits are in the memory (a fixed seeded selection of the others, sorted; [] for
-    `stored` None).
+    `stored` edits are in the memory (a fixed seeded selection of the others, sorted; None for
+    `stored` None: the validation edits alone, every stored edit counted).
 
     Raises:
         ValueError: `stored` not an int in [len(val_idx), n_records], or not "sequential".
     """
     if stored is None:
-        return []
+        return None
     if mode != "sequential":
         raise ValueError(f"calibration option stored={stored}: a memory of many edits is "
                          f"calibrated in the sequential mode (add --option mode=sequential)")
@@ -353,7 +362,7 @@ def calibrate_on(
     *,
     out_dir: Path | None = None,
     heads_mlp: int | None = None,
-    distractors: Sequence[int] = (),
+    distractors: Sequence[int] | None = None,
     **overrides: Any,
 ) -> TauChoice:
     """Choose tau on the edits `val_idx` and save the adapters with it (and `overrides`, run-time
