@@ -295,6 +295,9 @@ def main():
             tau_m = choose(dec)
             results[name][rule] = {"tau": round(tau_m, 4), "val": score(dec, tau_m),
                                    "eval": score(eval_dec, tau_m)}
+        # The eval trade-off (diagnostic, never used to choose): eval at a grid of taus.
+        results[name]["eval_curve"] = {f"{t:.3f}": score(eval_dec, t)
+                                       for t in torch.linspace(0.5, 0.9, 17).tolist()}
         results[name]["rule_check"] = rule_check(heads, vp, fp, kinds, val_answers,
                                                  fit_answers, val_facts, fit_facts)
         print(name, f"{time.time() - t:.0f}s", json.dumps(results[name]), flush=True)
