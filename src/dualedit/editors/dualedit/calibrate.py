@@ -35,7 +35,7 @@ from dualedit.data.prompts import record_samples
 from dualedit.data.requests import edit_requests
 from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.gate import LEARNED, gate_vectors, kind_parts, similarity_matrix
-from dualedit.editors.dualedit.gate_fit import answer_of, fit_gate
+from dualedit.editors.dualedit.gate_fit import CHUNK, answer_of, fit_gate
 from dualedit.editors.dualedit.heads import MLP
 from dualedit.train.data import split_indices
 from dualedit.train.settings import TrainSettings
@@ -63,7 +63,7 @@ class TauChoice:
         edits: how many edits it was chosen on.
         mode: how they were stored ("single" or "sequential", see `choose_tau`).
         stored: edits in the memory while choosing (sequential: the edits and any distractors;
-            None: not recorded).
+            single: 1; None: not recorded).
     """
 
     tau: float
@@ -209,24 +209,27 @@ def _similarities_among_distractors(
         heads = editor.memory.gate_heads
         keys = editor.memory.key_matrix(kind, "cpu")  # [n + n_distractors, d], insertion order
         vocab: dict[str, int] = {}
-        stored = torch.tensor([vocab.setdefault(answer_of(r, "edit"), len(vocab))
-                               for r in records + others])  # [n + n_distractors]
-        sims: dict[str, list[float]] = {kind: [] for kind in PASS_KINDS + BLOCK_KINDS}
+        stored_answers = torch.tensor([vocab.setdefault(answer_of(r, "edit"), len(vocab))
+                                       for r in records + others])  # [n + n_distractors]
+        sims: dict[str, list[float]] = {k: [] for k in PASS_KINDS + BLOCK_KINDS}
         for query_kind in PASS_KINDS + BLOCK_KINDS:
             rows = [i for i, r in enumerate(records)
                     if query_kind in record_samples(r, dataset.task)]
             if not rows:
                 continue
             samples = [record_samples(records[i], dataset.task)[query_kind] for i in rows]
-            triples = editor._capture(samples, dataset.images)
             device = heads.threshold.device if heads is not None else torch.device("cpu")
-            parts = {part: torch.stack([k[part].float() for _, _, k in triples]).to(device)
-                     for part in kind_parts(kind)}  # [q, width] each
+            columns: dict[str, list[torch.Tensor]] = {part: [] for part in kind_parts(kind)}
+            for start in range(0, len(samples), CHUNK):  # the states are dropped after each
+                for _, _, key in editor._capture(samples[start:start + CHUNK], dataset.images):
+                    for part, column in columns.items():
+                        column.append(key[part].float().to(device))
+            parts = {part: torch.stack(column) for part, column in columns.items()}  # [q, width]
             queries = gate_vectors(parts, kind, heads).cpu()  # [q, d]
             sim = similarity_matrix(queries, keys, kind)  # [q, n + n_distractors]
             answers = torch.tensor([vocab.get(answer_of(records[i], query_kind), -1)
                                     for i in rows])  # [q]; -1: no stored edit has it
-            same = answers[:, None] == stored[None, :]  # [q, n + n_distractors]
+            same = answers[:, None] == stored_answers[None, :]  # [q, n + n_distractors]
             own = torch.zeros_like(same)
             if query_kind in PASS_KINDS:
                 own[torch.arange(len(rows)), torch.tensor(rows)] = True
