@@ -230,6 +230,9 @@ VARIANTS = {
     "mlp256_all_s350": {"mlp": 256, "batch": 700, "stored": 350},
     "mlp256_all_s525": {"mlp": 256, "batch": 700, "stored": 525},
     "mlp256_all_s640": {"mlp": 256, "batch": 700, "stored": 640},
+    "mlp512": {"mlp": 512},
+    "mlp256_steps6k": {"mlp": 256, "steps": 6000},
+    "mlp256_w128": {"mlp": 256, "width": 128},
 }
 
 
