@@ -101,7 +101,6 @@ def fit(parts, answers, *, width=64, mlp=0, steps=3000, batch=256, lr=3e-3, seed
     return heads
 
 
-@torch.no_grad()
 def decide(heads, parts, kinds, extra=None, mask=None):
     """Best similarity and whether it is the query's own edit, with the edits of `parts` stored
     (and those of `extra`, distractors: another set of records' edits, stored after them).
@@ -109,24 +108,13 @@ def decide(heads, parts, kinds, extra=None, mask=None):
     question's unedited answer equals a query's unedited answer may edit the very fact the
     query asks (train records repeat facts) and is left out of that query's maximum, as the
     heads' fit masks it (a T-Gen / V-Gen query's own edit is kept)."""
-    keys = heads.embed(parts["edit"])
-    n = len(keys)
-    if extra is not None:
-        keys = torch.cat([keys, heads.embed(extra["edit"])])
-    out = {}
-    for kind in kinds:
-        sim = learned_similarity(heads.embed(parts[kind]), keys)  # [n, n + n_extra]
-        if mask is not None:
-            mine, theirs = mask
-            stored = mine["edit"] if theirs is None else torch.cat([mine["edit"], theirs["edit"]])
-            same = mine[kind][:, None] == stored[None, :]  # [n, n + n_extra]
-            if kind in PASS_KINDS:
-                same[torch.arange(n), torch.arange(n)] = False
-            sim = sim.masked_fill(same, -2.0)
-        best, pos = sim.max(1)
-        own = pos == torch.arange(len(pos))
-        out[kind] = (best, own)
-    return out
+    stored = [parts] if extra is None else [parts, extra]
+    blocked = None
+    if mask is not None:
+        mine, theirs = mask
+        answers = mine["edit"] if theirs is None else torch.cat([mine["edit"], theirs["edit"]])
+        blocked = same_masks({k: mine[k].tolist() for k in kinds}, answers.tolist(), kinds)
+    return decide_blocked(heads, parts, stored, kinds, blocked)
 
 
 def facts_of(entry):

@@ -35,7 +35,7 @@ from dualedit.data.prompts import record_samples
 from dualedit.data.requests import edit_requests
 from dualedit.editors.dualedit.editor import DualEditor
 from dualedit.editors.dualedit.gate import LEARNED, gate_vectors, kind_parts, similarity_matrix
-from dualedit.editors.dualedit.gate_fit import CHUNK, answer_of, fit_gate
+from dualedit.editors.dualedit.gate_fit import CHUNK, answer_of, fit_gate, read_key_parts
 from dualedit.editors.dualedit.heads import MLP
 from dualedit.train.data import split_indices
 from dualedit.train.settings import TrainSettings
@@ -207,24 +207,22 @@ def _similarities_among_distractors(
     try:
         kind = editor.config.gate_key
         heads = editor.memory.gate_heads
+        device = heads.threshold.device if heads is not None else torch.device("cpu")
         keys = editor.memory.key_matrix(kind, "cpu")  # [n + n_distractors, d], insertion order
+        own_samples = [record_samples(r, dataset.task) for r in records]
         vocab: dict[str, int] = {}
         stored_answers = torch.tensor([vocab.setdefault(answer_of(r, "edit"), len(vocab))
                                        for r in records + others])  # [n + n_distractors]
         sims: dict[str, list[float]] = {k: [] for k in PASS_KINDS + BLOCK_KINDS}
         for query_kind in PASS_KINDS + BLOCK_KINDS:
-            rows = [i for i, r in enumerate(records)
-                    if query_kind in record_samples(r, dataset.task)]
+            rows = [i for i, samples in enumerate(own_samples) if query_kind in samples]
             if not rows:
                 continue
-            samples = [record_samples(records[i], dataset.task)[query_kind] for i in rows]
-            device = heads.threshold.device if heads is not None else torch.device("cpu")
-            columns: dict[str, list[torch.Tensor]] = {part: [] for part in kind_parts(kind)}
-            for start in range(0, len(samples), CHUNK):  # the states are dropped after each
-                for _, _, key in editor._capture(samples[start:start + CHUNK], dataset.images):
-                    for part, column in columns.items():
-                        column.append(key[part].float().to(device))
-            parts = {part: torch.stack(column) for part, column in columns.items()}  # [q, width]
+            samples = [own_samples[i][query_kind] for i in rows]
+            chunks = [read_key_parts(editor, samples[start:start + CHUNK], dataset.images,
+                                     kind_parts(kind)) for start in range(0, len(samples), CHUNK)]
+            parts = {part: torch.cat([chunk[part] for chunk in chunks]).to(device)
+                     for part in kind_parts(kind)}  # [q, width] each
             queries = gate_vectors(parts, kind, heads).cpu()  # [q, d]
             sim = similarity_matrix(queries, keys, kind)  # [q, n + n_distractors]
             answers = torch.tensor([vocab.get(answer_of(records[i], query_kind), -1)

@@ -34,6 +34,17 @@ def answer_of(record: Any, kind: str) -> str:
             "t_loc": record.loc_ans}.get(kind, record.pred)
 
 
+def read_key_parts(
+    editor: Any, samples: Sequence[Any], load_image: Any, parts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The gate key parts {part: [len(samples), width] float32, CPU} of `samples`, read at the
+    editor's text layer as the gate reads them (one frozen pass that stops there; the states are
+    dropped on return, so callers pass at most `CHUNK`-sized groups to bound memory)."""
+    triples = editor._capture(samples, load_image)
+    return {part: torch.stack([keys[part].float().cpu() for _, _, keys in triples])
+            for part in parts}
+
+
 def gate_fit_data(
     editor: Any, dataset: MMEditDataset, indices: Sequence[int]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -51,12 +62,11 @@ def gate_fit_data(
     for start in range(0, len(records), CHUNK):
         chunk = records[start:start + CHUNK]
         samples = [record_samples(r, dataset.task)[SAMPLE_OF[k]] for k in kinds for r in chunk]
-        triples = editor._capture(samples, dataset.images)
+        read = read_key_parts(editor, samples, dataset.images, LEARNED_PARTS)  # kind-major rows
         for j, kind in enumerate(kinds):
-            for _, _, keys in triples[j * len(chunk):(j + 1) * len(chunk)]:
-                for part in LEARNED_PARTS:
-                    columns[kind][part].append(keys[part].float().cpu())
-    parts = {k: {p: torch.stack(v) for p, v in by_part.items()} for k, by_part in columns.items()}
+            for part, values in read.items():
+                columns[kind][part].append(values[j * len(chunk):(j + 1) * len(chunk)])
+    parts = {k: {p: torch.cat(v) for p, v in by_part.items()} for k, by_part in columns.items()}
     vocab: dict[str, int] = {}
     answers = {k: torch.tensor([vocab.setdefault(answer_of(r, k), len(vocab)) for r in records])
                for k in kinds}

@@ -194,9 +194,9 @@ def fit_gate_heads(
         raise ValueError(f"fit_gate_heads: stored must be in [1, {b}] (the batch), got {stored}")
     for _ in tqdm(range(steps), desc="gate heads", disable=not progress, unit="step"):
         rows = torch.randperm(n, generator=generator)[:b]
-        stored = rows[:m]
-        keys = heads.embed_features(*(f[stored] for f in features["edit"]))  # [m, 2w]
-        stored_answer = answers["edit"][stored]
+        kept = rows[:m]  # the records whose edits are stored this step
+        keys = heads.embed_features(*(f[kept] for f in features["edit"]))  # [m, 2w]
+        stored_answer = answers["edit"][kept]
         loss = torch.zeros(())
         for kind in kinds:
             query = heads.embed_features(*(f[rows] for f in features[kind]))  # [b, 2w]
