@@ -11,6 +11,7 @@ Fixtures:
     tiny_image_dir -> a folder of four small coloured PNGs (red, green, blue, yellow .png).
     tiny_images -> an ImageStore over it.
     mmedit_root -> ../shared/data/mmedit beside the repository (skips, with the reason, when absent).
+    short_gate_head_fits (autouse) -> learned gate heads fitted for 30 steps in every test.
 """
 
 from __future__ import annotations
@@ -201,6 +202,16 @@ TINY_BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = {
     "llava": build_tiny_llava,
     "blip2": build_tiny_blip2,
 }
+
+
+@pytest.fixture(autouse=True)
+def short_gate_head_fits(monkeypatch):
+    """DualEdit trainings fit the learned gate heads (the default gate key) for `heads.STEPS`
+    steps; on the tiny models of these tests 30 do. What a fit learns is tested with explicit
+    step counts (test_gate_heads.py)."""
+    import dualedit.editors.dualedit.heads as heads
+
+    monkeypatch.setattr(heads, "STEPS", 30)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ def test_rows_of_a_six_layer_model():
     assert [r.name for r in pairs] == ["pair-0-0", "pair-1-1", "pair-2-2", "pair-5-5", "pair-3-4"]
     assert pairs[0].paper == "(1,2) (2,2)"
     assert all(r.eval_options == {"gate": False} for r in pairs)
+    # Trained with the gate off too: no learned gate heads are fitted for rows that never gate.
+    assert all(r.train_options["gate"] is False for r in pairs)
     assert all(r.train_name == r.name for r in pairs)
     by_name = {r.name: r for r in rows}
     assert by_name["text-only"].train_options == {"use_visual": False}
@@ -74,6 +76,10 @@ def test_a_tiny_ablation_run_trains_each_variant_and_reuses_its_cells(
     saved = json.loads((cache / "trained" / "dualedit" / "llava-vqa-seed0-text-only" / "best"
                         / "adapter_config.json").read_text())
     assert saved["config"]["use_visual"] is False and saved["config"]["text_layer"] == 0
+    assert saved["config"]["gate_key"] == "learned" and "gate_heads" in saved
+    ungated = json.loads((cache / "trained" / "dualedit" / "llava-vqa-seed0-pair-3-4" / "best"
+                          / "adapter_config.json").read_text())
+    assert ungated["config"]["gate_key"] != "learned" and "gate_heads" not in ungated
     calls.clear()
     assert run_ablation_bench(out, **kwargs) == table
     assert calls == []  # every cell reused from its file

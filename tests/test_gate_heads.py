@@ -233,11 +233,60 @@ def test_training_with_the_learned_key_fits_heads_of_the_asked_size(tiny_factory
     settings = TrainSettings(lr=1e-2, batch_size=4, max_steps=2, eval_every=2, val_edits=3,
                              patience=None)
     with pytest.raises(ValueError, match="heads_mlp=8: gate heads exist only with"):
-        train_dualedit(model, processor, data, config=CONFIG, settings=settings,
-                       out_dir=tmp_path / "refused", heads_mlp=8, progress=False)
+        train_dualedit(model, processor, data, config={**CONFIG, "gate_key": "prompt_end_image"},
+                       settings=settings, out_dir=tmp_path / "refused", heads_mlp=8,
+                       progress=False)
     assert not (tmp_path / "refused").exists()
     result = train_dualedit(model, processor, data, config={**CONFIG, "gate_key": "learned"},
                             settings=settings, out_dir=tmp_path / "run", heads_mlp=8,
                             progress=False)
     saved = json.loads((result.best_dir / "adapter_config.json").read_text())
     assert saved["gate_heads"]["mlp"] == 8 and saved["config"]["tau"] == result.tau.tau
+
+
+def test_training_without_a_gate_key_saves_the_learned_key_unless_tau_is_fixed(
+        tiny_factory, tmp_path, monkeypatch):
+    """The default gate key of a training is "learned": heads fitted and saved, tau chosen after
+    them, and the saved editor serves them. A config that fixes tau keeps the architecture's
+    fixed key (no heads, tau as given)."""
+    monkeypatch.setattr(heads_module, "STEPS", 30)
+    model, processor = tiny_factory("llava")
+    data = write_tiny_mmedit(tmp_path / "data", n=10)
+    settings = TrainSettings(lr=1e-2, batch_size=4, max_steps=2, eval_every=2, val_edits=3,
+                             patience=None)
+    result = train_dualedit(model, processor, data, config=CONFIG, settings=settings,
+                            out_dir=tmp_path / "default", progress=False)
+    saved = json.loads((result.best_dir / "adapter_config.json").read_text())
+    assert saved["config"]["gate_key"] == "learned" and "gate_heads" in saved
+    assert saved["config"]["tau"] == result.tau.tau
+    editor = DualEditor.from_pretrained(model, processor, result.best_dir)
+    try:
+        assert editor.config.gate_key == "learned" and editor.memory.gate_heads is not None
+    finally:
+        editor.detach()
+
+    fixed = train_dualedit(model, processor, data, config={**CONFIG, "tau": 0.5},
+                           settings=settings, out_dir=tmp_path / "fixed", progress=False,
+                           calibrate_tau=False)
+    saved = json.loads((fixed.best_dir / "adapter_config.json").read_text())
+    assert saved["config"]["gate_key"] == "prompt_end_image" and "gate_heads" not in saved
+    assert saved["config"]["tau"] == 0.5
+
+
+def test_too_few_train_records_keep_the_fixed_key_and_refuse_an_asked_learned_one(
+        tiny_factory, tmp_path):
+    """With one train record outside the validation edits the heads cannot be fitted: the
+    default falls back to the fixed key (trained and saved), an asked learned key is refused
+    before anything trains, naming the file."""
+    model, processor = tiny_factory("llava")
+    data = write_tiny_mmedit(tmp_path / "data", n=4)
+    settings = TrainSettings(lr=1e-2, batch_size=1, max_steps=1, eval_every=1, val_edits=3,
+                             patience=None)
+    with pytest.raises(ValueError, match="gate_key=learned: .* at least 2; .*vqa_train.json"):
+        train_dualedit(model, processor, data, config={**CONFIG, "gate_key": "learned"},
+                       settings=settings, out_dir=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    result = train_dualedit(model, processor, data, config=CONFIG, settings=settings,
+                            out_dir=tmp_path / "run", progress=False)
+    saved = json.loads((result.best_dir / "adapter_config.json").read_text())
+    assert saved["config"]["gate_key"] == "prompt_end_image" and "gate_heads" not in saved

@@ -135,6 +135,10 @@ def _worker(argv: list[str]) -> None:
     torch.set_num_threads(1)
     from accelerate import Accelerator
 
+    import dualedit.editors.dualedit.heads as heads
+
+    heads.STEPS = 30  # the learned gate heads' fit, short as in every test (conftest.py)
+
     accelerator = Accelerator(cpu=True)
     result = run_training(args.worker, Path(args.data), Path(args.out_dir), accelerator)
     print(

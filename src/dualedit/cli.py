@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method's trainer, repeatable (dualedit: "
                         "calibration=single|sequential, calibrate_tau=false, heads_mlp=N with "
-                        "gate_key=learned)")
+                        "the learned gate key, which training fits and saves unless --option "
+                        "gate_key=..., tau=... or gate=false is given)")
     p.add_argument("--settings", type=Path, default=None,
                    help="TrainSettings as a JSON object (the flags below override it)")
     p.add_argument("--steps", type=int, default=None, help="step budget")

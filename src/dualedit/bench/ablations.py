@@ -91,7 +91,7 @@ def ablations(depth: int, recipe: dict[str, Any]) -> list[Ablation]:
         rows.append(Ablation(
             name=name, label=f"layers ({t}, {v}), no gate",
             paper=" ".join(f"({a},{b})" for a, b in pairs),
-            train_options={"text_layer": t, "visual_layer": v},
+            train_options={"text_layer": t, "visual_layer": v, "gate": False},
             eval_options={"gate": False}, train_name=name,
         ))
     t, v = recipe.get("text_layer"), recipe.get("visual_layer")

@@ -76,6 +76,8 @@ class DualEditConfig:
             once: V-Gen 87.5, M-Loc 89.1, hard M-Loc 75.0, Avg 95.3, against 87.5 / 87.5 / 67.2 /
             95.0 with "prompt_end_image"; one edit at a time: Avg 98.1 against 97.8); LLaVA
             "prompt_end_image" (Avg 87.8 against 87.2 stored at once, 91.25 both one at a time).
+            Training (`train_dualedit`, `dualedit train`) saves "learned" instead when neither
+            gate_key nor tau is given (`train.default_gate_key`).
         text_prompt_end: True (default) = the text adapter also edits the input's last prompt
             token (the position whose output predicts the first answer token); False = it stops
             just before it, as in the released code, so the first answer token changes only

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_OF = {"edit": "rel", **{k: k for k in PASS_KINDS + BLOCK_KINDS}}
 #: Records whose key parts are read per frozen pass (the states are dropped after each).
 CHUNK = 64
+#: Records (outside the validation edits) the heads' fit needs at the least.
+MIN_RECORDS = 2
 
 
 def answer_of(record: Any, kind: str) -> str:
@@ -53,8 +55,9 @@ def gate_fit_data(
     Raises:
         ValueError: fewer than 2 records.
     """
-    if len(indices) < 2:
-        raise ValueError(f"fitting the gate heads needs at least 2 records, got {len(indices)}")
+    if len(indices) < MIN_RECORDS:
+        raise ValueError(f"fitting the gate heads needs at least {MIN_RECORDS} records, got "
+                         f"{len(indices)}")
     records = [dataset[i] for i in indices]
     kinds = [k for k in SAMPLE_OF if k != "m_loc_hard" or all(r.has_hard for r in records)]
     columns: dict[str, dict[str, list[torch.Tensor]]] = {

@@ -9,6 +9,7 @@ backward through layers >= min(t, v) only); the loop (`dualedit.train.loop.train
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from dualedit.editors.dualedit.calibrate import (
 )
 from dualedit.editors.dualedit.config import DualEditConfig
 from dualedit.editors.dualedit.editor import DualEditor
+from dualedit.editors.dualedit.gate import LEARNED
+from dualedit.editors.dualedit.gate_fit import MIN_RECORDS
 from dualedit.editors.dualedit.losses import METRICS, edit_pass
 from dualedit.numerics import flush_denormals
 from dualedit.train.data import EditBatch
@@ -35,6 +38,8 @@ from dualedit.train.devices import place_model
 from dualedit.train.loop import train, validation_split
 from dualedit.train.settings import TrainResult, TrainSettings
 from dualedit.train.meta import base_model_meta
+
+logger = logging.getLogger(__name__)
 
 
 class DualEditTrainable:
@@ -157,7 +162,9 @@ def train_dualedit(
         train_dataset: the train split (`load_split(root, task, "train")`); validation edits are
             a fixed selection of it (see `split_indices`), never the eval split.
         config: the adapters' `DualEditConfig` (or a dict of its fields); the gate is off while
-            training and saved as configured for evaluation.
+            training and saved as configured for evaluation. Without gate_key and tau, DualEdit
+            saves the "learned" key (`default_gate_key`): its heads are fitted before tau is
+            chosen (one frozen pass over the train split and a short fit).
         settings: `TrainSettings` (default: `TrainSettings()`).
         out_dir: the run folder (created).
         val_fraction: if given, the validation edits are this fraction of the train split
@@ -201,12 +208,18 @@ def train_dualedit(
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
     config = _resolve_config(config, editor_class.Config, where=f"train {editor_class.name} config")
-    check_heads_mlp(heads_mlp, config.gate_key or "default", where="the config's gate key")
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    validation_split(
+    train_idx, _ = validation_split(
         train_dataset, settings, val_fraction=val_fraction, processes=accelerator.num_processes
     )
+    config = default_gate_key(config, editor_class, calibrate_tau, len(train_idx))
+    check_heads_mlp(heads_mlp, config.gate_key or "default", where="the config's gate key")
+    if config.gate_key == LEARNED and calibrate_tau and len(train_idx) < MIN_RECORDS:
+        raise ValueError(
+            f"gate_key=learned: its heads are fitted on the train records outside the validation "
+            f"edits, at least {MIN_RECORDS}; {train_dataset.path} leaves {len(train_idx)}"
+        )
     place_model(model, accelerator)
     trainable = DualEditTrainable(
         model, processor, config=config, text_loc_kl=settings.text_loc_kl, calibration=calibration,
@@ -226,6 +239,31 @@ def train_dualedit(
         finish=calibrate_tau,
     )
     return dataclasses.replace(result, seconds=time.perf_counter() - started)
+
+
+def default_gate_key(
+    config: DualEditConfig,
+    editor_class: type[DualEditor],
+    calibrate_tau: bool,
+    fit_records: int = MIN_RECORDS,
+) -> DualEditConfig:
+    """The gate key a DualEdit training saves when its config names none: "learned" (heads
+    fitted on the train split with tau chosen after them), chosen on validation edits over the
+    fixed keys (docs/experiments/lifelong_gate.md: more right gate decisions on both small
+    backbones, one edit at a time and with 300 or 1000 stored). The fixed per-architecture key
+    (`ARCH_GATE_KEY`) stays when the config fixes tau (a learned key's tau is chosen after its
+    heads), turns the gate off (no heads to fit for it), when tau is not calibrated, for other
+    editors (VisEdit), and when fewer than `MIN_RECORDS` train records (`fit_records`, the
+    validation edits held out) are there to fit the heads on (logged)."""
+    if (editor_class is not DualEditor or not calibrate_tau or config.gate_key is not None
+            or config.tau is not None or not config.gate):
+        return config
+    if fit_records < MIN_RECORDS:
+        logger.warning("%d train records outside the validation edits: too few to fit the "
+                       "learned gate key's heads; the fixed key of the architecture is kept",
+                       fit_records)
+        return config
+    return dataclasses.replace(config, gate_key=LEARNED)
 
 
 def _resolve_config(
