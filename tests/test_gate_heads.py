@@ -207,6 +207,12 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
         assert two.explain(data.images(a.image), "What is it? The answer is:").similarity > 0.99
     finally:
         two.detach()
+    # Calibrated again to a fixed key, the learned heads are not carried into its folder.
+    calibrate_adapters(model, processor, tmp_path / "out", data, out_dir=tmp_path / "fixed",
+                       val_edits=3, gate_key="prompt_end_image")
+    saved = json.loads((tmp_path / "fixed" / "adapter_config.json").read_text())
+    assert "gate_heads" not in saved and "gate_heads.safetensors" not in saved["files"]
+    assert not (tmp_path / "fixed" / "gate_heads.safetensors").exists()
     with pytest.raises(ValueError, match="heads_mlp"):
         calibrate_adapters(model, processor, tmp_path / "src", data, val_edits=3,
                            gate_key="learned", heads_mlp=-1)

@@ -398,6 +398,8 @@ def calibrate_on(
     )
     if heads is not None:
         calibrated.memory.set_gate_heads(heads)
+    elif calibrated.config.gate_key != LEARNED:
+        calibrated.memory.set_gate_heads(None)  # a fixed key: heads of an earlier fit not saved
     try:
         calibrated.save_pretrained(out_dir if out_dir is not None else adapters_dir)
     finally:
