@@ -165,6 +165,43 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_factory, tiny_vlm, tin
     assert fresh.resumed_from is None and fresh.steps == 3
 
 
+def test_a_finished_run_asked_again_reuses_its_finish_unless_something_changed(
+        tiny_factory, tiny_train, tmp_path, monkeypatch):
+    """A cached run asked again trains no step and does not fit the gate heads and choose tau
+    again: the recorded finish comes back as it was. Another calibration, a damaged record or
+    more steps finish again."""
+    from dualedit.editors.dualedit import train as train_module
+
+    calls = []
+    original = train_module.DualEditTrainable.finish
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.calibration)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.DualEditTrainable, "finish", counted)
+    model, processor = tiny_factory("llava")
+
+    def run(max_steps, **kwargs):
+        return train_dualedit(model, processor, tiny_train, config=CONFIG,
+                              settings=settings(max_steps=max_steps), out_dir=tmp_path / "run",
+                              progress=False, **kwargs)
+
+    first = run(4)
+    assert calls == ["single"] and first.finish.mode == "single"
+    config = (tmp_path / "run" / "best" / "adapter_config.json").read_bytes()
+    again = run(4)
+    assert calls == ["single"] and again.finish == first.finish and again.step_seconds is None
+    assert (tmp_path / "run" / "best" / "adapter_config.json").read_bytes() == config
+    other = run(4, calibration="sequential")
+    assert calls == ["single", "sequential"] and other.finish.mode == "sequential"
+    (tmp_path / "run" / "finish.json").write_text("{not json")
+    run(4, calibration="sequential")
+    assert calls == ["single", "sequential", "sequential"]
+    longer = run(6, calibration="sequential")
+    assert calls[-1] == "sequential" and len(calls) == 4 and longer.steps == 6
+
+
 def test_early_stopping_with_patience(tiny_factory, tiny_train, tmp_path):
     model, processor = tiny_factory("llava")
     # An improvement must exceed 1000 points: only the first validation counts as one.

@@ -5,20 +5,34 @@ state). When the run ends, a copy of it is finished (`Trainable.finish`, e.g. Du
 chosen on the validation edits) and swapped in as `out_dir/best/` in one step
 (`folders.replace_folder`): a run killed before or during the finish step leaves no `best/`
 with unfinished settings, and resuming it finishes it.
+
+What the finish step returned is recorded beside it (`finish.json`: the summary, the step the run
+stood at, the data, the validation edits and the trainable's `finish_settings`). A later call on
+the finished run that trains no step (a cached run asked again) reuses that record instead of
+finishing again, when all of it matches; anything else finishes again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.folders import lock_path, replace_folder
+from dualedit.io import atomic_write_text
 from dualedit.train.checkpoint import checkpoint_dir
 from dualedit.train.trainable import Trainable
 
+logger = logging.getLogger(__name__)
+
 BEST_DIR = "best"
+#: The record of the last finish step, in the run folder.
+FINISH_FILE = "finish.json"
 
 
 def publish_best(
@@ -27,9 +41,26 @@ def publish_best(
     dataset: MMEditDataset,
     val_idx: list[int],
     finish: bool,
+    *,
+    step: int | None = None,
+    reuse: bool = False,
 ) -> Any:
     """Finish a copy of the validation-best folder (`Trainable.finish`, when `finish`) and swap
-    it in as `out_dir/best` as a whole; returns the finish summary."""
+    it in as `out_dir/best` as a whole; returns the finish summary.
+
+    `step`: the step the run stands at (recorded with the summary). `reuse`: no step was trained
+    in this call, so an earlier finish of the same best folder (its record matching `step`, the
+    data, the validation edits and `finish_settings`) is returned instead of finishing again."""
+    record_path = out_dir / FINISH_FILE
+    key = _finish_key(trainable, dataset, val_idx, step)
+    if finish and reuse and (out_dir / BEST_DIR).is_dir():
+        record = _read_record(record_path)
+        if record is not None and record.get("key") == key:
+            logger.info("%s: finished before at step %s; its finish step is not run again",
+                        out_dir, step)
+            load = getattr(trainable, "load_finish", None)
+            return load(record["summary"]) if callable(load) else record["summary"]
+    record_path.unlink(missing_ok=True)
     candidate = checkpoint_dir(out_dir) / BEST_DIR
     if not candidate.is_dir():  # a run folder of a version that wrote best/ during training
         candidate = out_dir / BEST_DIR
@@ -44,4 +75,41 @@ def publish_best(
     finally:
         shutil.rmtree(work, ignore_errors=True)
         lock_path(work).unlink(missing_ok=True)  # only this run (it holds the run's lock) used it
+    if finish:
+        _write_record(record_path, key, summary)
     return summary
+
+
+def _finish_key(trainable: Trainable, dataset: MMEditDataset, val_idx: list[int],
+                step: int | None) -> dict[str, Any]:
+    settings = getattr(trainable, "finish_settings", None)
+    return _plain({"step": step, "data": os.fspath(Path(dataset.path).resolve()),
+                   "records": len(dataset), "validation": list(val_idx),
+                   "settings": settings() if callable(settings) else None})
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON data (dataclasses as dicts); raises TypeError on anything else."""
+    def default(item: Any) -> Any:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return dataclasses.asdict(item)
+        raise TypeError(f"not JSON data: {type(item).__name__}")
+
+    return json.loads(json.dumps(value, default=default, sort_keys=True))
+
+
+def _write_record(path: Path, key: dict[str, Any], summary: Any) -> None:
+    try:
+        text = json.dumps({"key": key, "summary": _plain(summary)}, indent=1, sort_keys=True)
+    except (TypeError, ValueError):  # a summary that is not JSON data: finished again next time
+        return
+    atomic_write_text(path, text + "\n")
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The finish record, or None when missing or unreadable (then the finish step runs)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "summary" in record else None

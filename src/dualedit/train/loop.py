@@ -261,7 +261,8 @@ def train(
         best_dir = out_dir / BEST_DIR if state.best_step is not None else None
         summary = None
         if best_dir is not None and main:
-            summary = publish_best(out_dir, trainable, train_dataset, val_idx, finish)
+            summary = publish_best(out_dir, trainable, train_dataset, val_idx, finish,
+                                   step=state.step, reuse=steps_run == 0)
         accelerator.wait_for_everyone()
     return TrainResult(
         out_dir=out_dir,

@@ -130,6 +130,14 @@ class DualEditTrainable:
             heads_mlp=self.heads_mlp,
         )
 
+    def finish_settings(self) -> dict[str, Any]:
+        """What `finish` depends on beyond the run (a recorded finish is reused only with them)."""
+        return {"calibration": self.calibration, "heads_mlp": self.heads_mlp}
+
+    def load_finish(self, summary: dict[str, Any]) -> TauChoice:
+        """A recorded `finish` summary (`train.best.FINISH_FILE`) as the `TauChoice` it was."""
+        return TauChoice(**summary)
+
     def close(self) -> None:
         self.editor.detach()
 
