@@ -108,9 +108,9 @@ def cached_training(
 
     A killed run in the cache resumes from its checkpoint; a finished one trains no step (its
     finishing step, such as DualEdit's gate fit and tau calibration, is reused from its record,
-    `train.best.FINISH_FILE`), or trains on when `settings` has a larger step budget than it ran. A cached run of another recipe or over
-    other base weights (`CheckpointMismatch`) is trained again in place, as a stale world is
-    drawn again. The result's `best_dir` holds the best editor by validation.
+    `train.best.FINISH_FILE`), or trains on when `settings` has a larger step budget than it
+    ran. A cached run of another recipe or over other base weights (`CheckpointMismatch`) is
+    trained again in place, as a stale world is drawn again. The result's `best_dir` holds the best editor by validation.
     """
     from dualedit.data.mmedit import load_split
 
