@@ -19,8 +19,9 @@ from dualedit.train.settings import TrainResult, TrainSettings
 #: The demo's recipe for the 6-layer models of the built-in world: text adapter on layer 0
 #: (LLaVA E-VQA held-out Rel 85.5 there vs 50.5 on layer 1 after 3000 steps), visual adapter on
 #: layer 1 (what multi-token answers need: LLaVA E-IC Rel 39.1 -> 96.4 and Gen-EM 0 -> 85.4 with
-#: it after 600 steps). 600 steps at lr 5e-3 keeps a cold demo near 20 minutes on a laptop CPU
-#: (the paper trains up to 50k steps on GPUs); runs were still improving at 300. Training
+#: it after 600 steps). 600 steps at lr 5e-3 keep a cold demo near 40 minutes on a 2-core CPU
+#: (37 min on 2026-12-03, the learned gate's fits included; the paper trains up to 50k steps on
+#: GPUs); runs were still improving at 300. Training
 #: chooses tau on its validation edits (the paper's 0.6 lets every input through here).
 RECIPE = Recipe(
     options={"text_layer": 0, "visual_layer": 1},
