@@ -193,13 +193,20 @@ def test_a_finished_run_asked_again_reuses_its_finish_unless_something_changed(
     again = run(4)
     assert calls == ["single"] and again.finish == first.finish and again.step_seconds is None
     assert (tmp_path / "run" / "best" / "adapter_config.json").read_bytes() == config
+    # best/ changed since its finish (e.g. `dualedit calibrate` in place): finished again.
+    rewrite_json(tmp_path / "run" / "best" / "adapter_config.json",
+                 lambda meta: meta["config"].update(tau=0.123))
+    run(4)
+    assert calls == ["single", "single"]
+    saved = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
+    assert saved["config"]["tau"] == first.finish.tau
     other = run(4, calibration="sequential")
-    assert calls == ["single", "sequential"] and other.finish.mode == "sequential"
+    assert calls == ["single", "single", "sequential"] and other.finish.mode == "sequential"
     (tmp_path / "run" / "finish.json").write_text("{not json")
     run(4, calibration="sequential")
-    assert calls == ["single", "sequential", "sequential"]
+    assert calls == ["single", "single", "sequential", "sequential"]
     longer = run(6, calibration="sequential")
-    assert calls[-1] == "sequential" and len(calls) == 4 and longer.steps == 6
+    assert calls[-1] == "sequential" and len(calls) == 5 and longer.steps == 6
 
 
 def test_early_stopping_with_patience(tiny_factory, tiny_train, tmp_path):

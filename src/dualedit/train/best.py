@@ -7,14 +7,16 @@ chosen on the validation edits) and swapped in as `out_dir/best/` in one step
 with unfinished settings, and resuming it finishes it.
 
 What the finish step returned is recorded beside it (`finish.json`: the summary, the step the run
-stood at, the data, the validation edits and the trainable's `finish_settings`). A later call on
-the finished run that trains no step (a cached run asked again) reuses that record instead of
-finishing again, when all of it matches; anything else finishes again.
+stood at, the data, the validation edits, the trainable's `finish_settings` and a digest of the
+finished folder's JSON files). A later call on the finished run that trains no step (a cached run
+asked again) reuses that record instead of finishing again, when all of it matches; anything
+else (`best/` recalibrated in place, too) finishes again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +57,8 @@ def publish_best(
     key = _finish_key(trainable, dataset, val_idx, step)
     if finish and reuse and (out_dir / BEST_DIR).is_dir():
         record = _read_record(record_path)
-        if record is not None and record.get("key") == key:
+        if (record is not None and record.get("key") == key
+                and record.get("best") == _json_digest(out_dir / BEST_DIR)):
             logger.info("%s: finished before at step %s; its finish step is not run again",
                         out_dir, step)
             load = getattr(trainable, "load_finish", None)
@@ -76,8 +79,17 @@ def publish_best(
         shutil.rmtree(work, ignore_errors=True)
         lock_path(work).unlink(missing_ok=True)  # only this run (it holds the run's lock) used it
     if finish:
-        _write_record(record_path, key, summary)
+        _write_record(record_path, key, summary, _json_digest(out_dir / BEST_DIR))
     return summary
+
+
+def _json_digest(folder: Path) -> str:
+    """A digest of the JSON files of a finished folder (its config: tau, the gate heads' meta),
+    so a folder changed since its finish (`dualedit calibrate` in place) is finished again."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _finish_key(trainable: Trainable, dataset: MMEditDataset, val_idx: list[int],
@@ -98,9 +110,10 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default, sort_keys=True))
 
 
-def _write_record(path: Path, key: dict[str, Any], summary: Any) -> None:
+def _write_record(path: Path, key: dict[str, Any], summary: Any, best: str) -> None:
     try:
-        text = json.dumps({"key": key, "summary": _plain(summary)}, indent=1, sort_keys=True)
+        text = json.dumps({"key": key, "best": best, "summary": _plain(summary)}, indent=1,
+                          sort_keys=True)
     except (TypeError, ValueError):  # a summary that is not JSON data: finished again next time
         return
     atomic_write_text(path, text + "\n")
