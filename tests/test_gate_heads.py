@@ -228,16 +228,21 @@ def test_calibrating_with_the_learned_key_fits_saves_and_serves_the_heads(
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks
 
 
-def test_training_with_the_learned_key_fits_heads_of_the_asked_size(tiny_factory, tmp_path,
-                                                                    monkeypatch):
-    """`train_dualedit(heads_mlp=N)` (`dualedit train --train-option heads_mlp=N`): the heads
-    fitted at the end have N hidden units; with a key that has no heads it is refused before
-    anything trains."""
-    monkeypatch.setattr(heads_module, "STEPS", 30)
+def tiny_training(tiny_factory, tmp_path):
+    """A fresh tiny LLaVA, 10 E-VQA records and two training steps (heads fitted for 30 steps:
+    conftest's `short_gate_head_fits`)."""
     model, processor = tiny_factory("llava")
     data = write_tiny_mmedit(tmp_path / "data", n=10)
     settings = TrainSettings(lr=1e-2, batch_size=4, max_steps=2, eval_every=2, val_edits=3,
                              patience=None)
+    return model, processor, data, settings
+
+
+def test_training_with_the_learned_key_fits_heads_of_the_asked_size(tiny_factory, tmp_path):
+    """`train_dualedit(heads_mlp=N)` (`dualedit train --train-option heads_mlp=N`): the heads
+    fitted at the end have N hidden units; with a key that has no heads it is refused before
+    anything trains."""
+    model, processor, data, settings = tiny_training(tiny_factory, tmp_path)
     with pytest.raises(ValueError, match="heads_mlp=8: gate heads exist only with"):
         train_dualedit(model, processor, data, config={**CONFIG, "gate_key": "prompt_end_image"},
                        settings=settings, out_dir=tmp_path / "refused", heads_mlp=8,
@@ -251,15 +256,11 @@ def test_training_with_the_learned_key_fits_heads_of_the_asked_size(tiny_factory
 
 
 def test_training_without_a_gate_key_saves_the_learned_key_unless_tau_is_fixed(
-        tiny_factory, tmp_path, monkeypatch):
+        tiny_factory, tmp_path):
     """The default gate key of a training is "learned": heads fitted and saved, tau chosen after
     them, and the saved editor serves them. A config that fixes tau keeps the architecture's
     fixed key (no heads, tau as given)."""
-    monkeypatch.setattr(heads_module, "STEPS", 30)
-    model, processor = tiny_factory("llava")
-    data = write_tiny_mmedit(tmp_path / "data", n=10)
-    settings = TrainSettings(lr=1e-2, batch_size=4, max_steps=2, eval_every=2, val_edits=3,
-                             patience=None)
+    model, processor, data, settings = tiny_training(tiny_factory, tmp_path)
     result = train_dualedit(model, processor, data, config=CONFIG, settings=settings,
                             out_dir=tmp_path / "default", progress=False)
     saved = json.loads((result.best_dir / "adapter_config.json").read_text())

@@ -21,6 +21,7 @@ from dualedit.editors.spec import MethodSpec
 from dualedit.eval.report import markdown_table, results_dict
 from dualedit.evaluate import load_vlm, run_eval
 from dualedit.io import atomic_write_text
+from dualedit.jsondata import jsonable
 from dualedit.numerics import cpu_threads
 from dualedit.small_vlm.pretrain import pretrain
 from dualedit.train import CheckpointMismatch, TrainResult, TrainSettings
@@ -110,7 +111,8 @@ def cached_training(
     finishing step, such as DualEdit's gate fit and tau calibration, is reused from its record,
     `train.best.FINISH_FILE`), or trains on when `settings` has a larger step budget than it
     ran. A cached run of another recipe or over other base weights (`CheckpointMismatch`) is
-    trained again in place, as a stale world is drawn again. The result's `best_dir` holds the best editor by validation.
+    trained again in place, as a stale world is drawn again. The result's `best_dir` holds the
+    best editor by validation.
     """
     from dualedit.data.mmedit import load_split
 
@@ -212,7 +214,7 @@ def _run_demo(
                         "steps": trained.steps,
                         "best_step": trained.best_step,
                         "best_validation_score": trained.best_score,
-                        "finish": _jsonable(trained.finish),
+                        "finish": jsonable(trained.finish),
                     }
                     editor_dir, options = trained.best_dir, {}
                 logger.info("evaluating %s on %s %s", spec.name, arch, task)
@@ -240,10 +242,3 @@ def _run_demo(
     atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2, sort_keys=True))
     atomic_write_text(out_dir / "table.md", table + "\n")
     return table
-
-
-def _jsonable(value: Any) -> Any:
-    """A finishing step's summary for results.json (a dataclass as a dict)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value

@@ -31,6 +31,7 @@ from dualedit.editors.spec import MethodSpec
 from dualedit.eval.report import results_dict
 from dualedit.evaluate import run_eval
 from dualedit.io import atomic_write_text
+from dualedit.jsondata import jsonable
 from dualedit.train import TrainSettings, read_trained_seconds
 from dualedit.version import dualedit_version
 
@@ -119,21 +120,6 @@ class ApplyMeasure:
     median_s: float | None
     bytes_per_edit: int | None
     samples: int
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as plain JSON data (dataclasses as dicts, paths as strings, tuples as lists)."""
-    return json.loads(json.dumps(value, default=_json_default, sort_keys=True))
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"not JSON data: {type(value).__name__} {value!r}")
 
 
 def cell_path(out_dir: Path, job: CellJob, protocol: str) -> Path:

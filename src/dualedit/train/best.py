@@ -15,7 +15,6 @@ else (`best/` recalibrated in place, too) finishes again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any
 from dualedit.data.mmedit import MMEditDataset
 from dualedit.folders import lock_path, replace_folder
 from dualedit.io import atomic_write_text
+from dualedit.jsondata import jsonable
 from dualedit.train.checkpoint import checkpoint_dir
 from dualedit.train.trainable import Trainable
 
@@ -95,24 +95,14 @@ def _json_digest(folder: Path) -> str:
 def _finish_key(trainable: Trainable, dataset: MMEditDataset, val_idx: list[int],
                 step: int | None) -> dict[str, Any]:
     settings = getattr(trainable, "finish_settings", None)
-    return _plain({"step": step, "data": os.fspath(Path(dataset.path).resolve()),
+    return jsonable({"step": step, "data": os.fspath(Path(dataset.path).resolve()),
                    "records": len(dataset), "validation": list(val_idx),
                    "settings": settings() if callable(settings) else None})
 
 
-def _plain(value: Any) -> Any:
-    """`value` as JSON data (dataclasses as dicts); raises TypeError on anything else."""
-    def default(item: Any) -> Any:
-        if dataclasses.is_dataclass(item) and not isinstance(item, type):
-            return dataclasses.asdict(item)
-        raise TypeError(f"not JSON data: {type(item).__name__}")
-
-    return json.loads(json.dumps(value, default=default, sort_keys=True))
-
-
 def _write_record(path: Path, key: dict[str, Any], summary: Any, best: str) -> None:
     try:
-        text = json.dumps({"key": key, "best": best, "summary": _plain(summary)}, indent=1,
+        text = json.dumps({"key": key, "best": best, "summary": jsonable(summary)}, indent=1,
                           sort_keys=True)
     except (TypeError, ValueError):  # a summary that is not JSON data: finished again next time
         return

@@ -21,8 +21,8 @@ from dualedit.train.settings import TrainResult, TrainSettings
 #: layer 1 (what multi-token answers need: LLaVA E-IC Rel 39.1 -> 96.4 and Gen-EM 0 -> 85.4 with
 #: it after 600 steps). 600 steps at lr 5e-3 keep a cold demo near 40 minutes on a 2-core CPU
 #: (37 min on 2026-12-03, the learned gate's fits included; the paper trains up to 50k steps on
-#: GPUs); runs were still improving at 300. Training
-#: chooses tau on its validation edits (the paper's 0.6 lets every input through here).
+#: GPUs); runs were still improving at 300. Training chooses tau on its validation edits (the
+#: paper's 0.6 lets every input through here).
 RECIPE = Recipe(
     options={"text_layer": 0, "visual_layer": 1},
     train=TrainSettings(lr=5e-3, batch_size=8, max_steps=600, eval_every=300),

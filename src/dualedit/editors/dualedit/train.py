@@ -253,7 +253,7 @@ def default_gate_key(
     config: DualEditConfig,
     editor_class: type[DualEditor],
     calibrate_tau: bool,
-    fit_records: int = MIN_RECORDS,
+    fit_records: int,
 ) -> DualEditConfig:
     """The gate key a DualEdit training saves when its config names none: "learned" (heads
     fitted on the train split with tau chosen after them), chosen on validation edits over the
